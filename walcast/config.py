@@ -1,0 +1,211 @@
+"""Configuration: the realtime config (TOML, spec §7) and the process settings (env, spec §9).
+
+Both are validated with pydantic at the edge, then handed inward as plain, frozen objects. Errors
+name the file, the table and the key, because the person reading them is editing that file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError",
+    "MaskRule",
+    "NamespaceConfig",
+    "RealtimeConfig",
+    "Settings",
+    "TableConfig",
+    "load_realtime_config",
+    "parse_realtime_config",
+]
+
+MaskType = Literal["email", "phone", "ssn", "creditCard", "name", "redact", "custom"]
+
+
+class ConfigError(ValueError):
+    """The realtime config or the settings are invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ShowRule(_Strict):
+    """Who sees a masked column raw: holders of any of `roles`, and the row's owner if `or`."""
+
+    roles: tuple[str, ...] = ()
+    or_: Literal["owner"] | None = Field(default=None, alias="or")
+
+
+class MaskRule(_Strict):
+    type: MaskType
+    show: ShowRule = ShowRule()
+    fn: str | None = None
+
+    @model_validator(mode="after")
+    def _custom_needs_fn(self) -> MaskRule:
+        if self.type == "custom" and not self.fn:
+            raise ValueError('type "custom" needs fn = "package.module:function"')
+        if self.fn is not None and ":" not in self.fn:
+            raise ValueError('fn must look like "package.module:function"')
+        return self
+
+
+class TableConfig(_Strict):
+    """How one table's changes are routed, filtered and masked (spec §7)."""
+
+    schema_name: str = Field(default="public", exclude=True)
+    table_name: str = Field(default="", exclude=True)
+    organizationColumn: str = "organizationId"
+    requiredRoles: tuple[str, ...] = ()
+    userColumn: str | None = None
+    ownerColumn: str | None = None
+    fields: tuple[str, ...] | None = None
+    onInsert: bool = True
+    onUpdate: bool = True
+    onDelete: bool = True
+    masking: dict[str, MaskRule] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _owner_rule_needs_owner_column(self) -> TableConfig:
+        for column, rule in self.masking.items():
+            if rule.show.or_ == "owner" and not self.ownerColumn:
+                raise ValueError(f'masking.{column}: show.or = "owner" needs ownerColumn')
+        return self
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema_name}.{self.table_name}"
+
+
+class NamespaceConfig(_Strict):
+    """A declared broadcast namespace: events named `namespace:event` (defineRealtime())."""
+
+    events: tuple[str, ...] | None = None
+    requiredRoles: tuple[str, ...] = ()
+
+
+class RealtimeConfig(_Strict):
+    manageReplicaIdentity: bool = False
+    historySeconds: float = Field(default=120.0, gt=0)
+    historyMaxEvents: int = Field(default=100_000, gt=0)
+    tables: dict[str, TableConfig] = Field(default_factory=dict)
+    namespaces: dict[str, NamespaceConfig] = Field(default_factory=dict)
+
+    @field_validator("tables", mode="before")
+    @classmethod
+    def _qualify_table_names(cls, value: Any) -> Any:
+        if not isinstance(value, Mapping):
+            return value
+        qualified: dict[str, Any] = {}
+        for key, body in value.items():
+            schema, _, table = key.rpartition(".")
+            schema = schema or "public"
+            if not table:
+                raise ValueError(f"table name {key!r} is empty")
+            name = f"{schema}.{table}"
+            if name in qualified:
+                raise ValueError(f"table {name!r} is configured twice")
+            if isinstance(body, Mapping):
+                body = {**body, "schema_name": schema, "table_name": table}
+            qualified[name] = body
+        return qualified
+
+    def table(self, schema: str, name: str) -> TableConfig | None:
+        return self.tables.get(f"{schema}.{name}")
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid realtime config"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"] if part not in ("schema_name",))
+        location = location.replace("tables.", "tables.", 1)
+        lines.append(f"  {location or '(top level)'}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_realtime_config(data: Mapping[str, Any], source: str = "<config>") -> RealtimeConfig:
+    """Validate an already-parsed TOML document."""
+    try:
+        return RealtimeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+
+
+def load_realtime_config(path: str | os.PathLike[str] | None) -> RealtimeConfig:
+    """Read and validate the TOML file at `path`; no path means an empty config."""
+    if path is None:
+        return RealtimeConfig()
+    source = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return parse_realtime_config(data, source)
+
+
+class Settings(BaseModel):
+    """Process settings; `from_env` reads the environment variables of spec §9."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    database_url: str | None = None
+    access_tokens: tuple[str, ...] = ()
+    config_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=4000, ge=0, le=65535)
+    redis_url: str | None = None
+    slot: str = Field(default="walcast", pattern=r"^[a-z0-9_]{1,63}$")
+    publication: str = Field(default="walcast", pattern=r"^[A-Za-z0-9_]{1,63}$")
+    heartbeat_seconds: float = Field(default=25.0, gt=0)
+    max_send_buffer: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_broadcast_bytes: int = Field(default=256 * 1024, gt=0)
+    jwt_session_secret: str | None = None
+    jwt_session_jwks: str | None = None
+
+    @property
+    def signing_secret(self) -> str:
+        if not self.access_tokens:
+            raise ConfigError("ACCESS_TOKEN is not set")
+        return self.access_tokens[0]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {
+            "database_url": env.get("DATABASE_URL") or None,
+            "access_tokens": split_secrets(env.get("ACCESS_TOKEN", "")),
+            "config_path": env.get("WALCAST_CONFIG") or None,
+            "host": env.get("WALCAST_HOST", "127.0.0.1"),
+            "port": env.get("WALCAST_PORT", "4000"),
+            "redis_url": env.get("REDIS_URL") or None,
+            "slot": env.get("WALCAST_SLOT", "walcast"),
+            "publication": env.get("WALCAST_PUBLICATION", "walcast"),
+            "jwt_session_secret": env.get("WALCAST_JWT_SESSION_SECRET") or None,
+            "jwt_session_jwks": env.get("WALCAST_JWT_SESSION_JWKS") or None,
+        }
+        for key in ("heartbeat_seconds", "max_send_buffer", "max_broadcast_bytes"):
+            raw = env.get(f"WALCAST_{key.upper()}")
+            if raw:
+                values[key] = raw
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise ConfigError(f"invalid settings: {details}") from None
+
+
+def split_secrets(raw: str) -> tuple[str, ...]:
+    """`ACCESS_TOKEN` may hold several comma-separated secrets: sign with the first, accept any."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
