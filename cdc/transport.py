@@ -256,6 +256,17 @@ class ReplicationConnection:
             await self._wait(write=True)  # 0: libpq's buffer is full (non-blocking mode)
         await self._flush()
 
+    def send_copy_nowait(self, data: bytes) -> bool:
+        """Queue one CopyData message and try once to flush it, never waiting.
+
+        For last words at shutdown. Returns True when the message left libpq's buffer; never
+        raises (a broken connection just returns False).
+        """
+        try:
+            return self._pgconn.put_copy_data(data) == 1 and self._pgconn.flush() == 0
+        except psycopg.OperationalError:
+            return False
+
     def close(self) -> None:
         """Close the connection; a pending wait (in another task) ends with `ConnectionLost`."""
         self._cancel_waiter(ConnectionLost("connection closed"))
