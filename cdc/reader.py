@@ -1,0 +1,417 @@
+"""The replication reader: committed changes from a logical slot, as a pull-based async iterator.
+
+Why it exists: this is where the sans-IO pieces (`replication`, `decoder`, `changes`) meet the
+I/O ones (`transport`, `catalog`), and where the rules that make "nothing lost, nothing twice"
+true are kept in one place:
+
+* **Pull-based.** `items()` reads the socket only when the consumer asks for the next item, so
+  an item the consumer has asked past has been handled. Items are yielded as their messages
+  arrive; a transaction is never buffered (proto_version 1: the server sends it at commit).
+* **Flush position** (what the slot may forget). The candidate is the end LSN of the last
+  `TransactionEnd` the consumer has handled, or, between transactions, the WAL end of the
+  latest keepalive (so an idle database does not pin WAL). The position reported is
+  `min(candidate, retained)`, where `retained` is what the consumer last passed to
+  `retain_from()` (the oldest commit LSN it still needs; None: nothing). It never moves back,
+  and never lands inside a transaction the consumer has not fully handled.
+* **Status updates**: at once for a keepalive that asks for a reply, and every
+  `status_interval` seconds while streaming (a timeout on the read, no timer task).
+* **Exactly once within a process.** After a reconnect the server re-sends from the slot's
+  confirmed position; items at or before the last one yielded (by `(commit_lsn, position)`,
+  and whole transactions already completed) are skipped.
+* **Reconnects** on connection loss, server restart or "slot is active" (another reader holds
+  it), with capped exponential back-off and full jitter, reset once a stream has started.
+  Configuration problems (wal_level, replica identity, missing tables, permissions) raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import psycopg
+
+from cdc import catalog
+from cdc.changes import (
+    ChangeBuilder,
+    Item,
+    LogicalMessage,
+    RowChange,
+    TransactionStart,
+    TypeDescription,
+)
+from cdc.decoder import Decoder
+from cdc.errors import ReplicationError
+from cdc.lsn import format_lsn
+from cdc.messages import Begin, Commit, Relation, UnknownMessage
+from cdc.replication import Keepalive, ReplicationProtocol
+from cdc.transport import ConnectionLost, ReplicationConnection, ServerError
+
+__all__ = ["ReplicationReader"]
+
+logger = logging.getLogger(__name__)
+
+ReplicaIdentityMode = Literal["ignore", "check", "manage"]
+
+# SQLSTATE classes/codes that mean "try again later", not "fix your setup".
+_RETRY_SQLSTATES = ("08", "53", "57P", "40001", "40P01", "55006", "55P03")
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectionLost | OSError):
+        return True
+    if isinstance(exc, ServerError):
+        return (exc.sqlstate or "").startswith(_RETRY_SQLSTATES)
+    if isinstance(exc, psycopg.Error):
+        sqlstate = exc.sqlstate
+        if sqlstate is None:  # no server answer: the connection itself failed
+            return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        return sqlstate.startswith(_RETRY_SQLSTATES)
+    return False
+
+
+def _key(item: Item) -> tuple[int, int]:
+    """Where an item stands in commit order: (commit LSN, position); a start is position 0."""
+    if isinstance(item, RowChange | LogicalMessage):
+        return item.commit_lsn, item.position
+    if isinstance(item, TransactionStart):
+        return item.commit_lsn, 0
+    return item.commit_lsn, 1 << 62
+
+
+class ReplicationReader:
+    """Streams `Item`s from a logical replication slot, reconnecting as needed.
+
+    Args:
+        dsn: libpq connection string or URL of the database.
+        slot: the logical slot (created if missing).
+        publication: the publication (created if missing, its table list kept in step).
+        tables: qualified table names ("schema.table") to publish; the session store's
+            tables are added when they exist.
+        status_interval: seconds between standby status updates while streaming.
+        backoff_base: first reconnect delay cap, in seconds (doubled per failed attempt).
+        backoff_cap: largest reconnect delay cap, in seconds.
+        replica_identity: for `tables` not `REPLICA IDENTITY FULL`: "check" refuses to start
+            (naming the `ALTER TABLE` to run), "manage" sets it, "ignore" accepts them.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        slot: str = "walcast",
+        publication: str = "walcast",
+        tables: Sequence[str] = (),
+        status_interval: float = 10.0,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        replica_identity: ReplicaIdentityMode = "ignore",
+    ) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.tables = tuple(tables)
+        self.status_interval = status_interval
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.replica_identity = replica_identity
+
+        self._conn: ReplicationConnection | None = None
+        self._catalog: psycopg.AsyncConnection[Any] | None = None
+        self._protocol = ReplicationProtocol()
+        self._decoder = Decoder()
+        self._builder = ChangeBuilder()
+        self._types: dict[int, TypeDescription] = {}
+        self._streaming = False
+        self._status_sent_at = 0.0
+
+        # Flush bookkeeping (see the module docstring).
+        self._candidate = 0  # end of the last handled transaction, or an idle keepalive's end
+        self._retain: int | None = None
+        self._in_transaction = False  # a Begin seen whose TransactionEnd is not yet handled
+        self._flushed = 0  # the highest position ever reported
+
+        # Duplicate suppression across reconnects.
+        self._last_key: tuple[int, int] | None = None  # last item yielded
+        self._done_commit = -1  # commit LSN of the last transaction yielded whole
+
+        self._commit: tuple[int, int] | None = None  # (commit, end) LSN of the last Commit read
+
+        self._unknown_kinds: set[int] = set()
+        self._gen: AsyncGenerator[Item, None] | None = None
+        self._closing = False
+        self._close_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stream_ok = False
+
+    # -- what the consumer and the metrics see ---------------------------------------------------
+
+    @property
+    def received_lsn(self) -> int:
+        return self._protocol.received_lsn
+
+    @property
+    def flushed_lsn(self) -> int:
+        return max(self._flushed, self._protocol.flush_lsn)
+
+    @property
+    def server_wal_end(self) -> int:
+        return self._protocol.server_wal_end
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._conn.closed
+
+    @property
+    def streaming(self) -> bool:
+        return self._streaming and self.connected
+
+    def retain_from(self, lsn: int | None) -> None:
+        """Say the oldest commit LSN still needed (None: nothing); caps the flush position."""
+        self._retain = lsn
+
+    def items(self) -> AsyncIterator[Item]:
+        """Connect, set up, and yield items in commit order until `aclose()` or cancellation.
+
+        Use as `async for item in reader.items()`. One iteration at a time per reader.
+
+        Raises:
+            ReplicationError: a setup problem retrying cannot fix (its message says what to do).
+            ProtocolError: the stream is malformed.
+        """
+        if self._gen is not None:
+            raise RuntimeError("ReplicationReader.items() is already being iterated")
+        self._closing = False
+        self._close_requested.clear()
+        self._stopped.clear()
+        self._gen = self._items()
+        return self._gen
+
+    async def aclose(self) -> None:
+        """Stop streaming: send a last status update, close the connections, end `items()`.
+
+        Safe to call from another task while the consumer is waiting for an item: its
+        iteration then ends normally.
+        """
+        self._closing = True
+        self._close_requested.set()
+        gen = self._gen
+        if gen is not None and not getattr(gen, "ag_running", False):
+            await gen.aclose()  # suspended at a yield (or never started): run its cleanup here
+        elif gen is not None:
+            self._final_status()
+            if self._conn is not None:
+                self._conn.close()  # wakes the read pending in the consumer's task
+            with suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await self._stopped.wait()
+        self._gen = None
+        await self._disconnect()
+
+    # -- the stream ------------------------------------------------------------------------------
+
+    async def _items(self) -> AsyncGenerator[Item, None]:
+        failures = 0
+        pending: deque[Item] = deque()
+        try:
+            while not self._closing:
+                self._stream_ok = False
+                try:
+                    await self._connect()
+                    while not self._closing:
+                        while not pending:
+                            pending.extend(await self._next_items())
+                        item = pending.popleft()
+                        if self._already_yielded(item):
+                            continue
+                        yield item
+                        self._last_key = _key(item)  # the consumer asked past it: handled
+                except Exception as exc:
+                    if self._closing:
+                        return
+                    if not _retryable(exc):
+                        raise
+                    pending.clear()
+                    self._commit = None
+                    self._final_status()
+                    await self._disconnect()
+                    if self._stream_ok:
+                        failures = 0
+                    delay = random.uniform(
+                        0, min(self.backoff_cap, self.backoff_base * 2**failures)
+                    )
+                    failures += 1
+                    logger.warning(
+                        "replication stream interrupted; reconnecting",
+                        extra={
+                            "slot": self.slot,
+                            "attempt": failures,
+                            "delay": round(delay, 3),
+                            "error": f"{type(exc).__name__}: {exc}",
+                        },
+                    )
+                    with suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._close_requested.wait()
+        finally:
+            try:
+                self._final_status()
+                await self._disconnect()
+            finally:
+                self._stopped.set()
+                self._gen = None
+
+    async def _connect(self) -> None:
+        """Open both connections, set up publication and slot, and start streaming."""
+        self._catalog = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
+        await catalog.check_wal_level(self._catalog)
+        if self.replica_identity == "manage":
+            await catalog.set_replica_identity_full(self._catalog, self.tables)
+        elif self.replica_identity == "check":
+            fixes = await catalog.replica_identity_problems(self._catalog, self.tables)
+            if fixes:
+                raise ReplicationError(
+                    "tables need REPLICA IDENTITY FULL (old rows for updates and deletes); run:\n"
+                    + "\n".join(fixes)
+                    + "\nor set manageReplicaIdentity = true in the realtime config"
+                )
+        await catalog.ensure_publication(self._catalog, self.publication, self.tables)
+
+        self._conn = conn = await ReplicationConnection.connect(self.dsn)
+        await catalog.ensure_slot(conn, self.slot)
+        status = await catalog.slot_status(self._catalog, self.slot)
+        confirmed = status.confirmed_flush_lsn if status and status.confirmed_flush_lsn else 0
+
+        start = max(self._flushed, confirmed)
+        self._flushed = start
+        self._protocol = ReplicationProtocol(start)
+        self._decoder = Decoder()
+        self._builder = ChangeBuilder()
+        if self._types:
+            self._builder.register_types(list(self._types.values()))
+        await conn.start_replication(
+            self.slot,
+            0,
+            {
+                "proto_version": "1",
+                "publication_names": self.publication,
+                "messages": "true",
+            },
+        )
+        self._streaming = True
+        self._status_sent_at = 0.0
+        logger.info(
+            "replication streaming",
+            extra={"slot": self.slot, "publication": self.publication, "from": format_lsn(start)},
+        )
+
+    async def _next_items(self) -> list[Item]:
+        """Read one CopyData message and turn it into zero or more items."""
+        if self._commit is not None:
+            # Every item made from the last Commit has been handled: the transaction is done.
+            commit_lsn, end_lsn = self._commit
+            self._commit = None
+            self._done_commit = max(self._done_commit, commit_lsn)
+            self._candidate = max(self._candidate, end_lsn)
+            self._in_transaction = False
+        message = self._protocol.receive(await self._read())
+        self._stream_ok = True
+        if isinstance(message, Keepalive):
+            if not self._in_transaction:
+                self._candidate = max(self._candidate, message.wal_end)
+            if message.reply_requested:
+                await self._send_status()
+            return []
+        decoded = self._decoder.decode(message.payload, lsn=message.data_start)
+        if isinstance(decoded, UnknownMessage):
+            if decoded.kind not in self._unknown_kinds:
+                self._unknown_kinds.add(decoded.kind)
+                logger.warning(
+                    "skipping unknown pgoutput message kind",
+                    extra={"kind": decoded.kind, "lsn": format_lsn(message.data_start)},
+                )
+            return []
+        if isinstance(decoded, Begin):
+            self._in_transaction = True
+        elif isinstance(decoded, Commit):
+            self._commit = (decoded.commit_lsn, decoded.end_lsn)
+        elif isinstance(decoded, Relation):
+            await self._resolve_types(decoded)
+        return self._builder.feed(decoded)
+
+    async def _read(self) -> bytes:
+        """The next CopyData message; sends status updates when due while waiting."""
+        conn = self._conn
+        assert conn is not None
+        while True:
+            now = time.monotonic()
+            if self._protocol.status_due(now, self.status_interval):
+                await self._send_status()
+            data = conn.read_copy_nowait()
+            if data is not None:
+                return data
+            wait = max(0.0, self._status_sent_at + self.status_interval - time.monotonic())
+            with suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    return await conn.read_copy()
+
+    async def _resolve_types(self, relation: Relation) -> None:
+        """Describe the user-defined types a relation's columns need, before it is fed."""
+        assert self._catalog is not None
+        while missing := self._builder.missing_types(relation):
+            found = await catalog.fetch_types(self._catalog, missing)
+            self._types.update((description.oid, description) for description in found)
+            self._builder.register_types(found)
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug("resolved column types", extra={"oids": [d.oid for d in found]})
+            if not {d.oid for d in found} & set(missing):
+                break  # unknown to the catalog (dropped meanwhile): it loads as text
+
+    # -- exactly once, flush position ------------------------------------------------------------
+
+    def _already_yielded(self, item: Item) -> bool:
+        if item.commit_lsn <= self._done_commit:
+            return True
+        return self._last_key is not None and _key(item) <= self._last_key
+
+    def _flush_target(self) -> int:
+        target = self._candidate
+        if self._retain is not None:
+            target = min(target, self._retain)
+        return target
+
+    async def _send_status(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._protocol.confirm(self._flush_target())
+        self._flushed = max(self._flushed, self._protocol.flush_lsn)
+        now = time.monotonic()
+        update = self._protocol.status_update(datetime.now(UTC), now_monotonic=now)
+        self._status_sent_at = now
+        await conn.send_copy(update)
+
+    def _final_status(self) -> None:
+        """Last words before closing: a status update, sent only if it needs no waiting."""
+        conn = self._conn
+        if conn is None or not self._streaming or conn.closed:
+            return
+        self._protocol.confirm(self._flush_target())
+        self._flushed = max(self._flushed, self._protocol.flush_lsn)
+        conn.send_copy_nowait(self._protocol.status_update(datetime.now(UTC)))
+
+    async def _disconnect(self) -> None:
+        self._streaming = False
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+        cat, self._catalog = self._catalog, None
+        if cat is not None:
+            with suppress(Exception):
+                await cat.close()
