@@ -99,6 +99,8 @@ class ReplicationReader:
         backoff_cap: largest reconnect delay cap, in seconds.
         replica_identity: for `tables` not `REPLICA IDENTITY FULL`: "check" refuses to start
             (naming the `ALTER TABLE` to run), "manage" sets it, "ignore" accepts them.
+        connect_timeout: seconds one connection attempt (both connections, set-up and
+            `START_REPLICATION`) may take before it counts as failed and is retried.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ReplicationReader:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         replica_identity: ReplicaIdentityMode = "ignore",
+        connect_timeout: float = 30.0,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
@@ -121,6 +124,7 @@ class ReplicationReader:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.replica_identity = replica_identity
+        self.connect_timeout = connect_timeout
 
         self._conn: ReplicationConnection | None = None
         self._catalog: psycopg.AsyncConnection[Any] | None = None
@@ -223,7 +227,8 @@ class ReplicationReader:
             while not self._closing:
                 self._stream_ok = False
                 try:
-                    await self._connect()
+                    async with asyncio.timeout(self.connect_timeout):
+                        await self._connect()
                     while not self._closing:
                         while not pending:
                             pending.extend(await self._next_items())

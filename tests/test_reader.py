@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -586,3 +587,49 @@ async def test_publication_kept_in_step(database_url: str) -> None:
         assert await catalog.set_replica_identity_full(conn, ["a"]) == ["a"]
         assert await catalog.replica_identity_problems(conn, ["a"]) == []
         await catalog.check_wal_level(conn)  # the test server runs with wal_level = logical
+
+
+async def test_wal_level_check_says_how_to_fix_it() -> None:
+    class Cursor:
+        async def __aenter__(self) -> Cursor:
+            return self
+
+        async def __aexit__(self, *exc: object) -> None:
+            return None
+
+        async def execute(self, *args: object) -> None:
+            return None
+
+        async def fetchall(self) -> list[tuple[str]]:
+            return [("replica",)]
+
+    class Conn:
+        def cursor(self) -> Cursor:
+            return Cursor()
+
+    with pytest.raises(ReplicationError, match="ALTER SYSTEM SET wal_level = logical") as info:
+        await catalog.check_wal_level(Conn())  # type: ignore[arg-type]
+    assert "restart" in str(info.value)
+
+
+async def test_unreachable_server_is_retried_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    caplog.set_level(logging.WARNING, logger="cdc.reader")
+    reader = ReplicationReader(
+        f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=2",
+        backoff_base=0.02,
+        backoff_cap=0.1,
+    )
+    it = reader.items()
+    waiting = asyncio.ensure_future(anext(it))
+    await asyncio.sleep(0.8)
+    assert not waiting.done() and not reader.connected
+    attempts = [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    assert len(attempts) >= 3
+    assert [r.attempt for r in attempts[:3]] == [1, 2, 3]  # type: ignore[attr-defined]
+    assert all(0 <= r.delay <= 0.1 for r in attempts)  # type: ignore[attr-defined]
+    await reader.aclose()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiting, STEP)
