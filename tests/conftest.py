@@ -13,6 +13,8 @@ import pytest
 
 from tests.pg import PostgresServer, start_postgres
 
+pytest_plugins = ["tests.fix_gateway"]
+
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:

@@ -203,14 +203,12 @@ def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
         load_realtime_config(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: internal keys accepted from the file")
 def test_internal_table_fields_cannot_be_set_from_the_file() -> None:
     # `schema_name` / `table_name` are filled in from the table key; written in the file they
     # are silently overwritten instead of being rejected as unknown keys.
     _error({"tables": {"applications": {"schema_name": "other"}}})
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: only FileNotFoundError is translated")
 def test_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b"historySeconds = 60 # \xe9\n")
@@ -275,7 +273,6 @@ def test_settings_empty_variables_mean_unset() -> None:
     assert settings.config_path is None
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: empty WALCAST_HOST binds every interface")
 def test_settings_empty_host_means_default() -> None:
     assert Settings.from_env({"WALCAST_HOST": ""}).host == "127.0.0.1"
 

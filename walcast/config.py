@@ -113,6 +113,9 @@ class RealtimeConfig(_Strict):
             if name in qualified:
                 raise ValueError(f"table {name!r} is configured twice")
             if isinstance(body, Mapping):
+                for internal in ("schema_name", "table_name"):
+                    if internal in body:
+                        raise ValueError(f"table {name!r}: unknown key {internal!r}")
                 body = {**body, "schema_name": schema, "table_name": table}
             qualified[name] = body
         return qualified
@@ -147,6 +150,10 @@ def load_realtime_config(path: str | os.PathLike[str] | None) -> RealtimeConfig:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: file not found") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read it: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
     return parse_realtime_config(data, source)
@@ -184,8 +191,8 @@ class Settings(BaseModel):
             "database_url": env.get("DATABASE_URL") or None,
             "access_tokens": split_secrets(env.get("ACCESS_TOKEN", "")),
             "config_path": env.get("WALCAST_CONFIG") or None,
-            "host": env.get("WALCAST_HOST", "127.0.0.1"),
-            "port": env.get("WALCAST_PORT", "4000"),
+            "host": env.get("WALCAST_HOST") or "127.0.0.1",
+            "port": env.get("WALCAST_PORT") or "4000",
             "redis_url": env.get("REDIS_URL") or None,
             "slot": env.get("WALCAST_SLOT", "walcast"),
             "publication": env.get("WALCAST_PUBLICATION", "walcast"),

@@ -1,0 +1,188 @@
+"""`make_app(settings, config) -> web.Application`: the gateway, and (unless disabled) the CDC
+pipeline feeding it, owned by the app's `cleanup_ctx` so they start and stop together.
+
+Shutdown (SIGTERM via aiohttp's runner): the site stops accepting, `on_shutdown` closes every
+socket with 1001 "going away" after flushing what was queued, then the pipeline is cancelled
+(it sends a last status update) and the pools close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+import asyncpg
+from aiohttp import web
+
+from cdc.enrich import AccessRevoked, RoutedEvent
+from gateway import http, websocket
+from gateway.hubs import HubRegistry
+from gateway.masking import resolve_custom
+from gateway.metrics import Metrics
+from gateway.sessions import BetterAuthSessionStore, JwtSessionStore, SessionStore
+from gateway.state import STATE, GatewayState
+from gateway.tickets import MemoryJtiStore, RedisJtiStore
+from walcast.config import RealtimeConfig, Settings
+from walcast.dsn import to_url
+from walcast.pipeline import Pipeline
+
+__all__ = ["LocalSink", "make_app"]
+
+log = logging.getLogger(__name__)
+
+CLOSE_GOING_AWAY = 1001
+TICK_SECONDS = 1.0
+
+
+class LocalSink:
+    """The in-process bus: events go straight to this node's hubs."""
+
+    def __init__(self, registry: HubRegistry) -> None:
+        self._registry = registry
+
+    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+        registry = self._registry
+        for event in events:
+            if isinstance(event, AccessRevoked):
+                registry.revoke(event)
+            else:
+                registry.publish(event)
+
+    def mark_position(self, commit_lsn: int) -> None:
+        self._registry.advance((commit_lsn, 0))
+
+
+def make_app(
+    settings: Settings,
+    config: RealtimeConfig,
+    *,
+    run_pipeline: bool = True,
+    sessions: SessionStore | None = None,
+    static_dir: Path | None = None,
+) -> web.Application:
+    for table in config.tables.values():  # a custom mask that cannot be imported fails now
+        for rule in table.masking.values():
+            if rule.type == "custom":
+                resolve_custom(rule)
+    app = web.Application(client_max_size=max(settings.max_broadcast_bytes, 64 * 1024))
+    metrics = Metrics()
+    registry = HubRegistry(
+        metrics, history_seconds=config.historySeconds, max_events=config.historyMaxEvents
+    )
+    app[STATE] = state = GatewayState(
+        settings=settings,
+        config=config,
+        metrics=metrics,
+        registry=registry,
+        jti_store=MemoryJtiStore(),
+        sessions=sessions,
+    )
+    app.add_routes(http.routes)
+    app.add_routes(websocket.routes)
+    if static_dir is not None:
+        app.router.add_get("/", _index(static_dir / "index.html"))
+        app.router.add_static("/static/", static_dir)
+    app.cleanup_ctx.append(_databases)
+    if run_pipeline:
+        app.cleanup_ctx.append(_pipeline)
+    else:
+        state.ready.set()
+    app.on_shutdown.append(_close_sockets)
+    return app
+
+
+def _index(path: Path) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def index(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(path)
+
+    return index
+
+
+async def _databases(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    settings = state.settings
+    redis = None
+    if settings.redis_url:
+        import redis.asyncio as aioredis
+
+        redis = aioredis.from_url(settings.redis_url)
+        state.jti_store = RedisJtiStore(redis)
+    if settings.database_url:
+        state.pool = await asyncpg.create_pool(
+            to_url(settings.database_url), min_size=1, max_size=10
+        )
+    if state.sessions is None:
+        state.sessions = _session_store(settings, state.pool)
+    try:
+        yield
+    finally:
+        if state.pool is not None:
+            await state.pool.close()
+        if redis is not None:
+            await redis.aclose()
+
+
+def _session_store(settings: Settings, pool: asyncpg.Pool | None) -> SessionStore | None:
+    if settings.jwt_session_secret or settings.jwt_session_jwks:
+        return JwtSessionStore.from_config(
+            secret=settings.jwt_session_secret, jwks=settings.jwt_session_jwks
+        )
+    if pool is not None:
+        return BetterAuthSessionStore(pool)
+    return None
+
+
+async def _pipeline(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    registry = state.registry
+
+    def on_ready(start_lsn: int) -> None:
+        registry.complete_from = (start_lsn, 0)
+        state.ready.set()
+
+    pipeline = Pipeline(
+        state.settings, state.config, LocalSink(registry), state.metrics, on_ready=on_ready
+    )
+    task = asyncio.create_task(_supervise(pipeline, state), name="walcast-pipeline")
+    ticker = asyncio.create_task(_tick(pipeline, registry), name="walcast-tick")
+    try:
+        yield
+    finally:
+        for background in (ticker, task):
+            background.cancel()
+        for background in (ticker, task):
+            with contextlib.suppress(asyncio.CancelledError):
+                await background
+
+
+async def _supervise(pipeline: Pipeline, state: GatewayState) -> None:
+    try:
+        await pipeline.run()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        state.not_ready_reason = f"replication stopped: {exc}"
+        state.ready.clear()
+        log.exception("the CDC pipeline stopped")
+        raise
+
+
+async def _tick(pipeline: Pipeline, registry: HubRegistry) -> None:
+    while True:
+        await asyncio.sleep(TICK_SECONDS)
+        registry.trim()
+        pipeline.tick()
+
+
+async def _close_sockets(app: web.Application) -> None:
+    state = app[STATE]
+    state.ready.clear()
+    state.not_ready_reason = "shutting down"
+    sockets = [conn.ws for conn in state.registry.connections()]
+    await asyncio.gather(
+        *(ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown") for ws in sockets),
+        return_exceptions=True,
+    )

@@ -1,0 +1,317 @@
+"""One hub per organization: its sockets, grouped by role set, and its resume history.
+
+The counterpart of the seed system's one Durable Object per organization: a socket is attached
+to exactly one hub and only ever receives that hub's events, so no event crosses organizations.
+
+Everything here is synchronous. Attaching a socket replays its missed events, registers it and
+sends `ready` without an await in between, so no live event can slip into the seam between
+replay and live delivery, and nothing published after `ready` can be missed.
+
+History keeps each event for `history_seconds` (and at most `max_events` per hub) so a client
+can resume with `since=<id>`. A hub also knows from which cursor on its history is complete;
+a resume cursor below that gets `resync_required` instead of a silent gap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import orjson
+
+from cdc.cursors import CursorKey, format_cursor, parse_cursor
+from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
+from cdc.render import dumps
+from gateway.fanout import Connection, text_frame
+from gateway.metrics import Metrics
+from gateway.policy import PolicyCache, TablePolicy
+
+__all__ = ["CLOSE_ACCESS_REVOKED", "Hub", "HubRegistry", "system_frame"]
+
+CLOSE_ACCESS_REVOKED = 4403  #: the user lost access (role change, membership or session removed)
+
+Roles = frozenset[str]
+
+
+def _history_key(entry: tuple[CursorKey, float, RoutedEvent]) -> CursorKey:
+    return entry[0]
+
+
+def system_frame(event: str, payload: dict[str, Any]) -> bytes:
+    return text_frame(orjson.dumps({"type": "system", "event": event, "payload": payload}))
+
+
+def _revoked_frame(reason: str) -> bytes:
+    body = {"type": "broadcast", "event": "auth:token-invalidated", "payload": {"reason": reason}}
+    return text_frame(orjson.dumps(body))
+
+
+def _timestamp(event: ChangeEvent) -> str:
+    return event.commit_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _change_payload(event: ChangeEvent, policy: TablePolicy, raw: frozenset[str]) -> bytes:
+    table = event.table
+    body: dict[str, Any] = {
+        "type": "postgres_changes",
+        "table": table.table_name,
+        "schema": table.schema_name,
+        "eventType": event.event_type,
+        "new": policy.shape(event.new, raw),
+        "old": policy.shape(event.old, raw),
+        "id": event.cursor,
+        "commitTimestamp": _timestamp(event),
+    }
+    if event.unchanged:
+        body["unchanged"] = policy.visible_unchanged(event.unchanged)
+    return dumps(body)
+
+
+def _broadcast_payload(event: BroadcastEvent) -> bytes:
+    return orjson.dumps(
+        {"type": "broadcast", "event": event.event, "payload": event.payload, "id": event.cursor}
+    )
+
+
+class Hub:
+    """The sockets and the history of one organization."""
+
+    def __init__(self, organization_id: str, registry: HubRegistry) -> None:
+        self.organization_id = organization_id
+        self._registry = registry
+        self.by_roles: dict[Roles, set[Connection]] = {}
+        self.by_user: dict[str, set[Connection]] = {}
+        self.history: deque[tuple[CursorKey, float, RoutedEvent]] = deque()
+        self.evicted_up_to: CursorKey | None = None  #: history is complete above this key
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return sum(len(conns) for conns in self.by_roles.values())
+
+    def attach(self, conn: Connection, since: str | None) -> None:
+        """Replay what `conn` missed after `since`, register it, then send `ready`."""
+        registry = self._registry
+        if since is not None:
+            key = parse_cursor(since)
+            if key is None or not registry.can_resume(self, key):
+                registry.metrics.resyncs.inc()
+                conn.write(system_frame("resync_required", {"cursor": since}))
+            else:
+                missed = heapq.merge(
+                    self.history, registry.global_history.history, key=_history_key
+                )
+                for event_key, _, event in missed:
+                    if event_key > key:
+                        self._deliver(event, ((conn.roles, (conn,)),), replay=True)
+        self.by_roles.setdefault(conn.roles, set()).add(conn)
+        self.by_user.setdefault(conn.user_id, set()).add(conn)
+        registry.metrics.connections.inc()
+        conn.write(
+            system_frame(
+                "ready",
+                {
+                    "organizationId": self.organization_id,
+                    "userId": conn.user_id,
+                    "roles": sorted(conn.roles),
+                    "cursor": registry.position_cursor(),
+                },
+            )
+        )
+
+    def detach(self, conn: Connection) -> None:
+        conns = self.by_roles.get(conn.roles)
+        if conns is None or conn not in conns:
+            return
+        conns.discard(conn)
+        if not conns:
+            del self.by_roles[conn.roles]
+        user_conns = self.by_user.get(conn.user_id)
+        if user_conns is not None:
+            user_conns.discard(conn)
+            if not user_conns:
+                del self.by_user[conn.user_id]
+        self._registry.metrics.connections.dec()
+
+    def connections(self) -> Iterable[Connection]:
+        for conns in self.by_roles.values():
+            yield from conns
+
+    # -- events ----------------------------------------------------------------------------
+
+    def publish(self, key: CursorKey, event: RoutedEvent, now: float) -> None:
+        self.history.append((key, now, event))
+        self.trim(now)
+        self.deliver_live(event)
+
+    def deliver_live(self, event: RoutedEvent) -> None:
+        self._deliver(event, self._audience(event.target_user), replay=False)
+
+    def trim(self, now: float) -> None:
+        history, registry = self.history, self._registry
+        oldest = now - registry.history_seconds
+        while history and (history[0][1] < oldest or len(history) > registry.max_events):
+            self.evicted_up_to = history.popleft()[0]
+
+    def _audience(self, user: str | None) -> Iterable[tuple[Roles, Iterable[Connection]]]:
+        if user is None:
+            return list(self.by_roles.items())
+        grouped: dict[Roles, list[Connection]] = {}
+        for conn in self.by_user.get(user, ()):
+            grouped.setdefault(conn.roles, []).append(conn)
+        return grouped.items()
+
+    def _deliver(
+        self,
+        event: RoutedEvent,
+        audience: Iterable[tuple[Roles, Iterable[Connection]]],
+        *,
+        replay: bool,
+    ) -> None:
+        if replay and event.target_user is not None:
+            audience = [
+                (roles, [c for c in conns if c.user_id == event.target_user])
+                for roles, conns in audience
+            ]
+        metrics = self._registry.metrics
+        delivered = 0
+        if isinstance(event, BroadcastEvent):
+            frame: bytes | None = None
+            for roles, conns in audience:
+                if event.target_roles and not event.target_roles & roles:
+                    continue
+                for conn in conns:
+                    if frame is None:
+                        frame = text_frame(_broadcast_payload(event))
+                        metrics.serializations.inc()
+                    delivered += conn.write(frame)
+        else:
+            policy = self._registry.policies.get(event.table)
+            frames: dict[frozenset[str], bytes] = {}
+            owner = event.owner_id if policy.has_owner_rule else None
+            for roles, conns in audience:
+                if not policy.allows(roles):
+                    continue
+                raw = policy.raw_columns(roles)
+                owner_raw = policy.raw_columns(roles, True) if owner is not None else raw
+                for conn in conns:
+                    visible = owner_raw if conn.user_id == owner else raw
+                    frame = frames.get(visible)
+                    if frame is None:
+                        frame = frames[visible] = text_frame(
+                            _change_payload(event, policy, visible)
+                        )
+                        metrics.serializations.inc()
+                    delivered += conn.write(frame)
+        if delivered:
+            metrics.deliveries.inc(delivered)
+
+    def revoke(self, notice: AccessRevoked) -> int:
+        """Close the sockets a revocation applies to; returns how many."""
+        if notice.user_id is None:
+            return 0
+        targets = [
+            conn
+            for conn in self.by_user.get(notice.user_id, ())
+            if notice.session_id is None or conn.session_id == notice.session_id
+        ]
+        frame = _revoked_frame(notice.reason)
+        for conn in targets:
+            conn.write(frame)
+            conn.close(CLOSE_ACCESS_REVOKED, notice.reason)
+            self.detach(conn)
+        return len(targets)
+
+
+class HubRegistry:
+    """All hubs of this node, plus what they share: policies, metrics, the resume floor."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        history_seconds: float = 120.0,
+        max_events: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.metrics = metrics
+        self.history_seconds = history_seconds
+        self.max_events = max_events
+        self.policies = PolicyCache()
+        self._clock = clock
+        self.hubs: dict[str, Hub] = {}
+        #: Events for every organization (TRUNCATE), kept once rather than in each hub.
+        self.global_history = Hub("", self)
+        #: Every event with a key at or above this is in history (set when streaming starts).
+        self.complete_from: CursorKey | None = None
+        #: The stream position reached: a client told this cursor in `ready` has missed nothing.
+        self.position: CursorKey = (0, 0)
+
+    def hub(self, organization_id: str) -> Hub:
+        hub = self.hubs.get(organization_id)
+        if hub is None:
+            hub = self.hubs[organization_id] = Hub(organization_id, self)
+        return hub
+
+    def position_cursor(self) -> str:
+        return format_cursor(*self.position)
+
+    def advance(self, key: CursorKey) -> None:
+        if key > self.position:
+            self.position = key
+
+    def can_resume(self, hub: Hub, key: CursorKey) -> bool:
+        """Whether every event after `key` that `hub` may hold is still in its history."""
+        if self.complete_from is None or key > self.position:
+            return False  # not streaming yet, or a cursor from the future: another database
+        for evicted in (hub.evicted_up_to, self.global_history.evicted_up_to):
+            if evicted is not None and key < evicted:
+                return False
+        return key >= self.complete_from
+
+    def publish(self, event: RoutedEvent) -> None:
+        key = parse_cursor(event.cursor)
+        assert key is not None
+        now = self._clock()
+        self.metrics.events.inc()
+        if event.organization_id is None:
+            # Kept once, for every organization: hubs made later replay it too.
+            self.global_history.history.append((key, now, event))
+            self.global_history.trim(now)
+            for hub in list(self.hubs.values()):
+                hub.deliver_live(event)
+        else:
+            self.hub(event.organization_id).publish(key, event, now)
+        self.advance(key)
+
+    def revoke(self, notice: AccessRevoked) -> None:
+        hubs = (
+            list(self.hubs.values())
+            if notice.organization_id is None
+            else [self.hubs[notice.organization_id]]
+            if notice.organization_id in self.hubs
+            else []
+        )
+        closed = sum(hub.revoke(notice) for hub in hubs)
+        if closed:
+            self.metrics.revocations.labels(notice.reason).inc(closed)
+
+    def trim(self) -> None:
+        """Expire old history everywhere and forget idle, empty hubs."""
+        now = self._clock()
+        self.global_history.trim(now)
+        total = len(self.global_history.history)
+        for org, hub in list(self.hubs.items()):
+            hub.trim(now)
+            total += len(hub.history)
+            if not hub.history and not hub.by_roles and hub.evicted_up_to is None:
+                del self.hubs[org]
+        self.metrics.history_events.set(total)
+
+    def connections(self) -> Iterable[Connection]:
+        for hub in self.hubs.values():
+            yield from hub.connections()

@@ -1,0 +1,72 @@
+"""Prometheus metrics (spec §11). One registry per app, so several apps can live in one process
+(tests, and a reader + gateway in `walcast serve`). Hot paths increment by batch, once per event,
+never once per socket.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.changes = Counter(
+            "walcast_changes",
+            "Row changes decoded from the WAL",
+            ["table", "kind"],
+            registry=registry,
+        )
+        self.broadcasts = Counter(
+            "walcast_broadcasts", "Custom broadcasts decoded from the WAL", registry=registry
+        )
+        self.deliveries = Counter(
+            "walcast_deliveries", "Frames written to sockets", registry=registry
+        )
+        self.serializations = Counter(
+            "walcast_serializations",
+            "Event serializations (one per visibility class per event)",
+            registry=registry,
+        )
+        self.events = Counter(
+            "walcast_events", "Events published to organization hubs", registry=registry
+        )
+        self.connections = Gauge(
+            "walcast_connections", "Open WebSocket connections", registry=registry
+        )
+        self.slow_consumers = Counter(
+            "walcast_slow_consumers", "Sockets closed for back-pressure", registry=registry
+        )
+        self.revocations = Counter(
+            "walcast_revocations",
+            "Sockets closed because access was revoked",
+            ["reason"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "walcast_dropped_events",
+            "Events dropped before delivery",
+            ["reason"],
+            registry=registry,
+        )
+        self.replication_lag = Gauge(
+            "walcast_replication_lag_bytes",
+            "Server WAL end minus the reader's received position",
+            registry=registry,
+        )
+        self.retained_wal = Gauge(
+            "walcast_slot_retained_wal_bytes",
+            "WAL the slot keeps (pg_current_wal_lsn() - restart_lsn)",
+            registry=registry,
+        )
+        self.history_events = Gauge(
+            "walcast_history_events", "Events held in resume history", registry=registry
+        )
+        self.resyncs = Counter(
+            "walcast_resyncs", "Resume requests answered with resync_required", registry=registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

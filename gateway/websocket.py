@@ -1,0 +1,102 @@
+"""GET /realtime/v1/websocket: authenticate the ticket, then attach the socket to its org's hub.
+
+Every check happens before the upgrade, so a browser sees a failed handshake with the HTTP
+status (401 bad ticket, 403 wrong organization) rather than an open socket that closes.
+After the upgrade the socket is only read for `ping` (answered `pong`); anything else gets an
+error frame. Heartbeats are aiohttp's: a ping every `heartbeat_seconds`, and a peer that does
+not answer is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from gateway.fanout import Connection, text_frame
+from gateway.http import error_response
+from gateway.state import STATE
+from gateway.tickets import TicketError, verify_ticket
+
+__all__ = ["routes"]
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+MAX_CLIENT_FRAME = 64 * 1024
+READY_WAIT_SECONDS = 15.0
+_PONG = text_frame(b"pong")
+_UNSUPPORTED = text_frame(
+    orjson.dumps(
+        {
+            "type": "system",
+            "event": "error",
+            "payload": {"message": "unsupported message: only the text 'ping' is understood"},
+        }
+    )
+)
+
+
+@routes.get("/realtime/v1/websocket")
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    query = request.query
+    tickets = query.getall("ws_ticket", [])
+    if len(tickets) != 1 or not tickets[0]:
+        return error_response(401, "unauthorized", "exactly one ws_ticket is required")
+    try:
+        claims = verify_ticket(tickets[0], state.settings.access_tokens, now=time.time())
+    except TicketError as exc:
+        return error_response(401, "unauthorized", exc.reason)
+    organizations = query.getall("organizationId", [])
+    if len(organizations) > 1 or (organizations and organizations[0] != claims.organization_id):
+        return error_response(403, "forbidden", "organizationId does not match the ticket")
+    since_values = query.getall("since", [])
+    if len(since_values) > 1:
+        return error_response(400, "invalid request", "since may be given once")
+    since = since_values[0] if since_values else None
+    ws = web.WebSocketResponse(
+        heartbeat=state.settings.heartbeat_seconds,
+        compress=False,
+        max_msg_size=MAX_CLIENT_FRAME,
+    )
+    if not ws.can_prepare(request).ok:
+        return error_response(400, "not a WebSocket request", "expected an Upgrade: websocket")
+    if not await state.jti_store.claim(claims.jti, claims.expires_at):
+        return error_response(401, "unauthorized", "ticket already used")
+    if not state.ready.is_set():
+        try:
+            await asyncio.wait_for(state.ready.wait(), READY_WAIT_SECONDS)
+        except TimeoutError:
+            return error_response(503, "not ready", state.not_ready_reason)
+
+    await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client went away during the handshake
+        return ws
+    conn = Connection(
+        ws,
+        transport,
+        user_id=claims.user_id,
+        organization_id=claims.organization_id,
+        roles=claims.roles,
+        session_id=claims.session_id,
+        max_send_buffer=state.settings.max_send_buffer,
+        on_slow=lambda _conn: state.metrics.slow_consumers.inc(),
+    )
+    hub = state.registry.hub(claims.organization_id)
+    hub.attach(conn, since)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT and message.data.strip() == "ping":
+                conn.write(_PONG)
+            elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                conn.write(_UNSUPPORTED)
+    finally:
+        hub.detach(conn)
+        conn.closed = True
+    return ws

@@ -1,0 +1,347 @@
+"""The `walcast` command: serve, demo, migrate, check, ticket, broadcast (spec §9).
+
+Each subcommand reads the environment of spec §9 (`DATABASE_URL`, `ACCESS_TOKEN`,
+`WALCAST_CONFIG`, ...) and takes flags that override it. Common mistakes end with a one-line
+explanation of how to fix them and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import psycopg
+
+from cdc import catalog
+from cdc.errors import ReplicationError
+from walcast.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
+from walcast.logs import setup_logging
+
+__all__ = ["main"]
+
+log = logging.getLogger("walcast")
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; printed without a traceback."""
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return Settings.from_env(
+        database_url=getattr(args, "database_url", None),
+        config_path=getattr(args, "config", None),
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        redis_url=getattr(args, "redis_url", None),
+        slot=getattr(args, "slot", None),
+        publication=getattr(args, "publication", None),
+        **extra,
+    )
+
+
+def _need_database(settings: Settings) -> str:
+    if not settings.database_url:
+        raise UsageError("DATABASE_URL is not set (or pass --database-url)")
+    return settings.database_url
+
+
+def _connect_error(exc: psycopg.OperationalError, dsn: str) -> UsageError:
+    return UsageError(
+        f"cannot connect to PostgreSQL: {str(exc).strip().splitlines()[0]}\n"
+        "check DATABASE_URL (host, port, user, database name and password)"
+    )
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+async def serve(
+    settings: Settings,
+    config: RealtimeConfig,
+    *,
+    cdc: bool,
+    gateway: bool,
+    static_dir: Any = None,
+    banner: str | None = None,
+) -> None:
+    from aiohttp import web
+
+    from gateway.app import make_app
+    from walcast.pipeline import Pipeline
+
+    dsn = _need_database(settings)
+    if not settings.access_tokens:
+        raise UsageError("ACCESS_TOKEN is not set: it signs tickets and guards the broadcast API")
+    if not gateway:
+        raise UsageError("--no-gateway needs the Redis bus, which this build does not have yet")
+    if not cdc:
+        raise UsageError("--no-cdc needs the Redis bus, which this build does not have yet")
+    try:
+        # Fail fast, with the fix in the message, before opening a port.
+        await Pipeline(settings, config, _NoSink(), _metrics(), on_ready=lambda _: None).prepare()
+    except psycopg.OperationalError as exc:
+        raise _connect_error(exc, dsn) from None
+    except ReplicationError as exc:
+        raise UsageError(str(exc)) from None
+
+    app = make_app(settings, config, run_pipeline=cdc, static_dir=static_dir)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"port {settings.port} on {settings.host} is in use:"
+                " pass --port or set WALCAST_PORT"
+            ) from None
+        raise
+    url = f"http://{settings.host}:{settings.port}"
+    log.info(
+        "walcast listening on %s (slot=%s publication=%s)", url, settings.slot, settings.publication
+    )
+    if banner:
+        print(banner.format(url=url), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: closing sockets with 1001")
+    finally:
+        await runner.cleanup()
+
+
+class _NoSink:
+    async def publish(self, events: Sequence[Any]) -> None:  # pragma: no cover - never streams
+        pass
+
+    def mark_position(self, commit_lsn: int) -> None:  # pragma: no cover
+        pass
+
+
+def _metrics() -> Any:
+    from gateway.metrics import Metrics
+
+    return Metrics()
+
+
+# -- migrate / check -------------------------------------------------------------------------
+
+
+def apply_migrations(dsn: str, *, demo: bool = False) -> list[str]:
+    import migrations
+
+    names = migrations.schema_scripts() + ([migrations.DEMO_SCRIPT] if demo else [])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in names:
+            conn.execute(migrations.read_script(name).encode())
+    return names
+
+
+async def check(settings: Settings, config: RealtimeConfig) -> list[str]:
+    """Config vs database; returns the problems found (and prints a report)."""
+    dsn = _need_database(settings)
+    problems: list[str] = []
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        try:
+            await catalog.check_wal_level(conn)
+            print("wal_level: logical")
+        except ReplicationError as exc:
+            problems.append(str(exc))
+        tables = list(config.tables)
+        present = await catalog.existing_tables(conn, tables)
+        for name in tables:
+            if name not in present:
+                problems.append(f"table {name} does not exist")
+        print(f"tables: {len(present)} of {len(tables)} configured tables exist")
+        for fix in await catalog.replica_identity_problems(conn, present):
+            problems.append(f"replica identity is not FULL; run: {fix}")
+        published = await _published_tables(conn, settings.publication)
+        if published is None:
+            problems.append(f"publication {settings.publication} does not exist (serve creates it)")
+        else:
+            for name in present:
+                if name not in published:
+                    problems.append(f"table {name} is not in publication {settings.publication}")
+        status = await catalog.slot_status(conn, settings.slot)
+        if status is None:
+            print(f"slot {settings.slot}: not created yet (serve creates it)")
+        else:
+            print(
+                f"slot {settings.slot}: active={status.active} "
+                f"retained_wal_bytes={status.retained_wal_bytes} "
+                f"lag_bytes={status.lag_bytes}"
+            )
+    for problem in problems:
+        print(f"problem: {problem}")
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return problems
+
+
+async def _published_tables(
+    conn: psycopg.AsyncConnection[Any], publication: str
+) -> set[str] | None:
+    cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
+    if await cur.fetchone() is None:
+        return None
+    cur = await conn.execute(
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
+        (publication,),
+    )
+    return {row[0] for row in await cur.fetchall()}
+
+
+# -- ticket / broadcast ------------------------------------------------------------------------
+
+
+def ticket(settings: Settings, user: str, org: str, roles: list[str]) -> str:
+    from gateway.tickets import mint_ticket
+
+    return mint_ticket(settings.signing_secret, user_id=user, organization_id=org, roles=roles)
+
+
+async def broadcast(
+    settings: Settings,
+    url: str,
+    org: str,
+    event: str,
+    payload: Any,
+    roles: list[str] | None,
+    user: str | None,
+) -> dict[str, Any]:
+    import aiohttp
+
+    body: dict[str, Any] = {"organizationId": org, "event": event, "payload": payload}
+    if roles:
+        body["targetRoles"] = roles
+    if user:
+        body["targetUserId"] = user
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{url.rstrip('/')}/realtime/v1/broadcast",
+            data=orjson.dumps(body),
+            headers={
+                "Authorization": f"Bearer {settings.signing_secret}",
+                "Content-Type": "application/json",
+            },
+        ) as response:
+            answer: dict[str, Any] = await response.json(content_type=None)
+            if response.status != 202:
+                raise UsageError(f"broadcast refused ({response.status}): {answer}")
+            return answer
+
+
+# -- argument parsing --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="walcast", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("json", "text"), default="json")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--database-url", help="PostgreSQL (env DATABASE_URL)")
+        p.add_argument("--config", help="realtime config TOML (env WALCAST_CONFIG)")
+        p.add_argument("--slot", help="replication slot (env WALCAST_SLOT, default walcast)")
+        p.add_argument("--publication", help="publication (env WALCAST_PUBLICATION)")
+
+    p = sub.add_parser("serve", help="run the CDC reader and the gateway")
+    common(p)
+    p.add_argument("--host", help="listen address (env WALCAST_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (env WALCAST_PORT, default 4000)")
+    p.add_argument("--redis-url", help="Redis for the multi-node bus (env REDIS_URL)")
+    p.add_argument("--no-cdc", action="store_true", help="gateway node only (Redis bus)")
+    p.add_argument("--no-gateway", action="store_true", help="reader only (Redis bus)")
+
+    p = sub.add_parser("demo", help="one-command demo on an embedded PostgreSQL")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 4000)")
+    p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between demo writes")
+
+    p = sub.add_parser("migrate", help="create the session store tables if missing")
+    p.add_argument("--database-url")
+    p.add_argument("--demo", action="store_true", help="also create the demo schema")
+
+    p = sub.add_parser("check", help="check the config against the database")
+    common(p)
+
+    p = sub.add_parser("ticket", help="mint a WebSocket ticket (debugging)")
+    p.add_argument("--user", required=True)
+    p.add_argument("--org", required=True)
+    p.add_argument("--roles", default="")
+
+    p = sub.add_parser("broadcast", help="send a custom event through a running walcast")
+    p.add_argument("--org", required=True)
+    p.add_argument("--event", required=True)
+    p.add_argument("--payload", default="{}", help="JSON")
+    p.add_argument("--roles", default="", help="comma-separated targetRoles")
+    p.add_argument("--user", help="targetUserId")
+    p.add_argument("--url", help="walcast base URL (default from WALCAST_HOST/WALCAST_PORT)")
+    return parser
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    command = args.command
+    if command == "serve":
+        settings = _settings(args)
+        config = load_realtime_config(settings.config_path)
+        asyncio.run(serve(settings, config, cdc=not args.no_cdc, gateway=not args.no_gateway))
+    elif command == "demo":
+        from walcast.demo import run_demo
+
+        run_demo(args)
+    elif command == "migrate":
+        settings = _settings(args)
+        names = apply_migrations(_need_database(settings), demo=args.demo)
+        print("applied: " + ", ".join(names))
+    elif command == "check":
+        settings = _settings(args)
+        config = load_realtime_config(settings.config_path)
+        return 1 if asyncio.run(check(settings, config)) else 0
+    elif command == "ticket":
+        print(ticket(Settings.from_env(), args.user, args.org, _split(args.roles)))
+    elif command == "broadcast":
+        settings = Settings.from_env()
+        try:
+            payload = orjson.loads(args.payload)
+        except orjson.JSONDecodeError as exc:
+            raise UsageError(f"--payload is not valid JSON: {exc}") from None
+        url = args.url or f"http://{settings.host}:{settings.port}"
+        answer = asyncio.run(
+            broadcast(settings, url, args.org, args.event, payload, _split(args.roles), args.user)
+        )
+        print(orjson.dumps(answer).decode())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except (UsageError, ConfigError) as exc:
+        print(f"walcast: {exc}", file=sys.stderr)
+        code = 2
+    except psycopg.OperationalError as exc:
+        print(f"walcast: {_connect_error(exc, '')}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

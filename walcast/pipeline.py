@@ -1,0 +1,195 @@
+"""The CDC pipeline: replication reader → router → sink (the hubs, or the Redis bus).
+
+Start-up, in order: check `wal_level`, the tables and their replica identity; keep the
+publication in step with the config; create the slot if missing; note the slot's confirmed
+position (history is complete from there); write a sync marker into the WAL; then stream. When
+the reader hands the marker back, everything committed before start-up has been re-read into
+history, so the node is ready: sockets may attach and resume.
+
+What the slot may forget is decided by `RetentionWindow`: the WAL position the node had reached
+`historySeconds` ago. That is at or before the oldest transaction still in any history, so a
+node killed at any moment re-reads, on restart, every event a client might still resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import psycopg
+
+from cdc import catalog
+from cdc.changes import LogicalMessage, RowChange, TransactionEnd
+from cdc.enrich import AccessRevoked, BroadcastEvent, RoutedEvent, Router
+from cdc.errors import ReplicationError
+from cdc.reader import ReplicationReader
+from gateway.metrics import Metrics
+from walcast.config import RealtimeConfig, Settings
+
+__all__ = ["SYNC_PREFIX", "EventSink", "Pipeline", "RetentionWindow", "StartupError"]
+
+log = logging.getLogger(__name__)
+
+SYNC_PREFIX = "walcast-sync"
+"""Prefix of the marker message a starting pipeline writes to know when it has caught up."""
+
+SESSION_TABLES = ("public.member", "public.session")
+
+
+class StartupError(ReplicationError):
+    """The database is not ready for walcast; the message says what to run."""
+
+
+class EventSink(Protocol):
+    """Where routed events go: the local hubs, or the Redis bus."""
+
+    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None: ...
+
+    def mark_position(self, commit_lsn: int) -> None:
+        """Every event up to this commit has been published."""
+
+
+class RetentionWindow:
+    """Samples of (time, WAL position reached); answers what the slot must still keep."""
+
+    def __init__(self, seconds: float, start_lsn: int, clock: Callable[[], float]) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._samples: deque[tuple[float, int]] = deque([(clock(), start_lsn)])
+
+    def record(self, lsn: int) -> None:
+        if lsn > self._samples[-1][1]:
+            self._samples.append((self._clock(), lsn))
+
+    def retained(self) -> int:
+        """The position reached `seconds` ago (or the oldest known, if younger)."""
+        cutoff = self._clock() - self.seconds
+        samples = self._samples
+        while len(samples) > 1 and samples[1][0] <= cutoff:
+            samples.popleft()
+        return samples[0][1]
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        config: RealtimeConfig,
+        sink: EventSink,
+        metrics: Metrics,
+        *,
+        on_ready: Callable[[int], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        assert settings.database_url is not None
+        self._dsn = settings.database_url
+        self._settings = settings
+        self._config = config
+        self._sink = sink
+        self._metrics = metrics
+        self._on_ready = on_ready
+        self._clock = clock
+        self.router = Router(config)
+        self.reader: ReplicationReader | None = None
+        self.retention: RetentionWindow | None = None
+
+    async def prepare(self) -> tuple[int, list[str]]:
+        """Check and set up the database; returns the slot's confirmed position and the
+        tables the publication covers."""
+        settings, config = self._settings, self._config
+        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+            await catalog.check_wal_level(conn)
+            configured = list(config.tables)
+            present = set(await catalog.existing_tables(conn, configured))
+            missing = [name for name in configured if name not in present]
+            if missing:
+                raise StartupError(
+                    "tables in the realtime config do not exist: " + ", ".join(missing)
+                )
+            session_tables = await catalog.existing_tables(conn, SESSION_TABLES)
+            watched = configured + [t for t in session_tables if t not in configured]
+            problems = await catalog.replica_identity_problems(conn, watched)
+            if problems and config.manageReplicaIdentity:
+                changed = await catalog.set_replica_identity_full(conn, watched)
+                log.warning("set REPLICA IDENTITY FULL on %s", ", ".join(changed))
+            elif problems:
+                raise StartupError(
+                    "walcast needs REPLICA IDENTITY FULL (old rows on UPDATE/DELETE, and the "
+                    "routing columns of a DELETE). Run:\n  "
+                    + "\n  ".join(problems)
+                    + "\nor set manageReplicaIdentity = true in the realtime config."
+                )
+            await catalog.ensure_publication(conn, settings.publication, watched)
+            await conn.execute(
+                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')"
+                " WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
+                (settings.slot, settings.slot),
+            )
+            status = await catalog.slot_status(conn, settings.slot)
+            assert status is not None
+            log.info(
+                "replication set up: slot=%s publication=%s tables=%s",
+                settings.slot,
+                settings.publication,
+                ",".join(watched) or "(none)",
+            )
+            return status.confirmed_flush_lsn or 0, watched
+
+    async def run(self) -> None:
+        start_lsn, watched = await self.prepare()
+        self.retention = retention = RetentionWindow(
+            self._config.historySeconds, start_lsn, self._clock
+        )
+        marker = uuid.uuid4().hex
+        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+            await conn.execute(
+                "SELECT pg_logical_emit_message(true, %s, %s)", (SYNC_PREFIX, marker)
+            )
+        self.reader = reader = ReplicationReader(
+            self._dsn,
+            slot=self._settings.slot,
+            publication=self._settings.publication,
+            tables=watched,
+        )
+        reader.retain_from(start_lsn)
+        route, sink, metrics = self.router.route, self._sink, self._metrics
+        changes = metrics.changes
+        try:
+            async for item in reader.items():
+                if isinstance(item, RowChange):
+                    changes.labels(f"{item.schema}.{item.table}", item.kind).inc()
+                    events = route(item)
+                    if events:
+                        await sink.publish(events)
+                elif isinstance(item, LogicalMessage):
+                    if item.prefix == SYNC_PREFIX:
+                        if item.content.decode(errors="replace") == marker:
+                            log.info("caught up with the WAL at %X", item.commit_lsn)
+                            self._on_ready(start_lsn)
+                        continue
+                    events = route(item)
+                    if events:
+                        metrics.broadcasts.inc(sum(isinstance(e, BroadcastEvent) for e in events))
+                        await sink.publish(events)
+                elif isinstance(item, TransactionEnd):
+                    sink.mark_position(item.end_lsn)
+                    retention.record(item.end_lsn)
+                    reader.retain_from(retention.retained())
+                else:
+                    route(item)
+        finally:
+            await reader.aclose()
+
+    def tick(self) -> None:
+        """Periodic upkeep: let the slot follow an idle database, update lag gauges."""
+        reader, retention = self.reader, self.retention
+        if reader is None or retention is None:
+            return
+        retention.record(reader.server_wal_end)
+        reader.retain_from(retention.retained())
+        if reader.server_wal_end and reader.received_lsn:
+            self._metrics.replication_lag.set(max(0, reader.server_wal_end - reader.received_lsn))
