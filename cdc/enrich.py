@@ -80,6 +80,7 @@ class AccessRevoked:
     user_id: str | None
     session_id: str | None
     commit_lsn: int
+    committed_at: float  #: commit time, seconds since the epoch: older tickets are stale
 
 
 RoutedEvent = ChangeEvent | BroadcastEvent
@@ -233,14 +234,22 @@ class Router:
             reason = "role-changed"
         else:
             return []
-        return [AccessRevoked(reason, org, user, None, change.commit_lsn)]
+        return [AccessRevoked(reason, org, user, None, change.commit_lsn, self._committed_at())]
 
     def _session_change(self, change: RowChange) -> list[RoutedEvent | AccessRevoked]:
         if change.kind != "DELETE" or change.old is None:
             return []
         session_id = _text(change.old.get("id"))
         user = _text(change.old.get("userId"))
-        return [AccessRevoked("session-revoked", None, user, session_id, change.commit_lsn)]
+        return [
+            AccessRevoked(
+                "session-revoked", None, user, session_id, change.commit_lsn, self._committed_at()
+            )
+        ]
+
+    def _committed_at(self) -> float:
+        assert self._commit_time is not None, "a RowChange always follows its TransactionStart"
+        return self._commit_time.timestamp()
 
     # -- broadcasts ------------------------------------------------------------------------
 

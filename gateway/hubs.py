@@ -28,10 +28,12 @@ from cdc.render import dumps
 from gateway.fanout import Connection, text_frame
 from gateway.metrics import Metrics
 from gateway.policy import PolicyCache, TablePolicy
+from gateway.tickets import TicketClaims
 
 __all__ = ["CLOSE_ACCESS_REVOKED", "Hub", "HubRegistry", "system_frame"]
 
 CLOSE_ACCESS_REVOKED = 4403  #: the user lost access (role change, membership or session removed)
+REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
 
 Roles = frozenset[str]
 
@@ -250,6 +252,9 @@ class HubRegistry:
         self.complete_from: CursorKey | None = None
         #: The stream position reached: a client told this cursor in `ready` has missed nothing.
         self.position: CursorKey = (0, 0)
+        #: Recent access changes, by (organization, user) and by session id: commit times.
+        self._revoked_members: dict[tuple[str | None, str], float] = {}
+        self._revoked_sessions: dict[str, float] = {}
 
     def hub(self, organization_id: str) -> Hub:
         hub = self.hubs.get(organization_id)
@@ -288,7 +293,23 @@ class HubRegistry:
             self.hub(event.organization_id).publish(key, event, now)
         self.advance(key)
 
+    def is_revoked(self, claims: TicketClaims) -> bool:
+        """Whether an access change committed after this ticket was issued: its roles are stale.
+
+        A ticket lives 60 s, so a revocation is remembered that long (and a little more).
+        """
+        for key in ((claims.organization_id, claims.user_id), (None, claims.user_id)):
+            revoked_at = self._revoked_members.get(key)
+            if revoked_at is not None and claims.issued_at < revoked_at:
+                return True
+        return claims.session_id is not None and claims.session_id in self._revoked_sessions
+
     def revoke(self, notice: AccessRevoked) -> None:
+        if notice.session_id is not None:
+            self._revoked_sessions[notice.session_id] = notice.committed_at
+        elif notice.user_id is not None:
+            key = (notice.organization_id, notice.user_id)
+            self._revoked_members[key] = max(notice.committed_at, self._revoked_members.get(key, 0))
         hubs = (
             list(self.hubs.values())
             if notice.organization_id is None
@@ -303,6 +324,11 @@ class HubRegistry:
     def trim(self) -> None:
         """Expire old history everywhere and forget idle, empty hubs."""
         now = self._clock()
+        forget_before = time.time() - REVOCATION_MEMORY_SECONDS
+        for revoked in (self._revoked_members, self._revoked_sessions):
+            for key, revoked_at in list(revoked.items()):
+                if revoked_at < forget_before:
+                    del revoked[key]  # type: ignore[arg-type]
         self.global_history.trim(now)
         total = len(self.global_history.history)
         for org, hub in list(self.hubs.items()):

@@ -126,6 +126,7 @@ class TicketClaims:
     jti: str
     expires_at: float
     session_id: str | None = None
+    issued_at: float = 0.0
 
 
 def mint_ticket(
@@ -159,7 +160,9 @@ def mint_ticket(
         raise TypeError("roles must be a sequence of strings, not a string")
     if ttl <= 0:
         raise ValueError("ttl must be positive")
-    issued_at = int(time.time() if now is None else now)
+    # Millisecond precision, so a ticket minted just after an access change is told apart
+    # from one minted just before it (see HubRegistry.is_revoked).
+    issued_at = round(time.time() if now is None else now, 3)
     payload: dict[str, Any] = {
         "sub": user_id,
         "org": organization_id,
@@ -282,6 +285,7 @@ def _claims_from(payload: dict[str, Any]) -> TicketClaims:
         jti=payload["jti"],
         expires_at=float(payload["exp"]),
         session_id=session_id,
+        issued_at=float(payload["iat"]),
     )
 
 

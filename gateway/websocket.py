@@ -52,6 +52,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         claims = verify_ticket(tickets[0], state.settings.access_tokens, now=time.time())
     except TicketError as exc:
         return error_response(401, "unauthorized", exc.reason)
+    if state.registry.is_revoked(claims):
+        return error_response(401, "unauthorized", "ticket predates an access change")
     organizations = query.getall("organizationId", [])
     if len(organizations) > 1 or (organizations and organizations[0] != claims.organization_id):
         return error_response(403, "forbidden", "organizationId does not match the ticket")
