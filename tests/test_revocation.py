@@ -62,7 +62,8 @@ async def test_role_downgrade_closes_the_socket_before_any_later_event(gw: Gatew
     again = await gw.connect(token, "org-v")
     assert again.messages[-1]["payload"]["roles"] == ["recruiter"]
     gw.sql(
-        "INSERT INTO applications (id, \"organizationId\", ssn) VALUES ('later', 'org-v', '123-45-6789')"
+        'INSERT INTO applications (id, "organizationId", ssn)'
+        " VALUES ('later', 'org-v', '123-45-6789')"
     )
     row = await again.wait_for(lambda m: (m.get("new") or {}).get("id") == "later")
     assert row["new"]["ssn"] == "*****6789"
