@@ -19,6 +19,7 @@ from aiohttp import web
 
 from cdc.enrich import AccessRevoked, RoutedEvent
 from gateway import http, websocket
+from gateway.accesslog import AccessLogger
 from gateway.hubs import HubRegistry
 from gateway.masking import resolve_custom
 from gateway.metrics import Metrics
@@ -67,7 +68,11 @@ def make_app(
         for rule in table.masking.values():
             if rule.type == "custom":
                 resolve_custom(rule)
-    app = web.Application(client_max_size=max(settings.max_broadcast_bytes, 64 * 1024))
+    app = web.Application(
+        client_max_size=max(settings.max_broadcast_bytes, 64 * 1024),
+        # Whatever runner serves the app: the default access log would print ws_ticket.
+        handler_args={"access_log_class": AccessLogger},
+    )
     metrics = Metrics()
     registry = HubRegistry(
         metrics, history_seconds=config.historySeconds, max_events=config.historyMaxEvents
