@@ -17,7 +17,13 @@ true are kept in one place:
   `status_interval` seconds while streaming (a timeout on the read, no timer task).
 * **Exactly once within a process.** After a reconnect the server re-sends from the slot's
   confirmed position; items at or before the last one yielded (by `(commit_lsn, position)`,
-  and whole transactions already completed) are skipped.
+  and whole transactions already completed) are skipped. The stream is in strictly increasing
+  key order, so once an item past the last one yielded arrives, the check stops until the
+  next reconnect.
+* **Read-ahead within a transaction.** One read takes a message, then whatever messages have
+  already arrived in libpq's buffer (at most `_READ_AHEAD` items' worth), stopping after a
+  Commit: a transaction's items are handed out from memory, but the flush bookkeeping still
+  moves only once the consumer has asked past its `TransactionEnd`.
 * **Reconnects** on connection loss, server restart or "slot is active" (another reader holds
   it), with capped exponential back-off and full jitter, reset once a stream has started.
   Configuration problems (wal_level, replica identity, missing tables, permissions) raise.
@@ -58,6 +64,9 @@ __all__ = ["ReplicationReader"]
 logger = logging.getLogger(__name__)
 
 ReplicaIdentityMode = Literal["ignore", "check", "manage"]
+
+_READ_AHEAD = 256
+"""Most items one read makes from messages that have already arrived (see the docstring)."""
 
 # SQLSTATE classes/codes that mean "try again later", not "fix your setup".
 _RETRY_SQLSTATES = ("08", "53", "57P", "40001", "40P01", "55006", "55P03")
@@ -142,7 +151,8 @@ class ReplicationReader:
         self._flushed = 0  # the highest position ever reported
 
         # Duplicate suppression across reconnects.
-        self._last_key: tuple[int, int] | None = None  # last item yielded
+        self._last_item: Item | None = None  # last item yielded (its key is taken on resume)
+        self._resuming = False  # since the last connect, no item past `_last_item` seen yet
         self._done_commit = -1  # commit LSN of the last transaction yielded whole
 
         self._commit: tuple[int, int] | None = None  # (commit, end) LSN of the last Commit read
@@ -167,6 +177,12 @@ class ReplicationReader:
     @property
     def server_wal_end(self) -> int:
         return self._protocol.server_wal_end
+
+    @property
+    def handled_lsn(self) -> int:
+        """Everything committed before this position has been handed out and handled: the end of
+        the last handled transaction or, between transactions, the last keepalive's WAL end."""
+        return self._candidate
 
     @property
     def connected(self) -> bool:
@@ -236,7 +252,7 @@ class ReplicationReader:
                         if self._already_yielded(item):
                             continue
                         yield item
-                        self._last_key = _key(item)  # the consumer asked past it: handled
+                        self._last_item = item  # the consumer asked past it: handled
                 except Exception as exc:
                     if self._closing:
                         return
@@ -296,6 +312,7 @@ class ReplicationReader:
         start = max(self._flushed, confirmed)
         self._flushed = start
         self._protocol = ReplicationProtocol(start)
+        self._resuming = True
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
         if self._types:
@@ -317,7 +334,7 @@ class ReplicationReader:
         )
 
     async def _next_items(self) -> list[Item]:
-        """Read one CopyData message and turn it into zero or more items."""
+        """Read one CopyData message, and those already arrived up to a Commit, into items."""
         if self._commit is not None:
             # Every item made from the last Commit has been handled: the transaction is done.
             commit_lsn, end_lsn = self._commit
@@ -325,7 +342,19 @@ class ReplicationReader:
             self._done_commit = max(self._done_commit, commit_lsn)
             self._candidate = max(self._candidate, end_lsn)
             self._in_transaction = False
-        message = self._protocol.receive(await self._read())
+        items = await self._handle(await self._read())
+        conn = self._conn
+        assert conn is not None
+        while self._commit is None and len(items) < _READ_AHEAD:
+            data = conn.read_copy_nowait()
+            if data is None:
+                break
+            items += await self._handle(data)
+        return items
+
+    async def _handle(self, data: bytes) -> list[Item]:
+        """Turn one CopyData message into zero or more items."""
+        message = self._protocol.receive(data)
         self._stream_ok = True
         if isinstance(message, Keepalive):
             if not self._in_transaction:
@@ -381,9 +410,13 @@ class ReplicationReader:
     # -- exactly once, flush position ------------------------------------------------------------
 
     def _already_yielded(self, item: Item) -> bool:
-        if item.commit_lsn <= self._done_commit:
+        if not self._resuming:
+            return False
+        last = self._last_item
+        if item.commit_lsn <= self._done_commit or (last is not None and _key(item) <= _key(last)):
             return True
-        return self._last_key is not None and _key(item) <= self._last_key
+        self._resuming = False  # keys only grow from here on: no more duplicates this stream
+        return False
 
     def _flush_target(self) -> int:
         target = self._candidate

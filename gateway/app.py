@@ -15,10 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
+import psycopg
 from aiohttp import web
 
 from cdc.enrich import AccessRevoked, RoutedEvent
-from gateway import http, websocket
+from gateway import http, openapi, websocket
 from gateway.accesslog import AccessLogger
 from gateway.hubs import HubRegistry
 from gateway.masking import resolve_custom
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GOING_AWAY = 1001
 TICK_SECONDS = 1.0
+SLOT_METRICS_EVERY = 5  #: ticks between slot queries (retained WAL gauge)
 
 
 class LocalSink:
@@ -87,6 +89,8 @@ def make_app(
     )
     app.add_routes(http.routes)
     app.add_routes(websocket.routes)
+    app.add_routes(openapi.routes)
+    app[websocket.LIMITS] = websocket.UpgradeLimits(settings)
     if static_dir is not None:
         app.router.add_get("/", _index(static_dir / "index.html"))
         app.router.add_static("/static/", static_dir)
@@ -176,10 +180,17 @@ async def _supervise(pipeline: Pipeline, state: GatewayState) -> None:
 
 
 async def _tick(pipeline: Pipeline, registry: HubRegistry) -> None:
+    ticks = 0
     while True:
         await asyncio.sleep(TICK_SECONDS)
         registry.trim()
         pipeline.tick()
+        ticks += 1
+        if ticks % SLOT_METRICS_EVERY == 1:
+            try:
+                await pipeline.refresh_slot_metrics()
+            except psycopg.Error as exc:
+                log.warning("could not read the slot's retained WAL: %s", exc)
 
 
 async def _close_sockets(app: web.Application) -> None:

@@ -291,3 +291,61 @@ async def test_serializations_equal_visibility_classes(gw: Gateway) -> None:
     async with gw.http.get(f"{gw.url}/metrics") as response:
         text = await response.text()
     assert "walcast_serializations_total" in text and "walcast_connections 300.0" in text
+
+
+async def test_metrics_expose_the_spec_names(gw: Gateway) -> None:
+    sock = await gw.connect(gw.add_member("mx", "org-mx", "owner"), "org-mx")
+    gw.sql("INSERT INTO applications (id, \"organizationId\") VALUES ('mx1', 'org-mx')")
+    await sock.wait_for(_is_change("applications", "INSERT", "mx1"))
+    await _sentinel(gw, "org-mx", sock)
+
+    def value(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} missing")
+
+    deadline = time.monotonic() + 10
+    while True:
+        async with gw.http.get(f"{gw.url}/metrics") as response:
+            text = await response.text()
+        if value(text, "walcast_slot_retained_wal_bytes") > 0 or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert 'walcast_changes_total{kind="INSERT",table="public.applications"}' in text
+    assert value(text, "walcast_broadcasts_total") >= 1
+    assert value(text, "walcast_deliveries_total") >= 2
+    assert value(text, "walcast_serializations_total") >= 2
+    assert value(text, "walcast_connections") == 1
+    assert value(text, "walcast_slow_consumers_total") == 0
+    assert value(text, "walcast_replication_lag_bytes") >= 0
+    assert value(text, "walcast_slot_retained_wal_bytes") > 0
+    async with gw.http.get(f"{gw.url}/readyz") as response:
+        assert response.status == 200
+    async with gw.http.get(f"{gw.url}/healthz") as response:
+        assert response.status == 200
+
+
+async def test_heartbeat_drops_a_peer_that_stops_answering(database_url: str) -> None:
+    from tests.fix_gateway import start_gateway
+
+    gw, runner = await start_gateway(database_url, heartbeat_seconds=0.3)
+    try:
+        ticket = await gw.ticket(gw.add_member("hb", "org-hb", "owner"), "org-hb")
+        silent = await gw.http.ws_connect(
+            f"{gw.url}/realtime/v1/websocket",
+            params={"ws_ticket": ticket, "organizationId": "org-hb"},
+            autoping=False,  # never answers the server's pings
+        )
+        answering = await gw.connect(gw.add_member("hb2", "org-hb", "owner"), "org-hb")
+        kinds = []
+        async with asyncio.timeout(10):
+            async for message in silent:
+                kinds.append(message.type)
+        assert aiohttp.WSMsgType.PING in kinds  # the server did ping
+        assert silent.closed
+        await asyncio.sleep(1.0)  # several heartbeat periods: the answering peer stays
+        assert not answering.ws.closed
+    finally:
+        await gw.http.close()
+        await runner.cleanup()

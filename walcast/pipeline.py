@@ -185,11 +185,19 @@ class Pipeline:
             await reader.aclose()
 
     def tick(self) -> None:
-        """Periodic upkeep: let the slot follow an idle database, update lag gauges."""
+        """Periodic upkeep: let the slot and the ready cursor follow an idle database."""
         reader, retention = self.reader, self.retention
-        if reader is None or retention is None:
+        if reader is None or retention is None or not reader.handled_lsn:
             return
-        retention.record(reader.server_wal_end)
+        retention.record(reader.handled_lsn)
         reader.retain_from(retention.retained())
+        self._sink.mark_position(reader.handled_lsn)
         if reader.server_wal_end and reader.received_lsn:
             self._metrics.replication_lag.set(max(0, reader.server_wal_end - reader.received_lsn))
+
+    async def refresh_slot_metrics(self) -> None:
+        """`walcast_slot_retained_wal_bytes`: what the slot makes the server keep."""
+        async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+            status = await catalog.slot_status(conn, self._settings.slot)
+        if status is not None and status.retained_wal_bytes is not None:
+            self._metrics.retained_wal.set(status.retained_wal_bytes)
