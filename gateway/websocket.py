@@ -18,10 +18,12 @@ from aiohttp import WSMsgType, web
 
 from gateway.fanout import Connection, text_frame
 from gateway.http import error_response
+from gateway.limits import ConnectionLimiter, HandshakeRateLimiter, LimitExceeded
 from gateway.state import STATE
-from gateway.tickets import TicketError, verify_ticket
+from gateway.tickets import JtiStoreFullError, TicketClaims, TicketError, verify_ticket
+from walcast.config import Settings
 
-__all__ = ["routes"]
+__all__ = ["LIMITS", "UpgradeLimits", "routes"]
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,32 @@ _UNSUPPORTED = text_frame(
 )
 
 
+class UpgradeLimits:
+    """The handshake rate limiter and connection counts of one app (see gateway.limits)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.handshakes = HandshakeRateLimiter(settings.handshake_rate, settings.handshake_burst)
+        self.connections = ConnectionLimiter(
+            settings.max_connections_per_user, settings.max_connections_per_org
+        )
+
+
+LIMITS = web.AppKey("walcast_upgrade_limits", UpgradeLimits)
+
+
+def _too_many(refused: LimitExceeded) -> web.Response:
+    response = error_response(429, "too many requests", refused.reason)
+    response.headers["Retry-After"] = str(refused.retry_after)
+    return response
+
+
 @routes.get("/realtime/v1/websocket")
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    limits = request.app[LIMITS]
+    refused = limits.handshakes.allow(request.remote or "")
+    if refused is not None:
+        return _too_many(refused)
     query = request.query
     tickets = query.getall("ws_ticket", [])
     if len(tickets) != 1 or not tickets[0]:
@@ -68,7 +93,24 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         return error_response(400, "not a WebSocket request", "expected an Upgrade: websocket")
-    if not await state.jti_store.claim(claims.jti, claims.expires_at):
+    refused = limits.connections.reserve(claims.organization_id, claims.user_id)
+    if refused is not None:
+        return _too_many(refused)
+    try:
+        return await _open(request, claims, since, ws)
+    finally:
+        limits.connections.release(claims.organization_id, claims.user_id)
+
+
+async def _open(
+    request: web.Request, claims: TicketClaims, since: str | None, ws: web.WebSocketResponse
+) -> web.StreamResponse:
+    state = request.app[STATE]
+    try:
+        claimed = await state.jti_store.claim(claims.jti, claims.expires_at)
+    except JtiStoreFullError as exc:
+        return error_response(503, "unavailable", exc.reason)
+    if not claimed:
         return error_response(401, "unauthorized", "ticket already used")
     if not state.ready.is_set():
         try:

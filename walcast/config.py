@@ -175,6 +175,11 @@ class Settings(BaseModel):
     heartbeat_seconds: float = Field(default=25.0, gt=0)
     max_send_buffer: int = Field(default=4 * 1024 * 1024, gt=0)
     max_broadcast_bytes: int = Field(default=256 * 1024, gt=0)
+    #: DoS limits (docs/security.md); 0 disables a limit. Over a limit, the upgrade gets 429.
+    max_connections_per_user: int = Field(default=100, ge=0)
+    max_connections_per_org: int = Field(default=10_000, ge=0)
+    handshake_rate: float = Field(default=50.0, ge=0)
+    handshake_burst: int = Field(default=500, ge=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
 
@@ -199,7 +204,15 @@ class Settings(BaseModel):
             "jwt_session_secret": env.get("WALCAST_JWT_SESSION_SECRET") or None,
             "jwt_session_jwks": env.get("WALCAST_JWT_SESSION_JWKS") or None,
         }
-        for key in ("heartbeat_seconds", "max_send_buffer", "max_broadcast_bytes"):
+        for key in (
+            "heartbeat_seconds",
+            "max_send_buffer",
+            "max_broadcast_bytes",
+            "max_connections_per_user",
+            "max_connections_per_org",
+            "handshake_rate",
+            "handshake_burst",
+        ):
             raw = env.get(f"WALCAST_{key.upper()}")
             if raw:
                 values[key] = raw
