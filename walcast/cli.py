@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from cdc import catalog
 from cdc.errors import ReplicationError
@@ -49,6 +50,14 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
 def _need_database(settings: Settings) -> str:
     if not settings.database_url:
         raise UsageError("DATABASE_URL is not set (or pass --database-url)")
+    try:
+        conninfo_to_dict(settings.database_url)
+    except psycopg.ProgrammingError:
+        # libpq's message may quote the string, password included: never echo it.
+        raise UsageError(
+            "DATABASE_URL is not a valid PostgreSQL connection string; expected"
+            " postgresql://user:password@host:5432/dbname (or libpq key=value pairs)"
+        ) from None
     return settings.database_url
 
 
@@ -167,13 +176,18 @@ async def check(settings: Settings, config: RealtimeConfig) -> list[str]:
         print(f"tables: {len(present)} of {len(tables)} configured tables exist")
         for fix in await catalog.replica_identity_problems(conn, present):
             problems.append(f"replica identity is not FULL; run: {fix}")
+        # serve creates the publication and keeps its tables in step with the config at
+        # start-up, so a gap here is news, not a problem.
         published = await _published_tables(conn, settings.publication)
         if published is None:
-            problems.append(f"publication {settings.publication} does not exist (serve creates it)")
+            print(f"publication {settings.publication}: not created yet (serve creates it)")
         else:
-            for name in present:
-                if name not in published:
-                    problems.append(f"table {name} is not in publication {settings.publication}")
+            behind = [name for name in present if name not in published]
+            print(
+                f"publication {settings.publication}: covers {len(present) - len(behind)}"
+                f" of {len(present)} configured tables"
+                + (f" (serve adds {', '.join(behind)} at start-up)" if behind else "")
+            )
         status = await catalog.slot_status(conn, settings.slot)
         if status is None:
             print(f"slot {settings.slot}: not created yet (serve creates it)")
@@ -227,19 +241,26 @@ async def broadcast(
         body["targetRoles"] = roles
     if user:
         body["targetUserId"] = user
-    async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"{url.rstrip('/')}/realtime/v1/broadcast",
-            data=orjson.dumps(body),
-            headers={
-                "Authorization": f"Bearer {settings.signing_secret}",
-                "Content-Type": "application/json",
-            },
-        ) as response:
-            answer: dict[str, Any] = await response.json(content_type=None)
-            if response.status != 202:
-                raise UsageError(f"broadcast refused ({response.status}): {answer}")
-            return answer
+    secret = settings.signing_secret
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            async with session.post(
+                f"{url.rstrip('/')}/realtime/v1/broadcast",
+                data=orjson.dumps(body),
+                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+            ) as response:
+                try:
+                    answer: dict[str, Any] = await response.json(content_type=None)
+                except ValueError:
+                    answer = {"error": (await response.text())[:200]}
+                if response.status != 202:
+                    raise UsageError(f"broadcast refused ({response.status}): {answer}")
+                return answer
+    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise UsageError(
+            f"cannot reach walcast at {url} ({type(exc).__name__}):"
+            " is `walcast serve` running there? pass --url or set WALCAST_HOST/WALCAST_PORT"
+        ) from None
 
 
 # -- argument parsing --------------------------------------------------------------------------
