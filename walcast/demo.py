@@ -1,0 +1,528 @@
+"""`walcast demo`: the one-command first run (spec §9).
+
+With no `DATABASE_URL` (or `--database-url`), it starts an embedded PostgreSQL
+(`walcast.embedded`), applies the migrations and the demo schema (a small recruiting app like the
+seed system's), creates one organization with three users (owner, recruiter, hiring manager) and
+their Better Auth sessions, and runs walcast with the demo realtime config
+(`walcast/demo_config.toml`) and a random `ACCESS_TOKEN`. A background writer commits demo rows
+every `--interval` seconds and, like an application would, pushes `screening:*` broadcasts
+through the broadcast API. The live page at `/` (gateway/static) lets you pick a user, watch the
+events arrive with that user's roles and masks, and fire a broadcast of your own.
+
+Two demo-only endpoints back the page; nothing but `walcast demo` mounts them:
+
+- `GET /demo/api/users`: the demo organization, its users **with their session tokens** (so the
+  page can ask for tickets as any of them), and the realtime config the page explains;
+- `POST /demo/api/broadcast`: forwards `{event, payload, targetRoles?, targetUserId?}` to the real
+  broadcast API server-side, so `ACCESS_TOKEN` never reaches the browser.
+
+Ctrl-C (SIGINT) or SIGTERM closes the sockets, stops the reader and the writer, stops the embedded
+server and deletes its directory. Against a server of your own (`--database-url`) the demo uses
+its own slot and publication (`walcast_demo`) and drops the slot on exit, so nothing is left
+retaining WAL; the demo tables and rows stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import random
+import secrets
+import signal
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+import orjson
+import psycopg
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.app import make_app
+from gateway.state import STATE
+from walcast.cli import UsageError, apply_migrations
+from walcast.config import RealtimeConfig, Settings, parse_realtime_config
+from walcast.embedded import EmbeddedPostgres, EmbeddedUnavailable, start_embedded
+
+__all__ = ["DEMO_SLOT", "DemoOrg", "DemoUser", "DemoWriter", "load_demo_config", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+DEMO_SLOT = "walcast_demo"
+ORG_ID = "org_acme"
+ORG_NAME = "Acme Recruiting"
+#: (id, name, roles) of the demo users; roles as Better Auth stores them (comma-separated).
+USERS = (
+    ("u_olivia", "Olivia Owens", "owner"),
+    ("u_riley", "Riley Reyes", "recruiter"),
+    ("u_harper", "Harper Hale", "hiring-manager"),
+)
+STAGES = ("applied", "screening", "interview", "offer", "hired")
+FINAL_STAGES = ("hired", "rejected")
+READY_TIMEOUT = 60.0
+
+_FIRST = ("Ada", "Grace", "Alan", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances")
+_LAST = ("Lovelace", "Hopper", "Turing", "Hamilton", "Thompson", "Liskov", "Ritchie", "Allen")
+_DOMAINS = ("example.com", "mail.example.org", "example.net")
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    id: str
+    name: str
+    roles: str
+    session_token: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "roles": self.roles.split(","),
+            "sessionToken": self.session_token,
+        }
+
+
+@dataclass(frozen=True)
+class DemoOrg:
+    id: str
+    name: str
+    users: tuple[DemoUser, ...]
+
+    def user_ids(self, role: str) -> list[str]:
+        return [user.id for user in self.users if role in user.roles.split(",")]
+
+
+def load_demo_config() -> RealtimeConfig:
+    """The realtime config shipped as `walcast/demo_config.toml`."""
+    text = resources.files("walcast").joinpath("demo_config.toml").read_text(encoding="utf-8")
+    return parse_realtime_config(tomllib.loads(text), "walcast/demo_config.toml")
+
+
+def static_dir() -> Path:
+    """The live page's files (gateway/static), served at `/` and `/static/`."""
+    return Path(str(resources.files("gateway").joinpath("static")))
+
+
+def seed_demo(dsn: str) -> DemoOrg:
+    """Create (or reuse) the demo organization and users; every run gets fresh session tokens."""
+    users = []
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO organization (id, name, slug) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+            (ORG_ID, ORG_NAME, "acme"),
+        )
+        for user_id, name, roles in USERS:
+            email = f"{name.split()[0].lower()}@acme.example"
+            conn.execute(
+                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING',
+                (user_id, name, email),
+            )
+            conn.execute(
+                'INSERT INTO member (id, "organizationId", "userId", role)'
+                " VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET role = EXCLUDED.role",
+                (f"mem_{user_id}", ORG_ID, user_id, roles),
+            )
+            token = secrets.token_urlsafe(32)
+            conn.execute(
+                'INSERT INTO "session" (id, token, "userId", "expiresAt", "activeOrganizationId")'
+                " VALUES (%s, %s, %s, now() + interval '1 day', %s)",
+                (f"ses_{secrets.token_hex(8)}", token, user_id, ORG_ID),
+            )
+            users.append(DemoUser(user_id, name, roles, token))
+    return DemoOrg(ORG_ID, ORG_NAME, tuple(users))
+
+
+# -- the writer ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Application:
+    id: str
+    candidate_id: str
+    candidate: str
+    stage: str
+    assignee: str
+    progress: int = 0  #: of the screening, in percent (screening:progress broadcasts)
+
+
+@dataclass
+class DemoWriter:
+    """Commits one demo change per `step()`: new candidates, stage moves, deletions,
+    notifications, and `screening:*` broadcasts through `broadcast` (the public API).
+
+    It only touches rows it created itself, and keeps at most `max_in_flight` applications open
+    so a long-running demo stays small.
+    """
+
+    org: DemoOrg
+    broadcast: Callable[[dict[str, Any]], Awaitable[None]]  #: through the public broadcast API
+    rng: random.Random = field(default_factory=random.Random)
+    max_in_flight: int = 8
+    in_flight: list[_Application] = field(default_factory=list)
+    finished: list[_Application] = field(default_factory=list)
+
+    async def step(self, conn: psycopg.AsyncConnection[Any]) -> str:
+        """One change; returns the name of what it did (for debug logs and tests)."""
+        roll = self.rng.random()
+        if len(self.in_flight) < 2 or (roll < 0.3 and len(self.in_flight) < self.max_in_flight):
+            await self._new_candidate(conn)
+            return "insert"
+        if self.finished and roll < 0.45:
+            await self._delete(conn)
+            return "delete"
+        screening = [
+            app for app in self.in_flight if app.stage == "screening" and app.progress < 90
+        ]
+        if screening and roll < 0.6:
+            app = self.rng.choice(screening)
+            app.progress += 30
+            await self.broadcast(
+                {
+                    "event": "screening:progress",
+                    "payload": {"applicationId": app.id, "percent": app.progress},
+                }
+            )
+            return "broadcast"
+        await self._advance(conn, self.rng.choice(self.in_flight))
+        return "update"
+
+    async def _new_candidate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        rng = self.rng
+        first, last = rng.choice(_FIRST), rng.choice(_LAST)
+        candidate_id, app_id = f"cnd_{secrets.token_hex(4)}", f"app_{secrets.token_hex(4)}"
+        creator = rng.choice(self.org.user_ids("recruiter") + self.org.user_ids("owner"))
+        assignee = rng.choice(self.org.user_ids("hiring-manager") + self.org.user_ids("recruiter"))
+        ssn = f"{rng.randint(100, 899):03d}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}"
+        async with conn.transaction():
+            await conn.execute(
+                'INSERT INTO candidates (id, "organizationId", name, email, ssn, phone,'
+                ' "createdBy") VALUES (%s, %s, %s, %s, %s, %s, %s)',
+                (
+                    candidate_id,
+                    self.org.id,
+                    f"{first} {last}",
+                    f"{first}.{last}@{rng.choice(_DOMAINS)}".lower(),
+                    ssn,
+                    f"+1 555-{rng.randint(100, 999)}-{rng.randint(1000, 9999)}",
+                    creator,
+                ),
+            )
+            await conn.execute(
+                'INSERT INTO applications (id, "organizationId", "candidateId", stage,'
+                ' "assigneeId") VALUES (%s, %s, %s, %s, %s)',
+                (app_id, self.org.id, candidate_id, "applied", assignee),
+            )
+            await self._notify(conn, assignee, f"New application from {first} {last}")
+        self.in_flight.append(
+            _Application(app_id, candidate_id, f"{first} {last}", "applied", assignee)
+        )
+
+    async def _advance(self, conn: psycopg.AsyncConnection[Any], app: _Application) -> None:
+        before = app.stage
+        rejected = before != "applied" and self.rng.random() < 0.2
+        app.stage = "rejected" if rejected else STAGES[STAGES.index(before) + 1]
+        score = round(self.rng.uniform(40, 99), 2)
+        async with conn.transaction():
+            await conn.execute(
+                'UPDATE applications SET stage = %s, score = %s, "updatedAt" = now() WHERE id = %s',
+                (app.stage, score, app.id),
+            )
+            await self._notify(conn, app.assignee, f"{app.candidate} moved to {app.stage}")
+        if app.stage in FINAL_STAGES:
+            self.in_flight.remove(app)
+            self.finished.append(app)
+        if app.stage == "screening":
+            await self.broadcast(
+                {"event": "screening:started", "payload": {"applicationId": app.id}}
+            )
+        elif before == "screening":
+            await self.broadcast(
+                {
+                    "event": "screening:complete",
+                    "payload": {"applicationId": app.id, "passed": not rejected, "score": score},
+                }
+            )
+
+    async def _delete(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        app = self.finished.pop(0)
+        async with conn.transaction():
+            await conn.execute("DELETE FROM applications WHERE id = %s", (app.id,))
+            await conn.execute("DELETE FROM candidates WHERE id = %s", (app.candidate_id,))
+
+    async def _notify(self, conn: psycopg.AsyncConnection[Any], user: str, message: str) -> None:
+        await conn.execute(
+            'INSERT INTO notifications ("organizationId", "userId", message) VALUES (%s, %s, %s)',
+            (self.org.id, user, message),
+        )
+
+
+# -- the demo endpoints --------------------------------------------------------------------------
+
+
+@dataclass
+class DemoState:
+    org: DemoOrg
+    interval: float
+    url: str = ""
+    #: Set once the site listens (the writer's broadcasts go through the public API).
+    listening: asyncio.Event = field(default_factory=asyncio.Event)
+    http: aiohttp.ClientSession | None = None
+
+    async def broadcast(self, access_token: str, body: dict[str, Any]) -> tuple[int, Any]:
+        assert self.http is not None
+        async with self.http.post(
+            f"{self.url}realtime/v1/broadcast",
+            data=orjson.dumps({"organizationId": self.org.id, **body}),
+            headers={"Authorization": f"Bearer {access_token}"},
+        ) as response:
+            return response.status, await response.json(content_type=None)
+
+
+DEMO = web.AppKey("walcast_demo", DemoState)
+routes = web.RouteTableDef()
+
+
+class DemoBroadcast(BaseModel):
+    """What the page may send; the organization is always the demo's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event: str = Field(min_length=1, max_length=100)
+    payload: Any = Field(default_factory=dict)
+    targetRoles: list[str] | None = None
+    targetUserId: str | None = Field(default=None, min_length=1, max_length=100)
+
+
+def _config_summary(config: RealtimeConfig) -> dict[str, Any]:
+    tables = {
+        table.table_name: {
+            "requiredRoles": list(table.requiredRoles),
+            "userColumn": table.userColumn,
+            "ownerColumn": table.ownerColumn,
+            "masking": {
+                column: {
+                    "type": rule.type,
+                    "showRoles": list(rule.show.roles),
+                    "showOwner": rule.show.or_ == "owner",
+                }
+                for column, rule in table.masking.items()
+            },
+        }
+        for table in config.tables.values()
+    }
+    namespaces = {
+        name: {
+            "events": list(ns.events) if ns.events is not None else None,
+            "requiredRoles": list(ns.requiredRoles),
+        }
+        for name, ns in config.namespaces.items()
+    }
+    return {"tables": tables, "namespaces": namespaces}
+
+
+@routes.get("/demo/api/users")
+async def demo_users(request: web.Request) -> web.Response:
+    """Demo only: hands out the demo users' session tokens so the page can act as any of them."""
+    demo = request.app[DEMO]
+    return web.json_response(
+        {
+            "organization": {"id": demo.org.id, "name": demo.org.name},
+            "users": [user.as_json() for user in demo.org.users],
+            "config": _config_summary(request.app[STATE].config),
+        },
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@routes.post("/demo/api/broadcast")
+async def demo_broadcast(request: web.Request) -> web.Response:
+    """Demo only: a custom broadcast from the page, sent server-side with `ACCESS_TOKEN`."""
+    try:
+        ask = DemoBroadcast.model_validate(orjson.loads(await request.read()))
+    except orjson.JSONDecodeError as exc:
+        return web.json_response({"error": "invalid JSON", "detail": str(exc)}, status=400)
+    except ValidationError as exc:
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return web.json_response({"error": "invalid body", "detail": detail}, status=400)
+    state = request.app[STATE]
+    status, answer = await request.app[DEMO].broadcast(
+        state.settings.signing_secret, ask.model_dump(exclude_none=True)
+    )
+    return web.json_response(answer, status=status)
+
+
+async def _demo_context(app: web.Application) -> AsyncIterator[None]:
+    """Owns the demo's HTTP client and the writer task (cancelled, then awaited, on shutdown)."""
+    demo = app[DEMO]
+    demo.http = aiohttp.ClientSession()
+    writer = asyncio.create_task(_write_forever(app), name="walcast-demo-writer")
+    try:
+        yield
+    finally:
+        writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await writer
+        await demo.http.close()
+
+
+async def _write_forever(app: web.Application) -> None:
+    demo, state = app[DEMO], app[STATE]
+    secret = state.settings.signing_secret
+    dsn = state.settings.database_url
+    assert dsn is not None
+
+    async def broadcast(body: dict[str, Any]) -> None:
+        status, _ = await demo.broadcast(secret, body)
+        if status != 202:
+            log.warning("demo broadcast refused with status %d", status)
+
+    writer = DemoWriter(demo.org, broadcast)
+    await demo.listening.wait()
+    await state.ready.wait()
+    while True:
+        try:
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                while True:
+                    action = await writer.step(conn)
+                    log.debug("demo write: %s", action)
+                    await asyncio.sleep(demo.interval)  # pacing, not synchronization
+        except (psycopg.Error, aiohttp.ClientError, OSError) as exc:
+            log.warning("demo writer: %s; retrying", type(exc).__name__)
+            await asyncio.sleep(max(demo.interval, 1.0))
+
+
+# -- running it ----------------------------------------------------------------------------------
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _page_url(host: str, port: int) -> str:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port}/"
+    if address.is_unspecified:
+        return f"http://127.0.0.1:{port}/"
+    return f"http://[{host}]:{port}/" if address.version == 6 else f"http://{host}:{port}/"
+
+
+async def _serve(settings: Settings, config: RealtimeConfig, org: DemoOrg, interval: float) -> None:
+    app = make_app(settings, config, static_dir=static_dir())
+    app[DEMO] = demo = DemoState(org, interval)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_demo_context)
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"port {settings.port} on {settings.host} is in use: pass --port"
+                ) from None
+            raise
+        port = runner.addresses[0][1] if settings.port == 0 else settings.port
+        demo.url = _page_url(settings.host, port)
+        demo.listening.set()
+        await _until_ready(app, stop)
+        if stop.is_set():
+            return
+        if not _is_loopback(settings.host):
+            log.warning("the demo page hands out session tokens: keep it on a trusted network")
+        print(
+            f"walcast demo: open {demo.url}  (Ctrl-C stops it and deletes the demo data)",
+            flush=True,
+        )
+        await stop.wait()
+        log.info("demo stopping")
+    finally:
+        await runner.cleanup()
+
+
+async def _until_ready(app: web.Application, stop: asyncio.Event) -> None:
+    state = app[STATE]
+    waiters = [asyncio.ensure_future(state.ready.wait()), asyncio.ensure_future(stop.wait())]
+    try:
+        done, _ = await asyncio.wait(
+            waiters, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    if not done:
+        raise UsageError(f"walcast did not become ready: {state.not_ready_reason}")
+
+
+def _drop_slot(dsn: str, slot: str) -> None:
+    with contextlib.suppress(psycopg.Error), psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+            " WHERE slot_name = %s AND NOT active",
+            (slot,),
+        )
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """The `walcast demo` command; returns once stopped, with every temporary file removed."""
+    if not args.interval > 0:
+        raise UsageError("--interval must be a positive number of seconds")
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # run the finally blocks
+    embedded: EmbeddedPostgres | None = None
+    dsn: str | None = None
+    try:
+        env = Settings.from_env(database_url=args.database_url, host=args.host, port=args.port)
+        dsn = env.database_url
+        if dsn is None:
+            try:
+                embedded = start_embedded()
+            except EmbeddedUnavailable as exc:
+                raise UsageError(str(exc)) from None
+            dsn = embedded.dsn
+        else:
+            log.info("demo: using the PostgreSQL from DATABASE_URL/--database-url")
+        apply_migrations(dsn, demo=True)
+        org = seed_demo(dsn)
+        settings = Settings(
+            database_url=dsn,
+            access_tokens=(secrets.token_urlsafe(32),),
+            host=env.host,
+            port=env.port,
+            slot=DEMO_SLOT,
+            publication=DEMO_SLOT,
+        )
+        asyncio.run(_serve(settings, load_demo_config(), org, args.interval))
+    finally:
+        # A second Ctrl-C must not interrupt the clean-up and leave the data directory behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if embedded is not None:
+            embedded.stop()
+        elif dsn is not None:
+            _drop_slot(dsn, DEMO_SLOT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous)
