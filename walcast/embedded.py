@@ -33,7 +33,13 @@ from types import TracebackType
 
 import psycopg
 
-__all__ = ["EmbeddedPostgres", "EmbeddedUnavailable", "find_bin_dir", "start_embedded"]
+__all__ = [
+    "EmbeddedPostgres",
+    "EmbeddedUnavailable",
+    "find_bin_dir",
+    "pgserver_bin_dir",
+    "start_embedded",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +81,8 @@ def _version_key(path: Path) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", path.parent.name)) or (0,)
 
 
-def _pgserver_bin_dir() -> Path | None:
-    # Located without importing pgserver (its import pulls in psutil & co. for nothing).
+def pgserver_bin_dir() -> Path | None:
+    """The binaries of the `pgserver` wheel, if installed (found without importing it)."""
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -102,7 +108,7 @@ def find_bin_dir() -> Path | None:
     for directory in debian:
         if _has_tools(directory):
             return directory
-    return _pgserver_bin_dir()
+    return pgserver_bin_dir()
 
 
 def _free_port() -> int:
