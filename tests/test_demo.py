@@ -23,6 +23,7 @@ import aiohttp
 import psycopg
 import pytest
 
+from tests.browser.cdp import CHROMIUM, Chromium, Page
 from tests.fix_gateway import Socket, free_port
 from walcast.cli import apply_migrations
 from walcast.demo import DemoWriter, load_demo_config, seed_demo
@@ -331,3 +332,79 @@ async def test_sigint_stops_the_demo_and_deletes_its_data(demo: Demo) -> None:
     with pytest.raises(aiohttp.ClientConnectionError):
         async with demo.http.get(demo.url):
             pass
+
+
+# -- the live page, in a real browser ------------------------------------------------------------
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Chromium]:
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    chromium = await Chromium.launch()
+    try:
+        yield chromium
+    finally:
+        await chromium.close()
+
+
+_UNTIL = """new Promise((resolve) => {
+    const check = () => { const value = (%s); if (value) { resolve(value); return true; } };
+    if (!check()) {
+        const observer = new MutationObserver(() => { if (check()) observer.disconnect(); });
+        observer.observe(
+            document.body, { subtree: true, childList: true, characterData: true, attributes: true }
+        );
+    }
+})"""
+
+#: A JS expression: a candidates INSERT whose ssn cell has the class and matches the pattern.
+_SSN_CELL = """[...document.querySelectorAll('.ev-insert')].some((item) =>
+    item.querySelector('.title').textContent === 'candidates'
+    && [...item.querySelectorAll('dt')].some((dt) => dt.textContent === 'ssn'
+        && dt.nextElementSibling.querySelector('.value.%s')
+        && %s.test(dt.nextElementSibling.textContent)))"""
+
+_STATUS = "$('status').dataset.state === 'live' && $('status-text').textContent"
+
+
+async def _until(page: Page, condition: str, timeout: float = 20.0) -> Any:
+    """Resolve when the JS expression `condition` is truthy, re-checked on every DOM change."""
+    try:
+        return await page.evaluate(_UNTIL % condition, timeout=timeout)
+    except TimeoutError:
+        text = await page.evaluate("document.body.innerText")
+        raise AssertionError(f"never true: {condition}\npage text:\n{text[:2000]}") from None
+
+
+@needs_binaries
+async def test_live_page_shows_masked_events_and_sends_broadcasts(
+    demo: Demo, browser: Chromium
+) -> None:
+    page = await browser.new_page()
+    await page.navigate(f"{demo.url}#u_harper")
+    assert await _until(page, _STATUS) == "live as Harper Hale (hiring-manager)"
+    assert await _until(page, _SSN_CELL % ("masked", r"/^\*{5}\d{4}/"))
+
+    await page.evaluate(
+        """(() => {
+        $('b-event').value = 'announcement';
+        $('b-event').dispatchEvent(new Event('change'));
+        $('b-target').value = 'everyone';
+        $('b-payload').value = JSON.stringify({ marker: 'from-the-page' });
+        $('broadcast').requestSubmit();
+    })()"""
+    )
+    result = await _until(page, "$('b-result').textContent")
+    assert result.startswith("accepted at LSN "), result
+    await _until(
+        page,
+        """[...document.querySelectorAll('.ev-broadcast')].some((item) =>
+            item.querySelector('.title').textContent === 'announcement'
+            && item.textContent.includes('from-the-page'))""",
+    )
+
+    # Switching to the owner reconnects with the owner's session: the same column, raw.
+    await page.evaluate("document.querySelector('.user[data-id=\"u_olivia\"]').click()")
+    assert await _until(page, _STATUS) == "live as Olivia Owens (owner)"
+    assert await _until(page, _SSN_CELL % ("raw", r"/^\d{3}-\d{2}-\d{4}/"))
