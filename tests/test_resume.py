@@ -326,7 +326,8 @@ async def test_postgres_restart_under_load_loses_nothing(
         cursor_seq = _seqs(live.messages)[-1]
         committed = await writer.stop()
         resumed = await gw.connect_ticket(_ticket("p", ["owner"]), ORG, since=cursor)
-        await live.wait_for(lambda m: (m.get("new") or {}).get("seq") == committed[-1], 30)
-        await resumed.wait_for(lambda m: (m.get("new") or {}).get("seq") == committed[-1], 30)
-        assert _seqs(live.messages) == committed
-        assert _seqs(resumed.messages) == [s for s in committed if s > cursor_seq]
+        gw.sql("INSERT INTO items VALUES (1000000, %s, 'last')", (ORG,))
+        for sock in (live, resumed):
+            await sock.wait_for(lambda m: (m.get("new") or {}).get("seq") == 1_000_000, 30)
+        assert _seqs(live.messages) == [*committed, 1_000_000]
+        assert _seqs(resumed.messages) == [s for s in committed if s > cursor_seq] + [1_000_000]
