@@ -29,10 +29,12 @@ from walcast.cli import apply_migrations
 from walcast.demo import DemoWriter, load_demo_config, seed_demo
 from walcast.embedded import (
     INSTALL_HINT,
+    OWNER_FILE,
     EmbeddedUnavailable,
     find_bin_dir,
     pgserver_bin_dir,
     start_embedded,
+    sweep_stale,
 )
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,25 @@ def test_embedded_postgres_from_the_pgserver_wheel(
             with psycopg.connect(server.dsn, autocommit=True) as conn:
                 assert conn.execute("SHOW wal_level").fetchone() == ("logical",)
                 conn.execute("SELECT pg_create_logical_replication_slot('t', 'pgoutput')")
+    finally:
+        tempfile.tempdir = None
+    assert list(tmpdir_for_postgres.iterdir()) == []
+
+
+@needs_binaries
+def test_a_killed_demos_cluster_is_swept(tmpdir_for_postgres: Path) -> None:
+    """kill -9 leaves a running cluster behind; the next start stops and deletes it."""
+    tempfile.tempdir = str(tmpdir_for_postgres)
+    try:
+        server = start_embedded()
+        gone = subprocess.Popen(["true"])  # a pid that is gone once waited for
+        gone.wait()
+        (server.base / OWNER_FILE).write_text(f"{gone.pid}\n")
+        with start_embedded() as second:  # sweeps the first on its way up
+            assert [p.name for p in tmpdir_for_postgres.iterdir()] == [second.base.name]
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(server.dsn, connect_timeout=2)
+        server.stop()  # harmless now
     finally:
         tempfile.tempdir = None
     assert list(tmpdir_for_postgres.iterdir()) == []
@@ -257,9 +278,14 @@ async def demo(tmpdir_for_postgres: Path) -> AsyncIterator[Demo]:
             await sock.close()
     finally:
         await http.close()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        if process.returncode is None:  # stop it the way a user would, so it cleans up
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        sweep_stale(tmpdir_for_postgres)  # after a kill: its cluster must not outlive the test
         await drainer
 
 

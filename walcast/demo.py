@@ -16,10 +16,10 @@ Two demo-only endpoints back the page; nothing but `walcast demo` mounts them:
 - `POST /demo/api/broadcast`: forwards `{event, payload, targetRoles?, targetUserId?}` to the real
   broadcast API server-side, so `ACCESS_TOKEN` never reaches the browser.
 
-Ctrl-C (SIGINT) or SIGTERM closes the sockets, stops the reader and the writer, stops the embedded
-server and deletes its directory. Against a server of your own (`--database-url`) the demo uses
-its own slot and publication (`walcast_demo`) and drops the slot on exit, so nothing is left
-retaining WAL; the demo tables and rows stay.
+Ctrl-C (SIGINT), SIGTERM or SIGHUP closes the sockets, stops the reader and the writer, stops
+the embedded server and deletes its directory. Against a server of your own (`--database-url`)
+the demo uses its own slot and publication (`walcast_demo`) and drops the slot on exit, so
+nothing is left retaining WAL; the demo tables and rows stay.
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ USERS = (
 STAGES = ("applied", "screening", "interview", "offer", "hired")
 FINAL_STAGES = ("hired", "rejected")
 READY_TIMEOUT = 60.0
+#: Ctrl-C, `kill`, and closing the terminal: each stops the demo cleanly.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _FIRST = ("Ada", "Grace", "Alan", "Linus", "Margaret", "Ken", "Barbara", "Dennis", "Frances")
 _LAST = ("Lovelace", "Hopper", "Turing", "Hamilton", "Thompson", "Liskov", "Ritchie", "Allen")
@@ -430,7 +432,7 @@ async def _serve(settings: Settings, config: RealtimeConfig, org: DemoOrg, inter
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     await runner.setup()
     try:
@@ -484,7 +486,7 @@ def _drop_slot(dsn: str, slot: str) -> None:
         )
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
@@ -492,7 +494,8 @@ def run_demo(args: argparse.Namespace) -> None:
     """The `walcast demo` command; returns once stopped, with every temporary file removed."""
     if not args.interval > 0:
         raise UsageError("--interval must be a positive number of seconds")
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)  # run the finally blocks
+    # Until the event loop takes over, SIGTERM and SIGHUP raise, so the finally blocks run.
+    previous = {sig: signal.signal(sig, _exit_on_signal) for sig in _STOP_SIGNALS[1:]}
     embedded: EmbeddedPostgres | None = None
     dsn: str | None = None
     try:
@@ -525,4 +528,5 @@ def run_demo(args: argparse.Namespace) -> None:
         elif dsn is not None:
             _drop_slot(dsn, DEMO_SLOT)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -10,7 +10,8 @@ The cluster lives in a fresh temporary directory, listens on 127.0.0.1 on a free
 nothing but demo rows), and is stopped and deleted by `stop()`. PostgreSQL refuses to run as
 root, so as root the cluster is owned by, and run as, the `postgres` user (via `runuser`). The
 server starts in its own session, so a Ctrl-C in the terminal reaches walcast only: walcast then
-closes its sockets and replication connection first and stops the server last.
+closes its sockets and replication connection first and stops the server last. A demo killed
+outright (`kill -9`) cannot clean up: the next `start_embedded()` sweeps such leftovers.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -39,6 +41,7 @@ __all__ = [
     "find_bin_dir",
     "pgserver_bin_dir",
     "start_embedded",
+    "sweep_stale",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,8 @@ INSTALL_HINT = (
 )
 
 _TOOLS = ("initdb", "pg_ctl")
+#: In each cluster's directory: the pid of the walcast process that owns it (see sweep_stale).
+OWNER_FILE = "walcast.pid"
 
 
 class EmbeddedUnavailable(RuntimeError):
@@ -205,7 +210,7 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown, immediate if that hangs) and delete its directory."""
-        if self._running:
+        if self._running and self.data_dir.exists():
             self._running = False
             pg_ctl = str(self.bin_dir / "pg_ctl")
             try:
@@ -245,6 +250,46 @@ def _run_as_prefix() -> tuple[list[str], pwd.struct_passwd | None]:
     return ["runuser", "-u", "postgres", "--"], account
 
 
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text(encoding="ascii").split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale(directory: Path | None = None) -> int:
+    """Stop and delete the clusters of demos that died without cleaning up (`kill -9`): those
+    whose `walcast.pid` names a process that is gone. Returns how many were swept."""
+    directory = directory or Path(tempfile.gettempdir())
+    swept = 0
+    for base in directory.glob("walcast-demo-*"):
+        owner = _read_pid(base / OWNER_FILE)
+        if owner is None or _alive(owner):
+            continue
+        lock = base / "data" / "postmaster.pid"
+        postmaster = _read_pid(lock)
+        if postmaster is not None and _alive(postmaster):
+            with contextlib.suppress(OSError):
+                os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown
+            # The server deletes its lock file on exit (its pid may linger as a zombie).
+            deadline = time.monotonic() + 10
+            while lock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)  # a foreign process: no event to wait on
+        shutil.rmtree(base, ignore_errors=True)
+        swept += 1
+    return swept
+
+
 def start_embedded(bin_dir: Path | None = None) -> EmbeddedPostgres:
     """Create and start a temporary cluster with a database `walcast`; see the module docstring.
 
@@ -256,9 +301,13 @@ def start_embedded(bin_dir: Path | None = None) -> EmbeddedPostgres:
     if bin_dir is None:
         raise EmbeddedUnavailable(INSTALL_HINT)
     prefix, account = _run_as_prefix()
+    swept = sweep_stale()
+    if swept:
+        log.info("deleted %d embedded cluster(s) left behind by demos that were killed", swept)
     base = Path(tempfile.mkdtemp(prefix="walcast-demo-"))
     server = EmbeddedPostgres(bin_dir=bin_dir, base=base, _run_as=prefix)
     try:
+        (base / OWNER_FILE).write_text(f"{os.getpid()}\n", encoding="ascii")
         if account is not None:
             os.chown(base, account.pw_uid, account.pw_gid)
         log.info("starting an embedded PostgreSQL from %s", bin_dir)
