@@ -424,7 +424,9 @@ def _page_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}/" if address.version == 6 else f"http://{host}:{port}/"
 
 
-async def _serve(settings: Settings, config: RealtimeConfig, org: DemoOrg, interval: float) -> None:
+async def _serve(
+    settings: Settings, config: RealtimeConfig, org: DemoOrg, interval: float, *, embedded: bool
+) -> None:
     app = make_app(settings, config, static_dir=static_dir())
     app[DEMO] = demo = DemoState(org, interval)
     app.add_routes(routes)
@@ -453,10 +455,8 @@ async def _serve(settings: Settings, config: RealtimeConfig, org: DemoOrg, inter
             return
         if not _is_loopback(settings.host):
             log.warning("the demo page hands out session tokens: keep it on a trusted network")
-        print(
-            f"walcast demo: open {demo.url}  (Ctrl-C stops it and deletes the demo data)",
-            flush=True,
-        )
+        stopping = "stops it and deletes the demo data" if embedded else "stops it"
+        print(f"walcast demo: open {demo.url}  (Ctrl-C {stopping})", flush=True)
         await stop.wait()
         log.info("demo stopping")
     finally:
@@ -519,7 +519,8 @@ def run_demo(args: argparse.Namespace) -> None:
             slot=DEMO_SLOT,
             publication=DEMO_SLOT,
         )
-        asyncio.run(_serve(settings, load_demo_config(), org, args.interval))
+        config = load_demo_config()
+        asyncio.run(_serve(settings, config, org, args.interval, embedded=embedded is not None))
     finally:
         # A second Ctrl-C must not interrupt the clean-up and leave the data directory behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
