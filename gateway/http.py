@@ -88,7 +88,10 @@ def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
 class TicketRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    organizationId: str | None = Field(default=None, min_length=1, max_length=256)
+    # No NUL: PostgreSQL text cannot hold one, and this value is a query parameter.
+    organizationId: str | None = Field(
+        default=None, min_length=1, max_length=256, pattern=r"^[^\x00]*$"
+    )
 
 
 @routes.post("/realtime/v1/ws-ticket")
@@ -97,9 +100,13 @@ async def ws_ticket(request: web.Request) -> web.Response:
     token = _bearer(request)
     if token is None:
         return error_response(401, "unauthorized", "missing bearer session token")
+    if "\x00" in token:  # no session token holds one, and PostgreSQL text cannot
+        return error_response(401, "unauthorized", "invalid or expired session")
     body = await _json_body(request, optional=True)
+    if body is None and (await request.read()).strip():
+        return error_response(400, "invalid body", "the body must be a JSON object")
     try:
-        ask = TicketRequest.model_validate(body or {})
+        ask = TicketRequest.model_validate({} if body is None else body)
     except ValidationError as exc:
         return error_response(400, "invalid body", _validation_detail(exc))
     if state.sessions is None:

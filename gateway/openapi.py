@@ -56,7 +56,9 @@ _SCHEMAS: dict[str, Any] = {
     "TicketRequest": {
         "type": "object",
         "additionalProperties": False,
-        "properties": {"organizationId": _OPTIONAL_IDENTIFIER},
+        "properties": {
+            "organizationId": {**_OPTIONAL_IDENTIFIER, "pattern": "^[^\\u0000]*$"},
+        },
     },
     "TicketResponse": {
         "type": "object",
