@@ -19,7 +19,7 @@ import psycopg
 from aiohttp import web
 
 from cdc.enrich import AccessRevoked, RoutedEvent
-from gateway import http, openapi, websocket
+from gateway import http, openapi, redact, websocket
 from gateway.accesslog import AccessLogger
 from gateway.hubs import HubRegistry
 from gateway.masking import resolve_custom
@@ -91,6 +91,7 @@ def make_app(
     app.add_routes(websocket.routes)
     app.add_routes(openapi.routes)
     app[websocket.LIMITS] = websocket.UpgradeLimits(settings)
+    redact.install()  # aiohttp's parse-error log quotes request lines: ?ws_ticket=...
     if static_dir is not None:
         app.router.add_get("/", _index(static_dir / "index.html"))
         app.router.add_static("/static/", static_dir)
