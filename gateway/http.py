@@ -68,12 +68,14 @@ def _http(status: int, error: str, detail: Any = None) -> web.HTTPException:
         413: web.HTTPRequestEntityTooLarge,
         503: web.HTTPServiceUnavailable,
     }[status]
-    body = orjson.dumps({"error": error, "detail": detail})
+    # `text=`, not `body=`: aiohttp deprecates body, and 413's constructor sets a default text
+    # that clashes with a body (ValueError, i.e. a 500).
+    text = orjson.dumps({"error": error, "detail": detail}).decode()
     if exc_class is web.HTTPRequestEntityTooLarge:
         return web.HTTPRequestEntityTooLarge(
-            max_size=0, actual_size=0, body=body, content_type="application/json"
+            max_size=0, actual_size=0, text=text, content_type="application/json"
         )
-    return exc_class(body=body, content_type="application/json")
+    return exc_class(text=text, content_type="application/json")
 
 
 def _validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
