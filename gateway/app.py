@@ -30,6 +30,8 @@ from gateway.tickets import MemoryJtiStore, RedisJtiStore
 from walcast.config import RealtimeConfig, Settings
 from walcast.dsn import to_url
 from walcast.pipeline import Pipeline
+from walcast.redisbus import BUS_KEYS, redis_client
+from walcast.redisfeed import RedisHubRegistry, install_gateway
 
 __all__ = ["LocalSink", "make_app"]
 
@@ -65,7 +67,11 @@ def make_app(
     run_pipeline: bool = True,
     sessions: SessionStore | None = None,
     static_dir: Path | None = None,
+    redis_prefix: str | None = None,
 ) -> web.Application:
+    """The gateway app; with `settings.redis_url`, a node on the Redis bus (`walcast.redisfeed`),
+    which also runs a reader candidate if `run_pipeline`. `redis_prefix` (default: env
+    ``WALCAST_REDIS_PREFIX`` or ``walcast:``) prefixes every Redis key."""
     for table in config.tables.values():  # a custom mask that cannot be imported fails now
         for rule in table.masking.values():
             if rule.type == "custom":
@@ -76,7 +82,7 @@ def make_app(
         handler_args={"access_log_class": AccessLogger},
     )
     metrics = Metrics()
-    registry = HubRegistry(
+    registry = (RedisHubRegistry if settings.redis_url else HubRegistry)(
         metrics, history_seconds=config.historySeconds, max_events=config.historyMaxEvents
     )
     app[STATE] = state = GatewayState(
@@ -96,7 +102,9 @@ def make_app(
         app.router.add_get("/", _index(static_dir / "index.html"))
         app.router.add_static("/static/", static_dir)
     app.cleanup_ctx.append(_databases)
-    if run_pipeline:
+    if settings.redis_url:
+        install_gateway(app, with_reader=run_pipeline, prefix=redis_prefix)
+    elif run_pipeline:
         app.cleanup_ctx.append(_pipeline)
     else:
         state.ready.set()
@@ -116,10 +124,9 @@ async def _databases(app: web.Application) -> AsyncIterator[None]:
     settings = state.settings
     redis = None
     if settings.redis_url:
-        import redis.asyncio as aioredis
-
-        redis = aioredis.from_url(settings.redis_url)
-        state.jti_store = RedisJtiStore(redis)
+        redis = redis_client(settings)
+        keys = app.get(BUS_KEYS)
+        state.jti_store = RedisJtiStore(redis, prefix=keys.jti) if keys else RedisJtiStore(redis)
     if settings.database_url:
         state.pool = await asyncpg.create_pool(
             to_url(settings.database_url), min_size=1, max_size=10

@@ -88,19 +88,31 @@ async def serve(
     dsn = _need_database(settings)
     if not settings.access_tokens:
         raise UsageError("ACCESS_TOKEN is not set: it signs tickets and guards the broadcast API")
-    if not gateway:
-        raise UsageError("--no-gateway needs the Redis bus, which this build does not have yet")
-    if not cdc:
-        raise UsageError("--no-cdc needs the Redis bus, which this build does not have yet")
+    if not (cdc or gateway):
+        raise UsageError("--no-cdc and --no-gateway together leave nothing to run")
+    if not (cdc and gateway) and not settings.redis_url:
+        flag = "--no-cdc" if not cdc else "--no-gateway"
+        raise UsageError(f"{flag} needs the Redis bus: set REDIS_URL (or pass --redis-url)")
+    if settings.redis_url:
+        _check_redis_url(settings.redis_url)
     try:
         # Fail fast, with the fix in the message, before opening a port.
-        await Pipeline(settings, config, _NoSink(), _metrics(), on_ready=lambda _: None).prepare()
+        if cdc:
+            pipeline = Pipeline(settings, config, _NoSink(), _metrics(), on_ready=lambda _: None)
+            await pipeline.prepare()
+        else:  # a gateway node: the slot is the reader's business, but sessions need the database
+            await (await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)).close()
     except psycopg.OperationalError as exc:
         raise _connect_error(exc, dsn) from None
     except ReplicationError as exc:
         raise UsageError(str(exc)) from None
 
-    app = make_app(settings, config, run_pipeline=cdc, static_dir=static_dir)
+    if gateway:
+        app = make_app(settings, config, run_pipeline=cdc, static_dir=static_dir)
+    else:
+        from walcast.redisbus import make_reader_app
+
+        app = make_reader_app(settings, config)
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -129,6 +141,15 @@ async def serve(
         log.info("shutting down: closing sockets with 1001")
     finally:
         await runner.cleanup()
+
+
+def _check_redis_url(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    try:
+        aioredis.Redis.from_url(url)
+    except ValueError as exc:
+        raise UsageError(f"REDIS_URL is not a Redis URL: {exc}") from None
 
 
 class _NoSink:

@@ -1,0 +1,784 @@
+"""The Redis bus: one reader, several gateway nodes, shared history and single-use tickets.
+
+Everything here runs against the real PostgreSQL and a real Redis, and the multi-node tests run
+every walcast as its own `walcast serve` process (`--no-gateway` readers, `--no-cdc` nodes),
+configured by the environment, with a Redis key prefix of its own (`WALCAST_REDIS_PREFIX`).
+The Redis restart test starts a private `redis-server` (never the machine's shared one).
+
+Readiness of another process has no event to await from outside, so `wait_ready` asks
+`/readyz`; every other wait is on a message arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psycopg
+import pytest
+import redis.asyncio as aioredis
+
+from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent
+from cdc.render import RawJson
+from tests.fix_gateway import ACCESS_TOKEN, TEST_CONFIG, TEST_SCHEMA, Socket, free_port
+from walcast.cli import apply_migrations
+from walcast.config import parse_realtime_config
+from walcast.redisbus import (
+    BusKeys,
+    HistoryLost,
+    RedisSink,
+    decode_events,
+    encode_events,
+    reader_lock_key,
+)
+from walcast.redisfeed import _complete_after
+
+pytestmark = pytest.mark.integration
+
+CONFIG = (
+    TEST_CONFIG
+    + """
+[tables.ticks]
+"""
+)
+SCHEMA = (
+    TEST_SCHEMA
+    + """
+CREATE TABLE ticks (id bigserial PRIMARY KEY, "organizationId" text NOT NULL, n bigint NOT NULL,
+                    amount numeric, doc jsonb);
+ALTER TABLE ticks REPLICA IDENTITY FULL;
+"""
+)
+
+
+def _config() -> Any:
+    import tomllib
+
+    return parse_realtime_config(tomllib.loads(CONFIG))
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.ping()
+    except (aioredis.ConnectionError, OSError) as exc:
+        pytest.skip(f"no Redis at {redis_url}: {exc}")
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def prefix(redis: aioredis.Redis) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"walcast-test:{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+@pytest.fixture
+def schema(database_url: str, tmp_path: Path) -> Path:
+    apply_migrations(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(SCHEMA.encode())
+    path = tmp_path / "realtime.toml"
+    path.write_text(CONFIG, encoding="utf-8")
+    return path
+
+
+def _command() -> list[str]:
+    script = Path(sys.executable).with_name("walcast")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from walcast.cli import main; main()"]
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "ACCESS_TOKEN", "REDIS_URL")
+        and not key.startswith(("WALCAST_", "PG"))
+    }
+    env.update(values)
+    return env
+
+
+class Walcast:
+    """One `walcast serve` process (reader, gateway node, or both) and its log lines."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int, role: str) -> None:
+        self.process = process
+        self.port = port
+        self.role = role
+        self.url = f"http://127.0.0.1:{port}"
+        self.lines: list[str] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    async def readyz(self, http: aiohttp.ClientSession) -> int:
+        try:
+            async with http.get(f"{self.url}/readyz") as response:
+                return response.status
+        except aiohttp.ClientError:
+            return 0
+
+    async def wait_ready(self, http: aiohttp.ClientSession, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while await self.readyz(http) != 200:
+            assert self.process.returncode is None, f"{self.role} exited:\n" + self.log()
+            assert time.monotonic() < deadline, f"{self.role} not ready:\n" + self.log()
+            await asyncio.sleep(0.05)
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-60:])
+
+    async def kill(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            await self.kill()
+            code = -9
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reader, 5)
+        return code
+
+
+class Cluster:
+    """Processes sharing one database, one slot, one Redis and one key prefix."""
+
+    def __init__(self, env: dict[str, str], dsn: str, http: aiohttp.ClientSession) -> None:
+        self.env = env
+        self.dsn = dsn
+        self.http = http
+        self.processes: list[Walcast] = []
+        self.sockets: list[Socket] = []
+
+    async def start(self, role: str, *, redis_url: str | None = None) -> Walcast:
+        flags = {"reader": ["--no-gateway"], "node": ["--no-cdc"], "both": []}[role]
+        port = free_port()
+        env = dict(self.env, WALCAST_PORT=str(port))
+        if redis_url is not None:
+            env["REDIS_URL"] = redis_url
+        process = await asyncio.create_subprocess_exec(
+            *_command(),
+            "--log-format",
+            "text",
+            "serve",
+            *flags,
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        walcast = Walcast(process, port, role)
+        self.processes.append(walcast)
+        return walcast
+
+    async def close(self) -> None:
+        for sock in self.sockets:
+            if not sock.ws.closed:
+                await sock.ws.close()
+        for walcast in self.processes:
+            await walcast.stop()
+
+    def sql(self, query: str, params: Any = None) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(query, params)
+
+    def add_member(self, user: str, org: str, roles: str) -> str:
+        token = uuid.uuid4().hex
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING',
+                (user, user, f"{user}@example.com"),
+            )
+            conn.execute(
+                "INSERT INTO organization (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                (org, org),
+            )
+            conn.execute(
+                'INSERT INTO member (id, "organizationId", "userId", role) VALUES (%s, %s, %s, %s)',
+                (uuid.uuid4().hex, org, user, roles),
+            )
+            conn.execute(
+                'INSERT INTO "session" (id, token, "userId", "expiresAt", "activeOrganizationId")'
+                " VALUES (%s, %s, %s, now() + interval '1 hour', %s)",
+                (uuid.uuid4().hex, token, user, org),
+            )
+        return token
+
+    async def ticket(self, node: Walcast, token: str, org: str) -> str:
+        async with self.http.post(
+            f"{node.url}/realtime/v1/ws-ticket",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"organizationId": org},
+        ) as response:
+            assert response.status == 200, await response.text()
+            return str((await response.json())["wsTicket"])
+
+    async def connect(
+        self, node: Walcast, token: str, org: str, *, since: str | None = None
+    ) -> Socket:
+        ticket = await self.ticket(node, token, org)
+        params = {"ws_ticket": ticket, "organizationId": org}
+        if since is not None:
+            params["since"] = since
+        ws = await self.http.ws_connect(f"{node.url}/realtime/v1/websocket", params=params)
+        sock = Socket(ws)
+        sock.start()
+        self.sockets.append(sock)
+        await sock.wait_for(lambda m: m.get("event") == "ready", timeout=20)
+        return sock
+
+    async def broadcast(self, node: Walcast, body: dict[str, Any]) -> int:
+        async with self.http.post(
+            f"{node.url}/realtime/v1/broadcast",
+            data=orjson.dumps(body),
+            headers={"Authorization": f"Bearer {ACCESS_TOKEN}"},
+        ) as response:
+            await response.read()
+            return response.status
+
+
+@pytest.fixture
+async def cluster(
+    database_url: str, schema: Path, redis_url: str, prefix: str, redis: aioredis.Redis
+) -> AsyncIterator[Cluster]:
+    env = _env(
+        DATABASE_URL=database_url,
+        ACCESS_TOKEN=ACCESS_TOKEN,
+        WALCAST_CONFIG=str(schema),
+        REDIS_URL=redis_url,
+        WALCAST_REDIS_PREFIX=prefix,
+        WALCAST_SLOT=f"w_{uuid.uuid4().hex[:12]}",
+        WALCAST_PUBLICATION=f"w_{uuid.uuid4().hex[:12]}",
+    )
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        cluster = Cluster(env, database_url, http)
+        try:
+            yield cluster
+        finally:
+            await cluster.close()
+
+
+def _is_change(table: str, row_id: str, event_type: str = "INSERT") -> Callable[..., bool]:
+    def match(m: dict[str, Any]) -> bool:
+        row = m.get("new") or m.get("old") or {}
+        return (
+            m.get("type") == "postgres_changes"
+            and m.get("table") == table
+            and m.get("eventType") == event_type
+            and row.get("id") == row_id
+        )
+
+    return match
+
+
+def _is_broadcast(name: str) -> Callable[..., bool]:
+    return lambda m: m.get("type") == "broadcast" and m.get("event") == name
+
+
+def _insert_app(cluster: Cluster, row_id: str, org: str) -> None:
+    cluster.sql(
+        "INSERT INTO applications VALUES (%s, %s, 'cnd', 'applied', '123-45-6789',"
+        " 'paul@example.com', 'u-nobody', 'n', 'hidden')",
+        (row_id, org),
+    )
+
+
+def _ids(sock: Socket) -> list[str]:
+    return [m["id"] for m in sock.events()]
+
+
+# -- several nodes -----------------------------------------------------------------------------
+
+
+async def test_two_nodes_deliver_everything_and_resume_on_the_other_node(
+    cluster: Cluster,
+) -> None:
+    reader = await cluster.start("reader")
+    await reader.wait_ready(cluster.http)
+    node_a, node_b = await cluster.start("node"), await cluster.start("node")
+    await asyncio.gather(node_a.wait_ready(cluster.http), node_b.wait_ready(cluster.http))
+
+    owner = cluster.add_member("u-owner", "org-1", "owner")
+    recruiter = cluster.add_member("u-rec", "org-1", "recruiter")
+    outsider = cluster.add_member("u-out", "org-2", "owner")
+    on_a = await cluster.connect(node_a, owner, "org-1")
+    on_b = await cluster.connect(node_b, recruiter, "org-1")
+    other_org = await cluster.connect(node_b, outsider, "org-2")
+
+    _insert_app(cluster, "app-1", "org-1")
+    _insert_app(cluster, "app-2", "org-2")
+    # The broadcast API works on a gateway-only node: it writes to the WAL, the reader delivers.
+    assert await cluster.broadcast(node_b, {"organizationId": "org-1", "event": "hello"}) == 202
+    raw = await on_a.wait_for(_is_change("applications", "app-1"))
+    masked = await on_b.wait_for(_is_change("applications", "app-1"))
+    assert raw["new"]["ssn"] == "123-45-6789"  # owner: raw
+    assert masked["new"]["ssn"] == "*****6789"  # recruiter: masked on the node
+    assert masked["new"]["email"] == "p***@e******.com"
+    assert raw["id"] == masked["id"]
+    await on_a.wait_for(_is_broadcast("hello"))
+    await on_b.wait_for(_is_broadcast("hello"))
+    await other_org.wait_for(_is_change("applications", "app-2"))
+    assert await cluster.broadcast(node_a, {"organizationId": "org-2", "event": "sentinel"}) == 202
+    await other_org.wait_for(_is_broadcast("sentinel"))
+    assert [m["new"]["id"] for m in other_org.events() if m["type"] == "postgres_changes"] == [
+        "app-2"
+    ]
+
+    # Move the recruiter from node B to node A: what it missed, then ready, no duplicates.
+    last_seen = _ids(on_b)[-1]
+    await on_b.close()
+    for n in range(3, 6):
+        _insert_app(cluster, f"app-{n}", "org-1")
+    await on_a.wait_for(_is_change("applications", "app-5"))
+    moved = await cluster.connect(node_a, recruiter, "org-1", since=last_seen)
+    ready_at = [m.get("event") for m in moved.messages].index("ready")
+    replayed = moved.messages[:ready_at]
+    assert [m["new"]["id"] for m in replayed] == ["app-3", "app-4", "app-5"]
+    assert all(m["new"]["ssn"] == "*****6789" for m in replayed)
+    # Live after ready, exactly once.
+    _insert_app(cluster, "app-6", "org-1")
+    await moved.wait_for(_is_change("applications", "app-6"))
+    ids = _ids(moved)
+    assert len(ids) == len(set(ids)) == 4 and ids == sorted(ids)
+
+    # The ready cursor is a resume point too (on the other node).
+    cursor = moved.messages[ready_at]["payload"]["cursor"]
+    again = await cluster.connect(node_b, recruiter, "org-1", since=cursor)
+    assert [m.get("new", {}).get("id") for m in again.events()] == ["app-6"]
+
+    # Cursors Redis cannot vouch for: resync_required first, never silence.
+    for bad in ("nonsense", "FFFFFFFFFFFFFFFF-0001", "0000000000000001-0001"):
+        sock = await cluster.connect(node_b, recruiter, "org-1", since=bad)
+        assert sock.messages[0]["event"] == "resync_required", (bad, sock.messages)
+        assert sock.messages[1]["event"] == "ready"
+
+    # A ticket used on node A is refused on node B (and the other way round).
+    ticket = await cluster.ticket(node_a, owner, "org-1")
+    url = "/realtime/v1/websocket"
+    params = {"ws_ticket": ticket, "organizationId": "org-1"}
+    ws = await cluster.http.ws_connect(f"{node_a.url}{url}", params=params)
+    await ws.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await cluster.http.ws_connect(f"{node_b.url}{url}", params=params)
+    assert refused.value.status == 401
+
+    assert reader.process.returncode is None
+
+
+async def test_gateway_nodes_serve_every_organization_they_are_asked_for(
+    cluster: Cluster,
+) -> None:
+    """A node follows a new organization's stream as soon as its first socket attaches."""
+    reader = await cluster.start("reader")
+    await reader.wait_ready(cluster.http)
+    node = await cluster.start("node")
+    await node.wait_ready(cluster.http)
+    socks = []
+    for i in range(5):
+        token = cluster.add_member(f"u-{i}", f"org-{i}", "owner")
+        socks.append(await cluster.connect(node, token, f"org-{i}"))
+    for i in range(5):
+        _insert_app(cluster, f"app-{i}", f"org-{i}")
+    for i, sock in enumerate(socks):
+        await sock.wait_for(_is_change("applications", f"app-{i}"))
+        assert len(sock.events()) == 1
+    cluster.sql("TRUNCATE applications")
+    for sock in socks:
+        await sock.wait_for(lambda m: m.get("eventType") == "TRUNCATE")
+
+
+# -- reader high availability ------------------------------------------------------------------
+
+
+class Writer:
+    """Commits ticks n = 1, 2, ... for one organization until stopped."""
+
+    def __init__(self, dsn: str, org: str) -> None:
+        self.dsn = dsn
+        self.org = org
+        self.n = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                n = self.n + 1
+                await conn.execute(
+                    'INSERT INTO ticks ("organizationId", n, amount, doc) VALUES (%s, %s, %s, %s)',
+                    (self.org, n, f"{n}.50", orjson.dumps({"n": n}).decode()),
+                )
+                self.n = n
+                await asyncio.sleep(0.005)
+
+    async def stop(self) -> int:
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+        return self.n
+
+    async def wait_for_more(self, count: int) -> None:
+        target = self.n + count
+        while self.n < target:
+            assert self._task is not None and not self._task.done()
+            await asyncio.sleep(0.01)
+
+
+def _ticks(sock: Socket) -> list[int]:
+    return [m["new"]["n"] for m in sock.events() if m.get("table") == "ticks"]
+
+
+def _committed(dsn: str, org: str) -> list[int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            'SELECT n FROM ticks WHERE "organizationId" = %s ORDER BY id', (org,)
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+async def test_kill_the_active_reader_and_the_standby_takes_over(cluster: Cluster) -> None:
+    first, second = await cluster.start("reader"), await cluster.start("reader")
+    node = await cluster.start("node")
+
+    async def active() -> Walcast:
+        deadline = time.monotonic() + 30
+        while True:
+            for reader in (first, second):
+                if reader.process.returncode is None and await reader.readyz(cluster.http) == 200:
+                    return reader
+            assert time.monotonic() < deadline, first.log() + "\n---\n" + second.log()
+            await asyncio.sleep(0.05)
+
+    leader = await active()
+    standby = second if leader is first else first
+    deadline = time.monotonic() + 30
+    while (status := await standby.readyz(cluster.http)) == 0:  # still starting up
+        assert time.monotonic() < deadline, standby.log()
+        await asyncio.sleep(0.05)
+    assert status == 503  # waiting quietly for the lock
+    async with cluster.http.get(f"{standby.url}/readyz") as response:
+        assert "standby" in (await response.json())["reason"]
+    await node.wait_ready(cluster.http)
+    token = cluster.add_member("u-1", "org-1", "owner")
+    sock = await cluster.connect(node, token, "org-1")
+
+    writer = Writer(cluster.dsn, "org-1")
+    writer.start()
+    await writer.wait_for_more(20)
+    killed_at = time.monotonic()
+    await leader.kill()  # kill -9: no goodbye, the lock goes with its connection
+    assert await active() is standby
+    took_over = time.monotonic() - killed_at
+    await writer.wait_for_more(20)
+    last = await writer.stop()
+    await sock.wait_for(lambda m: m.get("table") == "ticks" and m["new"]["n"] == last, 30)
+    committed = _committed(cluster.dsn, "org-1")
+    assert committed == list(range(1, last + 1))
+    assert _ticks(sock) == committed  # nothing lost, nothing twice, in order
+    amounts = {m["new"]["amount"] for m in sock.events() if m.get("table") == "ticks"}
+    assert "1.50" not in amounts and 1.5 in amounts  # numeric stays a JSON number
+    assert took_over < 15, took_over
+    print(f"standby took over in {took_over:.2f} s; {last} ticks, none lost")
+
+
+# -- Redis restarts ------------------------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A redis-server of this test's own (no persistence), to kill and restart."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.process = await asyncio.create_subprocess_exec(
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    await client.ping()
+                    return
+                except (aioredis.ConnectionError, OSError):
+                    assert time.monotonic() < deadline, "redis-server did not start"
+                    await asyncio.sleep(0.02)
+        finally:
+            await client.aclose()
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+async def test_redis_restart_under_load_loses_nothing(
+    cluster: Cluster, private_redis: PrivateRedis
+) -> None:
+    url = private_redis.url
+    reader = await cluster.start("reader", redis_url=url)
+    await reader.wait_ready(cluster.http)
+    node_a = await cluster.start("node", redis_url=url)
+    node_b = await cluster.start("node", redis_url=url)
+    await asyncio.gather(node_a.wait_ready(cluster.http), node_b.wait_ready(cluster.http))
+    live_token = cluster.add_member("u-live", "org-1", "owner")
+    resume_token = cluster.add_member("u-resume", "org-1", "owner")
+    live = await cluster.connect(node_a, live_token, "org-1")
+    resuming = await cluster.connect(node_b, resume_token, "org-1")
+
+    writer = Writer(cluster.dsn, "org-1")
+    writer.start()
+    await writer.wait_for_more(20)
+    await resuming.wait_for(lambda m: m.get("table") == "ticks")
+    await resuming.close()
+    last_seen = _ids(resuming)[-1]
+
+    await private_redis.kill()  # and with it every stream, the floor and the position
+    for walcast in (reader, node_a, node_b):  # nobody is ready without Redis
+        deadline = time.monotonic() + 20
+        while await walcast.readyz(cluster.http) != 503:
+            assert time.monotonic() < deadline, walcast.role + "\n" + walcast.log()
+            await asyncio.sleep(0.05)
+    await writer.wait_for_more(30)  # commits go on while Redis is down
+    await private_redis.start()
+    for walcast in (reader, node_a, node_b):
+        await walcast.wait_ready(cluster.http)
+    await writer.wait_for_more(20)
+    last = await writer.stop()
+
+    await live.wait_for(lambda m: m.get("table") == "ticks" and m["new"]["n"] == last, 30)
+    committed = _committed(cluster.dsn, "org-1")
+    assert committed == list(range(1, last + 1))
+    assert _ticks(live) == committed  # the socket stayed open and missed nothing
+    assert not any(m.get("event") == "resync_required" for m in live.messages)
+
+    # A client that left before the restart resumes on the other node from its cursor: the
+    # reader rebuilt the history from the slot's retained WAL.
+    back = await cluster.connect(node_a, resume_token, "org-1", since=last_seen)
+    assert back.messages[0].get("event") != "resync_required", back.messages[:2]
+    await back.wait_for(lambda m: m.get("table") == "ticks" and m["new"]["n"] == last)
+    before = [n for n in _ticks(resuming)]
+    assert before + _ticks(back) == committed
+    for walcast in (reader, node_a, node_b):
+        assert walcast.process.returncode is None, walcast.log()
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+
+
+async def test_split_roles_need_redis(database_url: str, schema: Path) -> None:
+    env = _env(DATABASE_URL=database_url, ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_CONFIG=str(schema))
+    for flag in ("--no-cdc", "--no-gateway"):
+        process = await asyncio.create_subprocess_exec(
+            *_command(),
+            "serve",
+            flag,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 2, err
+        assert f"{flag} needs the Redis bus" in err.decode()
+        assert b"Traceback" not in err
+
+
+# -- the pieces, in process --------------------------------------------------------------------
+
+
+def _events() -> list[Any]:
+    config = _config()
+    table = config.table("public", "ticks")
+    assert table is not None
+    when = datetime(2026, 11, 28, 11, 46, 37, 123456, tzinfo=UTC)
+    change = ChangeEvent(
+        organization_id="org-1",
+        cursor="00000000016B3748-0003",
+        commit_lsn=0x16B3748,
+        commit_time=when,
+        table=table,
+        event_type="UPDATE",
+        new={
+            "n": 1,
+            "amount": RawJson("1.50"),
+            "doc": RawJson('{"a": [1, 2.0]}'),
+            "tags": ["x", RawJson("3.0")],
+            "text": "plain",
+        },
+        old={"n": 0, "amount": None},
+        unchanged=("blob",),
+        target_user="u-1",
+        owner_id=None,
+    )
+    broadcast = BroadcastEvent(
+        organization_id="org-1",
+        cursor="00000000016B3748-0004",
+        commit_lsn=0x16B3748,
+        event="screening:started",
+        payload=orjson.Fragment(orjson.dumps({"s": "\u0000not raw", "f": 1.5})),
+        target_roles=frozenset({"recruiter"}),
+        target_user=None,
+    )
+    revoked = AccessRevoked("role-changed", "org-1", "u-1", None, 0x16B3748, 1.5)
+    return [change, broadcast, revoked]
+
+
+def test_entries_round_trip_with_raw_json_and_payloads() -> None:
+    change, broadcast, revoked = _events()
+    decoded = decode_events(encode_events([change, broadcast, revoked]), _config())
+    assert decoded[0] == change
+    assert type(decoded[0].new["amount"]) is RawJson
+    assert type(decoded[0].new["tags"][1]) is RawJson
+    assert type(decoded[0].new["text"]) is str
+    assert decoded[2] == revoked
+    got = decoded[1]
+    assert isinstance(got, BroadcastEvent)
+    assert orjson.loads(orjson.dumps(got.payload)) == {"s": "\u0000not raw", "f": 1.5}
+    assert (got.event, got.target_roles, got.cursor) == (
+        broadcast.event,
+        broadcast.target_roles,
+        broadcast.cursor,
+    )
+
+
+def test_lock_key_is_stable_and_per_slot() -> None:
+    assert reader_lock_key("walcast") == reader_lock_key("walcast")
+    assert reader_lock_key("walcast") != reader_lock_key("other")
+    assert -(2**63) <= reader_lock_key("walcast") < 2**63
+
+
+async def test_sink_stores_each_event_once_and_notices_a_lost_history(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    keys = BusKeys(prefix)
+    change, broadcast, revoked = _events()
+    sink = RedisSink(redis, keys, history_seconds=120)
+    await sink.start(0x16B3000)
+    assert await redis.get(keys.floor) == b"00000000016B3000-0000"
+    await sink.publish([change])
+    await sink.publish([broadcast])
+    await sink.publish([revoked])
+    await sink.publish([revoked])  # a second revocation in the same transaction: its own id
+    assert await redis.xlen(keys.org("org-1")) == 2
+    assert await redis.xlen(keys.control) == 2
+    assert await redis.get(keys.position) == b"00000000016B3748-0004"
+
+    # A reader restarted with Redis intact skips what is there without a round trip; one that
+    # re-reads the last transaction anyway gets its events refused as duplicates.
+    again = RedisSink(redis, keys, history_seconds=120)
+    await again.start(0x16B3000)
+    for event in (change, broadcast, revoked):
+        await again.publish([event])
+    assert again.published == 3 and again.duplicates == 3
+    assert await redis.xlen(keys.org("org-1")) == 2
+    assert await redis.xlen(keys.control) == 2
+
+    # An idle database: the position follows the reader's progress.
+    again.mark_position(0x16B4000)
+    await again.upkeep()
+    assert await redis.get(keys.position) == b"00000000016B4000-0000"
+
+    await redis.delete(keys.floor)  # what a restart without persistence looks like
+    with pytest.raises(HistoryLost):
+        await again.upkeep()
+    with pytest.raises(HistoryLost):
+        await again.publish([change])
+
+
+async def test_trim_detection_from_stream_metadata(redis: aioredis.Redis, prefix: str) -> None:
+    stream = f"{prefix}s"
+    for lsn in (10, 20, 30):
+        await redis.xadd(stream, {"e": b"[]"}, id=f"{lsn}-1")
+    assert _complete_after(await redis.xinfo_stream(stream), (5, 1))  # nothing trimmed yet
+    await redis.xtrim(stream, minid="20-0", approximate=False)
+    info = await redis.xinfo_stream(stream)
+    assert not _complete_after(info, (5, 1))  # 10-1 is gone
+    # What was trimmed lies somewhere below the first entry left: conservatively, a cursor
+    # must reach up to it.
+    assert not _complete_after(info, (19, 9))
+    assert _complete_after(info, (20, 0))
+    assert _complete_after(info, (25, 1))
+    await redis.xtrim(stream, minid="40-0", approximate=False)  # emptied: a quiet organization
+    info = await redis.xinfo_stream(stream)
+    assert not _complete_after(info, (20, 1))
+    assert _complete_after(info, (30, 1))
+    assert _complete_after(info, (99, 1))
+
+
+def test_prefix_from_env() -> None:
+    from walcast.redisbus import prefix_from_env
+
+    assert prefix_from_env({}) == "walcast:"
+    assert prefix_from_env({"WALCAST_REDIS_PREFIX": "x:"}) == "x:"
+    keys = BusKeys("x:")
+    assert (keys.org("o"), keys.shared, keys.control, keys.jti) == (
+        "x:org:o",
+        "x:all",
+        "x:control",
+        "x:jti:",
+    )
