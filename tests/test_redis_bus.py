@@ -395,6 +395,15 @@ async def test_two_nodes_deliver_everything_and_resume_on_the_other_node(
         await cluster.http.ws_connect(f"{node_b.url}{url}", params=params)
     assert refused.value.status == 401
 
+    # A role change reaches every node through the control stream: the recruiter's sockets on
+    # both nodes get auth:token-invalidated and 4403; the owner's stays open.
+    cluster.sql("""UPDATE member SET role = 'viewer' WHERE "userId" = 'u-rec' """)
+    for sock in (moved, again):
+        await sock.wait_for(_is_broadcast("auth:token-invalidated"))
+        assert await sock.wait_closed() == 4403
+    _insert_app(cluster, "app-7", "org-1")
+    await on_a.wait_for(_is_change("applications", "app-7"))
+    assert not on_a.ws.closed
     assert reader.process.returncode is None
 
 
