@@ -429,6 +429,26 @@ async def test_gateway_nodes_serve_every_organization_they_are_asked_for(
         await sock.wait_for(lambda m: m.get("eventType") == "TRUNCATE")
 
 
+async def test_serve_with_redis_runs_a_node_and_a_reader_candidate(cluster: Cluster) -> None:
+    """Plain `walcast serve` with REDIS_URL: each process is a node and a reader candidate;
+    exactly one of them streams, and both deliver."""
+    first, second = await cluster.start("both"), await cluster.start("both")
+    await asyncio.gather(first.wait_ready(cluster.http), second.wait_ready(cluster.http))
+    owner = cluster.add_member("u-owner", "org-1", "owner")
+    socks = [await cluster.connect(node, owner, "org-1") for node in (first, second)]
+    _insert_app(cluster, "app-1", "org-1")
+    for sock in socks:
+        await sock.wait_for(_is_change("applications", "app-1"))
+
+    async def streaming(node: Walcast) -> float:
+        async with cluster.http.get(f"{node.url}/metrics") as response:
+            text = await response.text()
+        line = next(x for x in text.splitlines() if x.startswith("walcast_reader_active "))
+        return float(line.split()[1])
+
+    assert sorted([await streaming(first), await streaming(second)]) == [0.0, 1.0]
+
+
 # -- reader high availability ------------------------------------------------------------------
 
 

@@ -343,8 +343,8 @@ class RedisSink:
         max_len: int = 100_000,
         on_redis: StatusCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
-        backoff_base: float = 0.1,
-        backoff_cap: float = 5.0,
+        backoff_base: float = 0.05,
+        backoff_cap: float = 2.0,
     ) -> None:
         self._redis = redis
         self._keys = keys

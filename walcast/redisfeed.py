@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_TRY_AGAIN = 1013  #: RFC 6455 §7.4.1: history could not be read; reconnect with `since`
 BLOCK_MS = 10_000  #: one XREAD waits at most this long (a dead connection shows up in time)
+BACKOFF_CAP = 2.0  #: seconds, at most, between attempts to reach Redis (full jitter)
 HISTORY_WAIT_SECONDS = 10.0  #: how long a resume waits for Redis or the node to catch up
 
 
@@ -213,20 +214,22 @@ class RedisFeed:
         await self._start()
         failures = 0
         while True:
-            streams = self._streams()
             try:
-                reply = await self._blocking.xread(streams, block=BLOCK_MS)
+                if failures:  # back as soon as Redis answers, not when the next event comes
+                    await self._blocking.ping()
+                    log.info("Redis is reachable again: catching up from the streams")
+                    failures = 0
+                    self._on_status(True, "")
+                reply = await self._blocking.xread(self._streams(), block=BLOCK_MS)
             except _TRANSIENT as exc:
                 failures += 1
                 if failures == 1:
                     log.warning("lost Redis; retrying", extra={"error": type(exc).__name__})
                 self._on_status(False, f"Redis unavailable: {type(exc).__name__}")
-                await asyncio.sleep(random.uniform(0, min(5.0, 0.1 * 2 ** min(failures, 16))))
+                await asyncio.sleep(
+                    random.uniform(0, min(BACKOFF_CAP, 0.05 * 2 ** min(failures, 16)))
+                )
                 continue
-            if failures:
-                log.info("Redis is reachable again: catching up from the streams")
-                failures = 0
-                self._on_status(True, "")
             if reply:
                 self._handle(reply)
             else:
@@ -257,7 +260,9 @@ class RedisFeed:
             except _TRANSIENT as exc:
                 failures += 1
                 self._on_status(False, f"Redis unavailable: {type(exc).__name__}")
-                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                await asyncio.sleep(
+                    random.uniform(0, min(BACKOFF_CAP, 0.05 * 2 ** min(failures, 16)))
+                )
         # Nothing below the floor can be resumed from, so the node may start above it.
         known = [parse_cursor(raw.decode()) for raw in (floor, position) if raw]
         self.position = max((key for key in known if key is not None), default=(0, 0))
@@ -298,13 +303,17 @@ class RedisFeed:
         entries: list[tuple[tuple[int, int, int], str, CursorKey, bytes]] = []
         for raw_stream, items in reply:
             stream = raw_stream.decode()
-            if not items:
-                continue
-            self._last[stream] = items[-1][0].decode()
+            last = self._last.get(stream)
+            if not items or last is None:
+                continue  # unfollowed while the read was in flight
+            handled = parse_stream_id(last)
+            self._last[stream] = max(last, items[-1][0].decode(), key=parse_stream_id)
             if stream == wake:
                 continue
             for raw_id, fields in items:
                 key = parse_stream_id(raw_id)
+                if key <= handled:
+                    continue  # followed anew (from G) while the read was in flight
                 entries.append(
                     (_sort_key(stream, key, control), stream, key, fields.get(b"e", b"[]"))
                 )
