@@ -208,6 +208,7 @@ _HANDSHAKE = (
 
 class _Stats:
     def __init__(self) -> None:
+        self.latencies: list[float] = []  #: probes: receive time - commitTimestamp, seconds
         self.bytes = 0
         self.ready = 0
         self.ended = 0
@@ -256,6 +257,37 @@ class _Sink(asyncio.Protocol):
         self.stats.changed.set()
 
 
+class _Probe(_Sink):
+    """A socket that also parses its frames (RFC 6455 §5.2, unmasked server frames) and records,
+    for each change event, receive time minus the event's `commitTimestamp`."""
+
+    def __init__(self, stats: _Stats, request: bytes, ready_marker: bytes) -> None:
+        super().__init__(stats, request, ready_marker)
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        super().data_received(data)
+        if not self.ready:
+            return
+        buffer = self.buffer + data
+        while len(buffer) >= 2:
+            size, start = buffer[1] & 0x7F, 2
+            if size == 126:
+                size, start = int.from_bytes(buffer[2:4]), 4
+            elif size == 127:
+                size, start = int.from_bytes(buffer[2:10]), 10
+            if len(buffer) < start + size:
+                break
+            payload = buffer[start : start + size]
+            buffer = buffer[start + size :]
+            at = payload.find(b'"commitTimestamp":"')
+            if at >= 0:
+                stamp = payload[at + 19 : payload.index(b'"', at + 19)].decode()
+                self.stats.latencies.append(now - datetime.fromisoformat(stamp).timestamp())
+        self.buffer = buffer
+
+
 async def _client_main(port: int, pipe: Pipe) -> None:
     loop = asyncio.get_running_loop()
     stats = _Stats()
@@ -282,16 +314,20 @@ async def _client_main(port: int, pipe: Pipe) -> None:
     while True:
         command, *args = await commands.get()
         if command == "connect":
-            paths, ready_marker, seconds = args
+            paths, ready_marker, seconds, probe = args
+            kind = _Probe if probe else _Sink
             target = stats.ready + len(paths)
             limit = asyncio.Semaphore(200)
 
             async def open_one(
-                path: str, limit: asyncio.Semaphore = limit, ready_marker: bytes = ready_marker
+                path: str,
+                limit: asyncio.Semaphore = limit,
+                ready_marker: bytes = ready_marker,
+                kind: type[_Sink] = kind,
             ) -> None:
                 async with limit:
                     request = _HANDSHAKE.format(path=path).encode()
-                    sink = _Sink(stats, request, ready_marker)
+                    sink = kind(stats, request, ready_marker)
                     await loop.create_connection(lambda s=sink: s, "127.0.0.1", port)
                     sinks.append(sink)
                     await wait_until(lambda s=sink: s.ready or s.transport is None, 30)
@@ -312,6 +348,9 @@ async def _client_main(port: int, pipe: Pipe) -> None:
             await asyncio.sleep(0.2)  # let the close callbacks run (not a synchronization)
             stats.ready = stats.ended = stats.lost = 0
             pipe.send(("closed",))
+        elif command == "latencies":
+            pipe.send(("latencies", stats.latencies))
+            stats.latencies = []
         elif command == "quit":
             pipe.send(("bye",))
             return
@@ -354,8 +393,16 @@ class ClientProcess:
         finally:
             loop.remove_reader(fd)
 
-    async def connect(self, paths: Sequence[str], ready_marker: bytes, seconds: float = 120) -> int:
-        _, ready, ok = await self.call("connect", list(paths), ready_marker, seconds)
+    async def connect(
+        self,
+        paths: Sequence[str],
+        ready_marker: bytes,
+        seconds: float = 120,
+        *,
+        probe: bool = False,
+    ) -> int:
+        """Open sockets (probes also time each change event) and wait until all are ready."""
+        _, ready, ok = await self.call("connect", list(paths), ready_marker, seconds, probe)
         if not ok:
             raise RuntimeError(f"only {ready} of the sockets became ready")
         return int(ready)
@@ -363,6 +410,11 @@ class ClientProcess:
     async def await_end(self, seconds: float = 120) -> tuple[int, int, bool, int]:
         _, ended, lost, ok, total = await self.call("await_end", seconds)
         return int(ended), int(lost), bool(ok), int(total)
+
+    async def latencies(self) -> list[float]:
+        """The probes' latencies since the last call (seconds), and start a new list."""
+        _, values = await self.call("latencies")
+        return list(values)
 
     async def close_sockets(self) -> None:
         await self.call("close")

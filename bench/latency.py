@@ -1,0 +1,190 @@
+"""Latency: commit → client receive, p50/p95/p99, with the whole pipeline on a real PostgreSQL.
+
+    .venv/bin/python -m bench.latency --subscribers 1000 --rate 1000 --seconds 10
+
+A real walcast (CDC pipeline + gateway, `tests.fix_gateway.start_gateway`) runs in this process;
+`subscribers` sockets of one organization (three visibility classes) are opened by a separate
+client process; a writer process commits single-row INSERT transactions at `rate` per second
+for `seconds`. Every `subscribers // probes`-th socket is a probe: it parses its frames and
+records `receive time - commitTimestamp` for each event (`commitTimestamp` is the commit record's
+time from the WAL; both clocks are this machine's). The others only drain their sockets. The
+first `warmup` seconds are discarded. The writer's last row carries an end marker: once every
+socket has it, everything has been delivered. Targets: p50 < 5 ms, p99 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import tomllib
+from typing import Any
+
+import psycopg
+
+from bench.common import add_common_args, database, emit, median, percentile, raise_nofile
+from bench.wsload import CLASSES, READY_MARKER, ClientProcess
+from gateway.state import STATE
+from gateway.tickets import mint_ticket
+from tests.fix_gateway import ACCESS_TOKEN, start_gateway
+from walcast.config import parse_realtime_config
+
+ORG = "org_latency"
+
+CONFIG = """
+historySeconds = 30
+[tables."public.ticks"]
+requiredRoles = ["owner", "admin", "member"]
+[tables."public.ticks".masking]
+ssn = { type = "ssn", show = { roles = ["owner"] } }
+email = { type = "email", show = { roles = ["owner", "admin"] } }
+"""
+
+SCHEMA = """
+CREATE TABLE ticks (
+    id bigserial PRIMARY KEY,
+    "organizationId" text NOT NULL,
+    sent_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    customer text,
+    ssn text,
+    email text,
+    note text
+);
+ALTER TABLE ticks REPLICA IDENTITY FULL;
+"""
+
+INSERT = (
+    'INSERT INTO ticks ("organizationId", customer, ssn, email, note) VALUES (%s, %s, %s, %s, %s)'
+)
+
+
+def write(dsn: str, rate: float, seconds: float) -> dict[str, Any]:
+    """The writer process: single-row transactions on an absolute schedule, then the end row."""
+    total = int(rate * seconds)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.perf_counter()
+        for i in range(total):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            conn.execute(
+                INSERT,
+                (ORG, "Ada Lovelace", "123456789", "ada@example.com", "x" * 40),
+                prepare=True,
+            )
+        elapsed = time.perf_counter() - started
+        conn.execute(INSERT, (ORG, None, None, None, "bench-end"))
+    return {"written": total, "write_seconds": round(elapsed, 2)}
+
+
+async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: float, probes: int):
+    config = parse_realtime_config(tomllib.loads(CONFIG))
+    gw, runner = await start_gateway(
+        dsn,
+        config=config,
+        schema=SCHEMA,
+        max_connections_per_org=0,
+        max_connections_per_user=0,
+        handshake_rate=0,
+        handshake_burst=0,
+    )
+    port = int(gw.url.rsplit(":", 1)[1])
+    client = ClientProcess(port)
+    metrics = gw.app[STATE].metrics
+    try:
+        every = max(1, subscribers // probes)
+        drains, probe_paths = [], []
+        now = time.time()
+        for i in range(subscribers):
+            ticket = mint_ticket(
+                ACCESS_TOKEN,
+                user_id=f"u{i}",
+                organization_id=ORG,
+                roles=CLASSES[i % len(CLASSES)],
+                now=now,
+            )
+            path = f"/realtime/v1/websocket?ws_ticket={ticket}&organizationId={ORG}"
+            (probe_paths if i % every == 0 else drains).append(path)
+        await client.connect(drains, READY_MARKER)
+        await client.connect(probe_paths, READY_MARKER, probe=True)
+        deliveries = metrics.deliveries._value.get()
+        cpu = time.process_time()
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.latency",
+            "--writer",
+            dsn,
+            "--rate",
+            str(rate),
+            "--seconds",
+            str(seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        await asyncio.sleep(warmup)  # pacing, not synchronization: the warm-up is discarded
+        await client.latencies()
+        written = json.loads((await writer.communicate())[0])
+        ended, lost, complete, _ = await client.await_end()
+        cpu = time.process_time() - cpu
+        latencies = sorted(v * 1000 for v in await client.latencies())
+        delivered = metrics.deliveries._value.get() - deliveries
+    finally:
+        await client.quit()
+        await gw.http.close()
+        await runner.cleanup()
+    return {
+        **written,
+        "achieved_rate": round(written["written"] / written["write_seconds"]),
+        "probes": len(probe_paths),
+        "samples": len(latencies),
+        "p50_ms": round(percentile(latencies, 0.50), 2),
+        "p95_ms": round(percentile(latencies, 0.95), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "max_ms": round(latencies[-1], 2) if latencies else None,
+        "median_ms": round(median(latencies), 2),
+        "deliveries": int(delivered),
+        "server_cpu_seconds": round(cpu, 1),
+        "all_received": complete and ended == subscribers and not lost,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subscribers", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=1000, help="committed changes per second")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--probes", type=int, default=20, help="sockets that time every event")
+    parser.add_argument("--writer", metavar="DSN", help=argparse.SUPPRESS)
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.writer:  # the writer process
+        print(json.dumps(write(args.writer, args.rate, args.seconds)))
+        return {}
+    raise_nofile(1 << 20)
+    with database(args.dsn) as dsn:
+        result = asyncio.run(
+            run(dsn, args.subscribers, args.rate, args.seconds, args.warmup, args.probes)
+        )
+    result.update(subscribers=args.subscribers, rate=args.rate)
+    met = result["p50_ms"] < 5 and result["p99_ms"] < 50
+    result["target_met"] = met
+    emit(
+        "latency",
+        result,
+        [
+            f"Latency commit -> receive, {args.subscribers} subscribers, {args.rate:.0f} changes/s "
+            f"for {args.seconds:.0f} s (achieved {result['achieved_rate']}/s), "
+            f"{result['samples']} samples from {result['probes']} probes:",
+            f"  p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
+            f"max {result['max_ms']} ms; target p50 < 5, p99 < 50: {'met' if met else 'NOT met'}",
+        ],
+        json_only=args.json_only,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
