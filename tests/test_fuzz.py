@@ -259,8 +259,12 @@ def test_masks_never_raise_and_keep_only_what_the_rule_keeps(rule: MaskRule, val
             shown_local, _, shown_domain = masked.rpartition("@")
             shown_name, _, shown_tld = shown_domain.rpartition(".")
             assert shown_tld == tld
-            assert shown_local[:1] == local[:1] and set(shown_local[1:]) == {"*"}
-            assert shown_name[:1] == name[:1] and set(shown_name[1:]) == {"*"}
+            for part, shown in ((local, shown_local), (name, shown_name)):
+                if not part:  # an empty local part or name becomes a single star
+                    assert shown == "*"
+                else:
+                    assert shown[:1] == part[:1] and set(shown[1:]) == {"*"}
+                    assert len(shown) == max(2, len(part))
 
 
 ROW_VALUES = st.one_of(st.none(), st.text(max_size=12), st.integers(), st.booleans())
@@ -351,5 +355,5 @@ async def test_websocket_query_string_fuzz_never_5xx(gw: Gateway) -> None:
 
     started = time.monotonic()
     await asyncio.to_thread(probe)
-    assert {400, 401} <= set(seen), seen
+    assert 401 in seen, seen  # and every answer was a 4xx (checked per request)
     assert time.monotonic() - started < 60
