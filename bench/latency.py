@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--probes", type=int, default=20, help="sockets that time every event")
+    parser.add_argument("--uvloop", action="store_true", help="run walcast on uvloop")
     parser.add_argument("--writer", metavar="DSN", help=argparse.SUPPRESS)
     add_common_args(parser)
     args = parser.parse_args(argv)
@@ -165,10 +166,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     raise_nofile(1 << 20)
     with database(args.dsn) as dsn:
-        result = asyncio.run(
-            run(dsn, args.subscribers, args.rate, args.seconds, args.warmup, args.probes)
-        )
-    result.update(subscribers=args.subscribers, rate=args.rate)
+        job = run(dsn, args.subscribers, args.rate, args.seconds, args.warmup, args.probes)
+        if args.uvloop:
+            import uvloop
+
+            result = uvloop.run(job)
+        else:
+            result = asyncio.run(job)
+    result.update(
+        subscribers=args.subscribers, rate=args.rate, loop="uvloop" if args.uvloop else "asyncio"
+    )
     met = result["p50_ms"] < 5 and result["p99_ms"] < 50
     result["target_met"] = met
     emit(

@@ -199,7 +199,17 @@ class Hub:
                 if not policy.allows(roles):
                     continue
                 raw = policy.raw_columns(roles)
-                owner_raw = policy.raw_columns(roles, True) if owner is not None else raw
+                if owner is None:  # the whole class sees the same frame: no per-socket choice
+                    if not conns:
+                        continue
+                    frame = frames.get(raw)
+                    if frame is None:
+                        frame = frames[raw] = text_frame(_change_payload(event, policy, raw))
+                        metrics.serializations.inc()
+                    for conn in conns:
+                        delivered += conn.write(frame)
+                    continue
+                owner_raw = policy.raw_columns(roles, True)
                 for conn in conns:
                     visible = owner_raw if conn.user_id == owner else raw
                     frame = frames.get(visible)
