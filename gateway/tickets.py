@@ -54,6 +54,7 @@ __all__ = [
     "GatewayError",
     "JtiStore",
     "JtiStoreFullError",
+    "JtiStoreUnavailableError",
     "MemoryJtiStore",
     "RedisJtiStore",
     "TicketClaims",
@@ -108,6 +109,12 @@ class TicketError(GatewayError):
     """The ticket is missing, malformed, forged, expired, for another audience, or reused."""
 
     status = 401
+
+
+class JtiStoreUnavailableError(GatewayError):
+    """The shared jti store (Redis) cannot be reached: refuse rather than risk a replay."""
+
+    status = 503
 
 
 class JtiStoreFullError(GatewayError):
@@ -360,6 +367,11 @@ class RedisJtiStore:
         self._clock = clock
 
     async def claim(self, jti: str, expires_at: float) -> bool:
+        from redis.exceptions import RedisError
+
         ttl = max(1, math.ceil(expires_at + LEEWAY_SECONDS - self._clock()))
-        created = await self._redis.set(f"{self._prefix}{jti}", b"1", nx=True, ex=ttl)
+        try:
+            created = await self._redis.set(f"{self._prefix}{jti}", b"1", nx=True, ex=ttl)
+        except (RedisError, OSError):
+            raise JtiStoreUnavailableError("ticket store unavailable") from None
         return bool(created)

@@ -20,7 +20,13 @@ from gateway.fanout import Connection, text_frame
 from gateway.http import error_response
 from gateway.limits import ConnectionLimiter, HandshakeRateLimiter, LimitExceeded
 from gateway.state import STATE
-from gateway.tickets import JtiStoreFullError, TicketClaims, TicketError, verify_ticket
+from gateway.tickets import (
+    JtiStoreFullError,
+    JtiStoreUnavailableError,
+    TicketClaims,
+    TicketError,
+    verify_ticket,
+)
 from walcast.config import Settings
 
 __all__ = ["LIMITS", "UpgradeLimits", "routes"]
@@ -108,8 +114,8 @@ async def _open(
     state = request.app[STATE]
     try:
         claimed = await state.jti_store.claim(claims.jti, claims.expires_at)
-    except JtiStoreFullError as exc:
-        return error_response(503, "unavailable", exc.reason)
+    except (JtiStoreFullError, JtiStoreUnavailableError) as exc:
+        return error_response(exc.status, "unavailable", exc.reason)
     if not claimed:
         return error_response(401, "unauthorized", "ticket already used")
     if not state.ready.is_set():

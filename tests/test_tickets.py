@@ -354,3 +354,23 @@ async def test_redis_store_default_prefix(redis_client: aioredis.Redis) -> None:
         assert await redis_client.exists(f"walcast:jti:{jti}")
     finally:
         await redis_client.delete(f"walcast:jti:{jti}")
+
+
+async def test_redis_store_unreachable_is_a_503_error() -> None:
+    import socket
+
+    import redis.asyncio as aioredis
+
+    from gateway.tickets import JtiStoreUnavailableError, RedisJtiStore
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
+    try:
+        store = RedisJtiStore(client)
+        with pytest.raises(JtiStoreUnavailableError) as caught:
+            await store.claim("some-jti", time.time() + 60)
+        assert caught.value.status == 503
+    finally:
+        await client.aclose()

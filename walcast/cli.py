@@ -13,11 +13,12 @@ import errno
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import orjson
 import psycopg
+from aiohttp import web
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc import catalog
@@ -80,8 +81,6 @@ async def serve(
     static_dir: Any = None,
     banner: str | None = None,
 ) -> None:
-    from aiohttp import web
-
     from gateway.app import make_app
     from walcast.pipeline import Pipeline
 
@@ -113,31 +112,52 @@ async def serve(
         from walcast.redisbus import make_reader_app
 
         app = make_reader_app(settings, config)
+
+    async def started(url: str, stop: asyncio.Event) -> None:
+        log.info(
+            "walcast listening on %s (slot=%s publication=%s)",
+            url,
+            settings.slot,
+            settings.publication,
+        )
+        if banner:
+            print(banner.format(url=url), flush=True)
+
+    await run_until_stopped(app, settings.host, settings.port, started)
+
+
+async def run_until_stopped(
+    app: web.Application,
+    host: str,
+    port: int,
+    started: Callable[[str, asyncio.Event], Awaitable[None]],
+    *,
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+) -> None:
+    """Serve `app` until one of `signals`, then shut down gracefully (sockets closed with 1001).
+
+    `started(url, stop)` runs once the port is bound (`url` has the real port when `port` is 0).
+    """
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        if exc.errno == errno.EADDRINUSE:
-            raise UsageError(
-                f"port {settings.port} on {settings.host} is in use:"
-                " pass --port or set WALCAST_PORT"
-            ) from None
-        raise
-    url = f"http://{settings.host}:{settings.port}"
-    log.info(
-        "walcast listening on %s (slot=%s publication=%s)", url, settings.slot, settings.publication
-    )
-    if banner:
-        print(banner.format(url=url), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    await runner.setup()
     try:
-        await stop.wait()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(
+                    f"port {port} on {host} is in use: pass --port or set WALCAST_PORT"
+                ) from None
+            raise
+        bound = runner.addresses[0][1] if port == 0 else port
+        url_host = f"[{host}]" if ":" in host else host
+        await started(f"http://{url_host}:{bound}", stop)
+        if not stop.is_set():
+            await stop.wait()
         log.info("shutting down: closing sockets with 1001")
     finally:
         await runner.cleanup()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import errno
 import ipaddress
 import logging
 import random
@@ -49,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.app import make_app
 from gateway.state import STATE
-from walcast.cli import UsageError, apply_migrations
+from walcast.cli import UsageError, apply_migrations, run_until_stopped
 from walcast.config import RealtimeConfig, Settings, parse_realtime_config
 from walcast.embedded import EmbeddedPostgres, EmbeddedUnavailable, start_embedded
 
@@ -431,24 +430,9 @@ async def _serve(
     app[DEMO] = demo = DemoState(org, interval)
     app.add_routes(routes)
     app.cleanup_ctx.append(_demo_context)
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UsageError(
-                    f"port {settings.port} on {settings.host} is in use: pass --port"
-                ) from None
-            raise
-        port = runner.addresses[0][1] if settings.port == 0 else settings.port
-        demo.url = _page_url(settings.host, port)
+
+    async def started(url: str, stop: asyncio.Event) -> None:
+        demo.url = _page_url(settings.host, int(url.rsplit(":", 1)[1]))
         demo.listening.set()
         await _until_ready(app, stop)
         if stop.is_set():
@@ -457,10 +441,8 @@ async def _serve(
             log.warning("the demo page hands out session tokens: keep it on a trusted network")
         stopping = "stops it and deletes the demo data" if embedded else "stops it"
         print(f"walcast demo: open {demo.url}  (Ctrl-C {stopping})", flush=True)
-        await stop.wait()
-        log.info("demo stopping")
-    finally:
-        await runner.cleanup()
+
+    await run_until_stopped(app, settings.host, settings.port, started, signals=_STOP_SIGNALS)
 
 
 async def _until_ready(app: web.Application, stop: asyncio.Event) -> None:
