@@ -9,7 +9,6 @@ socket with 1001 "going away" after flushing what was queued, then the pipeline 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from gateway.metrics import Metrics
 from gateway.sessions import BetterAuthSessionStore, JwtSessionStore, SessionStore
 from gateway.state import STATE, GatewayState
 from gateway.tickets import MemoryJtiStore, RedisJtiStore
+from walcast.aio import cancel_and_wait
 from walcast.config import RealtimeConfig, Settings
 from walcast.dsn import to_url
 from walcast.pipeline import Pipeline
@@ -168,11 +168,7 @@ async def _pipeline(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for background in (ticker, task):
-            background.cancel()
-        for background in (ticker, task):
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
+        await cancel_and_wait(ticker, task)
 
 
 async def _supervise(pipeline: Pipeline, state: GatewayState) -> None:

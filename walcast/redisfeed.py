@@ -53,6 +53,7 @@ from cdc.enrich import AccessRevoked, RoutedEvent
 from gateway.fanout import Connection, text_frame
 from gateway.hubs import CLOSE_ACCESS_REVOKED, Hub, HubRegistry, system_frame
 from gateway.metrics import Metrics
+from walcast.aio import cancel_and_wait
 from walcast.config import RealtimeConfig
 from walcast.redisbus import (
     _TRANSIENT,
@@ -533,11 +534,7 @@ async def _feed_context(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for background in (ticker, task):
-            background.cancel()
-        for background in (ticker, task):
-            with contextlib.suppress(asyncio.CancelledError):
-                await background
+        await cancel_and_wait(ticker, task)
         await feed.aclose()
         await blocking.aclose()
         await redis.aclose()
