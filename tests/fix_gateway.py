@@ -9,6 +9,7 @@ arrived, anything that was going to arrive before it has.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import uuid
@@ -201,6 +202,15 @@ class Gateway:
         await sock.wait_for(lambda m: m.get("event") == "ready")
         return sock
 
+    async def upgrade_status(self, params: dict[str, str]) -> int:
+        """The handshake's HTTP status: 101 when the socket opened (it is closed again)."""
+        try:
+            ws = await self.http.ws_connect(f"{self.url}/realtime/v1/websocket", params=params)
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+        await ws.close()
+        return 101
+
     async def broadcast(self, body: dict[str, Any], **headers: str) -> aiohttp.ClientResponse:
         headers = headers or {"Authorization": f"Bearer {ACCESS_TOKEN}"}
         async with self.http.post(
@@ -248,9 +258,10 @@ def _toml(text: str) -> dict[str, Any]:
     return tomllib.loads(text)
 
 
-@pytest.fixture
-async def gw(database_url: str) -> AsyncIterator[Gateway]:
-    gw, runner = await start_gateway(database_url)
+@contextlib.asynccontextmanager
+async def running_gateway(dsn: str, **options: Any) -> AsyncIterator[Gateway]:
+    """`start_gateway`, then close its sockets, client session and app on the way out."""
+    gw, runner = await start_gateway(dsn, **options)
     try:
         yield gw
     finally:
@@ -259,3 +270,9 @@ async def gw(database_url: str) -> AsyncIterator[Gateway]:
                 await sock.ws.close()
         await gw.http.close()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def gw(database_url: str) -> AsyncIterator[Gateway]:
+    async with running_gateway(database_url) as running:
+        yield running

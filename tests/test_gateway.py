@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.tickets import mint_ticket
-from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket
+from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -225,19 +225,10 @@ async def test_ws_ticket_errors(gw: Gateway) -> None:
         assert response.status == 401
 
 
-async def _upgrade_status(gw: Gateway, params: dict[str, str]) -> int:
-    try:
-        ws = await gw.http.ws_connect(f"{gw.url}/realtime/v1/websocket", params=params)
-    except aiohttp.WSServerHandshakeError as exc:
-        return exc.status
-    await ws.close()
-    return 101
-
-
 async def test_upgrade_rejections(gw: Gateway) -> None:
     token = gw.add_member("w-user", "org-w", "recruiter")
-    assert await _upgrade_status(gw, {"organizationId": "org-w"}) == 401
-    assert await _upgrade_status(gw, {"ws_ticket": "garbage", "organizationId": "org-w"}) == 401
+    assert await gw.upgrade_status({"organizationId": "org-w"}) == 401
+    assert await gw.upgrade_status({"ws_ticket": "garbage", "organizationId": "org-w"}) == 401
     expired = mint_ticket(
         ACCESS_TOKEN,
         user_id="w-user",
@@ -245,13 +236,13 @@ async def test_upgrade_rejections(gw: Gateway) -> None:
         roles=["recruiter"],
         now=time.time() - 120,
     )
-    assert await _upgrade_status(gw, {"ws_ticket": expired, "organizationId": "org-w"}) == 401
+    assert await gw.upgrade_status({"ws_ticket": expired, "organizationId": "org-w"}) == 401
     forged = mint_ticket("another-secret", user_id="w-user", organization_id="org-w", roles=[])
-    assert await _upgrade_status(gw, {"ws_ticket": forged, "organizationId": "org-w"}) == 401
+    assert await gw.upgrade_status({"ws_ticket": forged, "organizationId": "org-w"}) == 401
     ticket = await gw.ticket(token, "org-w")
-    assert await _upgrade_status(gw, {"ws_ticket": ticket, "organizationId": "org-other"}) == 403
-    assert await _upgrade_status(gw, {"ws_ticket": ticket, "organizationId": "org-w"}) == 101
-    assert await _upgrade_status(gw, {"ws_ticket": ticket, "organizationId": "org-w"}) == 401
+    assert await gw.upgrade_status({"ws_ticket": ticket, "organizationId": "org-other"}) == 403
+    assert await gw.upgrade_status({"ws_ticket": ticket, "organizationId": "org-w"}) == 101
+    assert await gw.upgrade_status({"ws_ticket": ticket, "organizationId": "org-w"}) == 401
 
 
 async def test_client_frames_ping_and_garbage(gw: Gateway) -> None:
@@ -327,10 +318,7 @@ async def test_metrics_expose_the_spec_names(gw: Gateway) -> None:
 
 
 async def test_heartbeat_drops_a_peer_that_stops_answering(database_url: str) -> None:
-    from tests.fix_gateway import start_gateway
-
-    gw, runner = await start_gateway(database_url, heartbeat_seconds=0.3)
-    try:
+    async with running_gateway(database_url, heartbeat_seconds=0.3) as gw:
         ticket = await gw.ticket(gw.add_member("hb", "org-hb", "owner"), "org-hb")
         silent = await gw.http.ws_connect(
             f"{gw.url}/realtime/v1/websocket",
@@ -346,6 +334,3 @@ async def test_heartbeat_drops_a_peer_that_stops_answering(database_url: str) ->
         assert silent.closed
         await asyncio.sleep(1.0)  # several heartbeat periods: the answering peer stays
         assert not answering.ws.closed
-    finally:
-        await gw.http.close()
-        await runner.cleanup()

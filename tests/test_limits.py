@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from gateway.fanout import CLOSE_SLOW_CONSUMER
 from gateway.limits import ConnectionLimiter, HandshakeRateLimiter
-from tests.fix_gateway import Gateway, start_gateway
+from tests.fix_gateway import Gateway
+from tests.fix_gateway import running_gateway as gateway
 from walcast.config import Settings
 
 WS = "/realtime/v1/websocket"
@@ -94,19 +93,6 @@ def test_settings_read_the_limits_from_the_environment() -> None:
 
 
 # -- live ------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def gateway(dsn: str, **settings: Any) -> AsyncIterator[Gateway]:
-    gw, runner = await start_gateway(dsn, **settings)
-    try:
-        yield gw
-    finally:
-        for sock in gw.sockets:
-            if not sock.ws.closed:
-                await sock.ws.close()
-        await gw.http.close()
-        await runner.cleanup()
 
 
 async def _refused(gw: Gateway, ticket: str, org: str) -> tuple[int, str | None, Any]:

@@ -25,7 +25,6 @@ import os
 import random
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ from gateway.masking import mask_value
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from gateway.websocket import LIMITS
-from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, start_gateway
+from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, running_gateway
 from walcast.config import MaskRule
 
 pytestmark = pytest.mark.integration
@@ -285,21 +284,12 @@ def verify(clients: list[Client], written: Written) -> dict[str, int]:
     return {"frames": frames, "sockets": len(clients)}
 
 
-@contextlib.asynccontextmanager
-async def load_gateway(dsn: str, shape: Shape) -> AsyncIterator[Gateway]:
-    gw, runner = await start_gateway(
+def load_gateway(dsn: str, shape: Shape) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    return running_gateway(
         dsn,
         handshake_rate=0,  # every socket comes from 127.0.0.1
         max_connections_per_org=shape.sockets,
     )
-    try:
-        yield gw
-    finally:
-        for sock in gw.sockets:
-            if not sock.ws.closed:
-                await sock.ws.close()
-        await gw.http.close()
-        await runner.cleanup()
 
 
 def _rss_mb() -> float:

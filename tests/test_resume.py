@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import psycopg
 import pytest
 
 from gateway.tickets import mint_ticket
-from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, free_port, start_gateway
+from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, free_port, running_gateway
 from tests.pg import PostgresServer
 from walcast.config import parse_realtime_config
 
@@ -56,17 +55,10 @@ def _config(text: str = CONFIG) -> Any:
     return parse_realtime_config(tomllib.loads(text))
 
 
-@contextlib.asynccontextmanager
-async def _gateway(dsn: str, config_text: str = CONFIG) -> AsyncIterator[Gateway]:
-    gw, runner = await start_gateway(dsn, config=_config(config_text), schema=SCHEMA)
-    try:
-        yield gw
-    finally:
-        for sock in gw.sockets:
-            if not sock.ws.closed:
-                await sock.ws.close()
-        await gw.http.close()
-        await runner.cleanup()
+def _gateway(
+    dsn: str, config_text: str = CONFIG
+) -> contextlib.AbstractAsyncContextManager[Gateway]:
+    return running_gateway(dsn, config=_config(config_text), schema=SCHEMA)
 
 
 def _ticket(user: str, roles: list[str], org: str = ORG) -> str:

@@ -20,16 +20,8 @@ def _is_invalidated(m: dict[str, Any]) -> bool:
     return m["type"] == "broadcast" and m["event"] == INVALIDATED
 
 
-async def _upgrade_status(gw: Gateway, ticket: str, org: str) -> int:
-    import aiohttp
-
-    params = {"ws_ticket": ticket, "organizationId": org}
-    try:
-        ws = await gw.http.ws_connect(f"{gw.url}/realtime/v1/websocket", params=params)
-    except aiohttp.WSServerHandshakeError as exc:
-        return exc.status
-    await ws.close()
-    return 101
+def _params(ticket: str, org: str) -> dict[str, str]:
+    return {"ws_ticket": ticket, "organizationId": org}
 
 
 async def test_role_downgrade_closes_the_socket_before_any_later_event(gw: Gateway) -> None:
@@ -58,7 +50,7 @@ async def test_role_downgrade_closes_the_socket_before_any_later_event(gw: Gatew
 
     # A ticket minted before the change no longer opens a socket; a new one carries the new
     # role, and values come masked.
-    assert await _upgrade_status(gw, stale_ticket, "org-v") == 401
+    assert await gw.upgrade_status(_params(stale_ticket, "org-v")) == 401
     again = await gw.connect(token, "org-v")
     assert again.messages[-1]["payload"]["roles"] == ["recruiter"]
     gw.sql(
@@ -103,4 +95,4 @@ async def test_tickets_minted_after_a_change_are_accepted(gw: Gateway) -> None:
     ticket = mint_ticket(
         ACCESS_TOKEN, user_id="fresh", organization_id="org-f", roles=["recruiter"], now=time.time()
     )
-    assert await _upgrade_status(gw, ticket, "org-f") == 101
+    assert await gw.upgrade_status(_params(ticket, "org-f")) == 101
