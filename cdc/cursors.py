@@ -3,7 +3,7 @@
 An id is the commit LSN of the event's transaction and the event's 1-based position in it:
 `00000000016B3748-0003`. Changes and broadcasts (logical messages) share this space, so one
 cursor orders everything a client can receive. Positions up to 0xFFFE take four hex digits;
-larger ones are written `FFFF` followed by eight hex digits of `position - 0xFFFF`, which keeps
+larger ones are written `FFFF` followed by sixteen hex digits of `position - 0xFFFF`, which keeps
 plain string order equal to commit order for clients that compare ids as strings.
 """
 
@@ -17,13 +17,13 @@ CursorKey = tuple[int, int]
 """(commit_lsn, position): the comparable form of a cursor."""
 
 _WIDE = 0xFFFF
-_CURSOR = re.compile(r"([0-9A-F]{16})-([0-9A-F]{4}|FFFF[0-9A-F]{8})")
+_CURSOR = re.compile(r"([0-9A-F]{16})-([0-9A-F]{4}|FFFF[0-9A-F]{16})")
 
 
 def format_cursor(commit_lsn: int, position: int) -> str:
     if position < _WIDE:
         return f"{commit_lsn:016X}-{position:04X}"
-    return f"{commit_lsn:016X}-FFFF{position - _WIDE:08X}"
+    return f"{commit_lsn:016X}-FFFF{position - _WIDE:016X}"
 
 
 def parse_cursor(text: str) -> CursorKey | None:

@@ -125,7 +125,8 @@ class Router:
         self, change: RowChange, table: TableConfig
     ) -> list[RoutedEvent | AccessRevoked]:
         cursor = format_cursor(change.commit_lsn, change.position)
-        assert self._commit_time is not None, "a RowChange always follows its TransactionStart"
+        commit_time = self._commit_time
+        assert commit_time is not None, "a RowChange always follows its TransactionStart"
 
         def event(
             event_type: str,
@@ -139,7 +140,7 @@ class Router:
                 organization_id=org,
                 cursor=cursor,
                 commit_lsn=change.commit_lsn,
-                commit_time=self._commit_time,  # type: ignore[arg-type]
+                commit_time=commit_time,
                 table=table,
                 event_type=event_type,
                 new=new,

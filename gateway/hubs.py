@@ -335,10 +335,12 @@ class HubRegistry:
         """Expire old history everywhere and forget idle, empty hubs."""
         now = self._clock()
         forget_before = time.time() - REVOCATION_MEMORY_SECONDS
-        for revoked in (self._revoked_members, self._revoked_sessions):
-            for key, revoked_at in list(revoked.items()):
-                if revoked_at < forget_before:
-                    del revoked[key]  # type: ignore[arg-type]
+        self._revoked_members = {
+            key: at for key, at in self._revoked_members.items() if at >= forget_before
+        }
+        self._revoked_sessions = {
+            key: at for key, at in self._revoked_sessions.items() if at >= forget_before
+        }
         self.global_history.trim(now)
         total = len(self.global_history.history)
         for org, hub in list(self.hubs.items()):
