@@ -110,6 +110,7 @@ async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: f
         await client.connect(drains, READY_MARKER)
         await client.connect(probe_paths, READY_MARKER, probe=True)
         deliveries = metrics.deliveries._value.get()
+        slow = metrics.slow_consumers._value.get()
         cpu = time.process_time()
         writer = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -130,6 +131,7 @@ async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: f
         cpu = time.process_time() - cpu
         latencies = sorted(v * 1000 for v in await client.latencies())
         delivered = metrics.deliveries._value.get() - deliveries
+        slow = metrics.slow_consumers._value.get() - slow
     finally:
         await client.quit()
         await gw.http.close()
@@ -146,6 +148,7 @@ async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: f
         "median_ms": round(median(latencies), 2),
         "deliveries": int(delivered),
         "server_cpu_seconds": round(cpu, 1),
+        "slow_consumers_closed": int(slow),
         "all_received": complete and ended == subscribers and not lost,
     }
 

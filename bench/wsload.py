@@ -313,6 +313,7 @@ async def _client_main(port: int, pipe: Pipe) -> None:
 
     while True:
         command, *args = await commands.get()
+        os.set_blocking(pipe.fileno(), True)  # for the answer (uvloop made it non-blocking)
         if command == "connect":
             paths, ready_marker, seconds, probe = args
             kind = _Probe if probe else _Sink
@@ -386,8 +387,10 @@ class ClientProcess:
             if not answer.done():
                 answer.set_result(self._pipe.recv())
 
+        os.set_blocking(fd, True)
         loop.add_reader(fd, readable)
         try:
+            os.set_blocking(fd, True)  # uvloop's add_reader made it non-blocking again
             self._pipe.send(command)
             return tuple(await answer)
         finally:

@@ -1,0 +1,52 @@
+"""Smoke test: each benchmark module runs end to end with a trivially small N (not a benchmark:
+the numbers are not checked, only that the harness works and reports what it should)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import cdc_stages, cdc_throughput, fanout, latency, masking, memory
+from tests.pg import PostgresServer
+
+pytestmark = pytest.mark.integration
+
+assert cdc_stages.main and memory.main  # both import; they are run by hand (see docs)
+
+
+def test_cdc_throughput_reads_every_change_on_both_sides(pg_server: PostgresServer) -> None:
+    result = cdc_throughput.main(
+        ["--rows", "600", "--batch", "200", "--runs", "1", "--dsn", pg_server.dsn, "--json-only"]
+    )
+    assert result["rows"] == 600
+    assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
+
+
+def test_fanout_and_masking_deliver_to_every_socket() -> None:
+    results = fanout.main(
+        ["--sockets", "12", "--deliveries", "60", "--rounds", "1", "--burst", "2", "--json-only"]
+    )
+    (only,) = results.values()
+    assert only["all_complete"] and only["walcast_slow_consumers"] == 0
+    counted = masking.main(["--sockets", "6", "--events", "3", "--json-only"])
+    assert counted["target_met"]
+
+
+def test_latency_samples_every_probe(pg_server: PostgresServer) -> None:
+    result = latency.main(
+        [
+            "--subscribers",
+            "6",
+            "--probes",
+            "3",
+            "--rate",
+            "40",
+            "--seconds",
+            "0.5",
+            "--warmup",
+            "0",
+            "--dsn",
+            pg_server.dsn,
+            "--json-only",
+        ]
+    )
+    assert result["all_received"] and result["samples"] >= 3 * 20
