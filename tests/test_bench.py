@@ -49,4 +49,5 @@ def test_latency_samples_every_probe(pg_server: PostgresServer) -> None:
             "--json-only",
         ]
     )
-    assert result["all_received"] and result["samples"] >= 3 * 20
+    assert result["all_received"], result
+    assert result["samples"] >= 3 * 20, result
