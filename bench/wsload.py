@@ -263,13 +263,20 @@ class _Probe(_Sink):
 
     def __init__(self, stats: _Stats, request: bytes, ready_marker: bytes) -> None:
         super().__init__(stats, request, ready_marker)
+        self.handshake = b""
         self.buffer = b""
 
     def data_received(self, data: bytes) -> None:
         now = time.time()
+        was_ready = self.ready
+        if not was_ready:
+            self.handshake += data
         super().data_received(data)
         if not self.ready:
             return
+        if not was_ready:  # frames start after the HTTP response's blank line
+            data = self.handshake[self.handshake.index(b"\r\n\r\n") + 4 :]
+            self.handshake = b""
         buffer = self.buffer + data
         while len(buffer) >= 2:
             size, start = buffer[1] & 0x7F, 2
