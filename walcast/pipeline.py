@@ -102,6 +102,11 @@ class Pipeline:
         tables the publication covers."""
         settings, config = self._settings, self._config
         async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+            # Several processes may start at once (reader HA, a gateway restart): set up one at
+            # a time, so none trips over another's CREATE PUBLICATION or slot.
+            await conn.execute(
+                "SELECT pg_advisory_lock(hashtext(%s))", (f"walcast:setup:{settings.slot}",)
+            )
             await catalog.check_wal_level(conn)
             configured = list(config.tables)
             present = set(await catalog.existing_tables(conn, configured))
