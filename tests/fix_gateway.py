@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -77,6 +80,50 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def add_member(dsn: str, user: str, org: str, roles: str) -> str:
+    """Create (if needed) the user, org and membership; return a new session token."""
+    token = secrets.token_urlsafe(24)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING',
+            (user, user, f"{user}@example.com"),
+        )
+        conn.execute(
+            "INSERT INTO organization (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+            (org, org),
+        )
+        conn.execute(
+            'INSERT INTO member (id, "organizationId", "userId", role) VALUES (%s, %s, %s, %s)',
+            (uuid.uuid4().hex, org, user, roles),
+        )
+        conn.execute(
+            'INSERT INTO "session" (id, token, "userId", "expiresAt", "activeOrganizationId")'
+            " VALUES (%s, %s, %s, now() + interval '1 hour', %s)",
+            (uuid.uuid4().hex, token, user, org),
+        )
+    return token
+
+
+def walcast_command() -> list[str]:
+    """How to run the `walcast` CLI from this virtualenv, as a subprocess."""
+    script = Path(sys.executable).with_name("walcast")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from walcast.cli import main; main()"]
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """The test's environment without any walcast or libpq settings, plus `values`."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "ACCESS_TOKEN", "REDIS_URL")
+        and not key.startswith(("WALCAST_", "PG"))
+    }
+    env.update(values)
+    return env
 
 
 @dataclass
@@ -153,27 +200,7 @@ class Gateway:
             conn.execute(query, params)
 
     def add_member(self, user: str, org: str, roles: str) -> str:
-        """Create (if needed) the user, org and membership; return a new session token."""
-        token = secrets.token_urlsafe(24)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(
-                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING',
-                (user, user, f"{user}@example.com"),
-            )
-            conn.execute(
-                "INSERT INTO organization (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (org, org),
-            )
-            conn.execute(
-                'INSERT INTO member (id, "organizationId", "userId", role) VALUES (%s, %s, %s, %s)',
-                (uuid.uuid4().hex, org, user, roles),
-            )
-            conn.execute(
-                'INSERT INTO "session" (id, token, "userId", "expiresAt", "activeOrganizationId")'
-                " VALUES (%s, %s, %s, now() + interval '1 hour', %s)",
-                (uuid.uuid4().hex, token, user, org),
-            )
-        return token
+        return add_member(self.dsn, user, org, roles)
 
     async def ticket(self, token: str, org: str | None = None) -> str:
         body = {"organizationId": org} if org else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -27,7 +26,7 @@ import psycopg
 import pytest
 
 from gateway.tickets import verify_ticket
-from tests.fix_gateway import free_port
+from tests.fix_gateway import clean_env, free_port, walcast_command
 
 pytestmark = pytest.mark.integration
 
@@ -53,30 +52,11 @@ CREATE TABLE plain (id int PRIMARY KEY, "organizationId" text);
 SYSTEM_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres?connect_timeout=3"
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("walcast")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from walcast.cli import main; main()"]
-
-
-def _env(**values: str) -> dict[str, str]:
-    """The test's environment without any walcast or libpq settings, plus `values`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("DATABASE_URL", "ACCESS_TOKEN", "REDIS_URL")
-        and not key.startswith(("WALCAST_", "PG"))
-    }
-    env.update(values)
-    return env
-
-
 def walcast(
     *args: str, env: dict[str, str], timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*_command(), "--log-format", "text", *args],
+        [*walcast_command(), "--log-format", "text", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -93,7 +73,7 @@ def _fails_cleanly(result: subprocess.CompletedProcess[str], *needles: str) -> N
 
 
 def _prepare(dsn: str, tmp_path: Path, config: str = CONFIG) -> Path:
-    result = walcast("migrate", env=_env(DATABASE_URL=dsn))
+    result = walcast("migrate", env=clean_env(DATABASE_URL=dsn))
     assert result.returncode == 0, result.stderr
     assert "001_better_auth.sql" in result.stdout
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -171,7 +151,7 @@ class Serve:
 @contextlib.asynccontextmanager
 async def serving(env: dict[str, str], port: int) -> AsyncIterator[Serve]:
     process = await asyncio.create_subprocess_exec(
-        *_command(),
+        *walcast_command(),
         "serve",
         env=env,
         stdout=asyncio.subprocess.DEVNULL,
@@ -188,7 +168,7 @@ async def serving(env: dict[str, str], port: int) -> AsyncIterator[Serve]:
 
 async def _run(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        *_command(),
+        *walcast_command(),
         *args,
         env=env,
         stdout=asyncio.subprocess.PIPE,
@@ -226,7 +206,7 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
     config = _prepare(database_url, tmp_path)
     recruiter = _add_member(database_url, "u_rec", "recruiter")
     port = free_port()
-    env = _env(
+    env = clean_env(
         DATABASE_URL=database_url,
         ACCESS_TOKEN=ACCESS_TOKEN,
         WALCAST_CONFIG=str(config),
@@ -304,7 +284,14 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
 
 def test_ticket_prints_a_ticket_that_verifies() -> None:
     result = walcast(
-        "ticket", "--user", "U", "--org", "O", "--roles", "a,b", env=_env(ACCESS_TOKEN=ACCESS_TOKEN)
+        "ticket",
+        "--user",
+        "U",
+        "--org",
+        "O",
+        "--roles",
+        "a,b",
+        env=clean_env(ACCESS_TOKEN=ACCESS_TOKEN),
     )
     assert result.returncode == 0, result.stderr
     claims = verify_ticket(result.stdout.strip(), [ACCESS_TOKEN], now=time.time())
@@ -321,7 +308,7 @@ def test_check_names_missing_tables_and_replica_identity(database_url: str, tmp_
         tmp_path,
         CONFIG + '[tables."public.plain"]\n[tables."public.nope"]\n',
     )
-    result = walcast("check", env=_env(DATABASE_URL=database_url, WALCAST_CONFIG=str(config)))
+    result = walcast("check", env=clean_env(DATABASE_URL=database_url, WALCAST_CONFIG=str(config)))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "table public.nope does not exist" in result.stdout
     assert 'ALTER TABLE "public"."plain" REPLICA IDENTITY FULL;' in result.stdout
@@ -345,7 +332,7 @@ def system_postgres() -> Iterator[str]:
 
 
 def test_wal_level_not_logical(system_postgres: str) -> None:
-    env = _env(
+    env = clean_env(
         DATABASE_URL=system_postgres,
         ACCESS_TOKEN=ACCESS_TOKEN,
         WALCAST_PORT=str(free_port()),
@@ -360,12 +347,12 @@ def test_wal_level_not_logical(system_postgres: str) -> None:
 def test_missing_table_and_replica_identity_stop_serve(database_url: str, tmp_path: Path) -> None:
     base = {"DATABASE_URL": database_url, "ACCESS_TOKEN": ACCESS_TOKEN}
     missing = _prepare(database_url, tmp_path, CONFIG + '[tables."public.nope"]\n')
-    env = _env(**base, WALCAST_CONFIG=str(missing), WALCAST_PORT=str(free_port()))
+    env = clean_env(**base, WALCAST_CONFIG=str(missing), WALCAST_PORT=str(free_port()))
     _fails_cleanly(walcast("serve", env=env), "do not exist", "public.nope")
 
     identity = tmp_path / "identity.toml"
     identity.write_text(CONFIG + '[tables."public.plain"]\n', encoding="utf-8")
-    env = _env(**base, WALCAST_CONFIG=str(identity), WALCAST_PORT=str(free_port()))
+    env = clean_env(**base, WALCAST_CONFIG=str(identity), WALCAST_PORT=str(free_port()))
     _fails_cleanly(
         walcast("serve", env=env),
         'ALTER TABLE "public"."plain" REPLICA IDENTITY FULL;',
@@ -376,13 +363,17 @@ def test_missing_table_and_replica_identity_stop_serve(database_url: str, tmp_pa
 def test_wrong_database_url() -> None:
     refused = f"postgresql://postgres@127.0.0.1:{free_port()}/walcast"
     for args in (["serve"], ["check"], ["migrate"]):
-        env = _env(DATABASE_URL=refused, ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_PORT=str(free_port()))
+        env = clean_env(
+            DATABASE_URL=refused, ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_PORT=str(free_port())
+        )
         _fails_cleanly(walcast(*args, env=env), "cannot connect to PostgreSQL", "DATABASE_URL")
-    garbled = _env(DATABASE_URL="postgres:/x:secret-pw@?port=abc", ACCESS_TOKEN=ACCESS_TOKEN)
+    garbled = clean_env(DATABASE_URL="postgres:/x:secret-pw@?port=abc", ACCESS_TOKEN=ACCESS_TOKEN)
     result = walcast("check", env=garbled)
     _fails_cleanly(result, "DATABASE_URL")
     assert "secret-pw" not in result.stderr
-    _fails_cleanly(walcast("serve", env=_env(ACCESS_TOKEN=ACCESS_TOKEN)), "DATABASE_URL is not set")
+    _fails_cleanly(
+        walcast("serve", env=clean_env(ACCESS_TOKEN=ACCESS_TOKEN)), "DATABASE_URL is not set"
+    )
 
 
 def test_port_in_use(database_url: str, tmp_path: Path) -> None:
@@ -391,7 +382,7 @@ def test_port_in_use(database_url: str, tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = _env(
+        env = clean_env(
             DATABASE_URL=database_url,
             ACCESS_TOKEN=ACCESS_TOKEN,
             WALCAST_CONFIG=str(config),
@@ -401,9 +392,11 @@ def test_port_in_use(database_url: str, tmp_path: Path) -> None:
 
 
 def test_missing_access_token(database_url: str) -> None:
-    _fails_cleanly(walcast("serve", env=_env(DATABASE_URL=database_url)), "ACCESS_TOKEN")
-    _fails_cleanly(walcast("ticket", "--user", "u", "--org", "o", env=_env()), "ACCESS_TOKEN")
-    _fails_cleanly(walcast("broadcast", "--org", "o", "--event", "e", env=_env()), "ACCESS_TOKEN")
+    _fails_cleanly(walcast("serve", env=clean_env(DATABASE_URL=database_url)), "ACCESS_TOKEN")
+    _fails_cleanly(walcast("ticket", "--user", "u", "--org", "o", env=clean_env()), "ACCESS_TOKEN")
+    _fails_cleanly(
+        walcast("broadcast", "--org", "o", "--event", "e", env=clean_env()), "ACCESS_TOKEN"
+    )
 
 
 def test_bad_config_file(tmp_path: Path) -> None:
@@ -411,23 +404,25 @@ def test_bad_config_file(tmp_path: Path) -> None:
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('[tables."public.a"]\nrequiredRole = ["x"]\n', encoding="utf-8")
     _fails_cleanly(
-        walcast("serve", env=_env(**env, WALCAST_CONFIG=str(unknown))),
+        walcast("serve", env=clean_env(**env, WALCAST_CONFIG=str(unknown))),
         str(unknown),
         "requiredRole",
     )
     broken = tmp_path / "broken.toml"
     broken.write_text("[tables\n", encoding="utf-8")
     _fails_cleanly(
-        walcast("check", env=_env(**env, WALCAST_CONFIG=str(broken))), str(broken), "not valid TOML"
+        walcast("check", env=clean_env(**env, WALCAST_CONFIG=str(broken))),
+        str(broken),
+        "not valid TOML",
     )
     missing = tmp_path / "missing.toml"
     _fails_cleanly(
-        walcast("serve", "--config", str(missing), env=_env(**env)), str(missing), "not found"
+        walcast("serve", "--config", str(missing), env=clean_env(**env)), str(missing), "not found"
     )
 
 
 def test_broadcast_without_a_server_and_bad_payload() -> None:
-    env = _env(ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_PORT=str(free_port()))
+    env = clean_env(ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_PORT=str(free_port()))
     _fails_cleanly(
         walcast("broadcast", "--org", "o", "--event", "e", env=env),
         "cannot reach walcast",

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +30,16 @@ import redis.asyncio as aioredis
 
 from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent
 from cdc.render import RawJson
-from tests.fix_gateway import ACCESS_TOKEN, TEST_CONFIG, TEST_SCHEMA, Socket, free_port
+from tests.fix_gateway import (
+    ACCESS_TOKEN,
+    TEST_CONFIG,
+    TEST_SCHEMA,
+    Socket,
+    add_member,
+    clean_env,
+    free_port,
+    walcast_command,
+)
 from walcast.cli import apply_migrations
 from walcast.config import parse_realtime_config
 from walcast.redisbus import (
@@ -41,6 +48,7 @@ from walcast.redisbus import (
     RedisSink,
     decode_events,
     encode_events,
+    prefix_from_env,
     reader_lock_key,
 )
 from walcast.redisfeed import _complete_after
@@ -103,24 +111,6 @@ def schema(database_url: str, tmp_path: Path) -> Path:
     path = tmp_path / "realtime.toml"
     path.write_text(CONFIG, encoding="utf-8")
     return path
-
-
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("walcast")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from walcast.cli import main; main()"]
-
-
-def _env(**values: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("DATABASE_URL", "ACCESS_TOKEN", "REDIS_URL")
-        and not key.startswith(("WALCAST_", "PG"))
-    }
-    env.update(values)
-    return env
 
 
 class Walcast:
@@ -191,7 +181,7 @@ class Cluster:
         if redis_url is not None:
             env["REDIS_URL"] = redis_url
         process = await asyncio.create_subprocess_exec(
-            *_command(),
+            *walcast_command(),
             "--log-format",
             "text",
             "serve",
@@ -216,26 +206,7 @@ class Cluster:
             conn.execute(query, params)
 
     def add_member(self, user: str, org: str, roles: str) -> str:
-        token = uuid.uuid4().hex
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(
-                'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING',
-                (user, user, f"{user}@example.com"),
-            )
-            conn.execute(
-                "INSERT INTO organization (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                (org, org),
-            )
-            conn.execute(
-                'INSERT INTO member (id, "organizationId", "userId", role) VALUES (%s, %s, %s, %s)',
-                (uuid.uuid4().hex, org, user, roles),
-            )
-            conn.execute(
-                'INSERT INTO "session" (id, token, "userId", "expiresAt", "activeOrganizationId")'
-                " VALUES (%s, %s, %s, now() + interval '1 hour', %s)",
-                (uuid.uuid4().hex, token, user, org),
-            )
-        return token
+        return add_member(self.dsn, user, org, roles)
 
     async def ticket(self, node: Walcast, token: str, org: str) -> str:
         async with self.http.post(
@@ -274,7 +245,7 @@ class Cluster:
 async def cluster(
     database_url: str, schema: Path, redis_url: str, prefix: str, redis: aioredis.Redis
 ) -> AsyncIterator[Cluster]:
-    env = _env(
+    env = clean_env(
         DATABASE_URL=database_url,
         ACCESS_TOKEN=ACCESS_TOKEN,
         WALCAST_CONFIG=str(schema),
@@ -661,10 +632,12 @@ async def test_redis_restart_under_load_loses_nothing(
 
 
 async def test_split_roles_need_redis(database_url: str, schema: Path) -> None:
-    env = _env(DATABASE_URL=database_url, ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_CONFIG=str(schema))
+    env = clean_env(
+        DATABASE_URL=database_url, ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_CONFIG=str(schema)
+    )
     for flag in ("--no-cdc", "--no-gateway"):
         process = await asyncio.create_subprocess_exec(
-            *_command(),
+            *walcast_command(),
             "serve",
             flag,
             env=env,
@@ -800,8 +773,6 @@ async def test_trim_detection_from_stream_metadata(redis: aioredis.Redis, prefix
 
 
 def test_prefix_from_env() -> None:
-    from walcast.redisbus import prefix_from_env
-
     assert prefix_from_env({}) == "walcast:"
     assert prefix_from_env({"WALCAST_REDIS_PREFIX": "x:"}) == "x:"
     keys = BusKeys("x:")

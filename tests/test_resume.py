@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -24,7 +22,15 @@ import psycopg
 import pytest
 
 from gateway.tickets import mint_ticket
-from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, free_port, running_gateway
+from tests.fix_gateway import (
+    ACCESS_TOKEN,
+    Gateway,
+    Socket,
+    clean_env,
+    free_port,
+    running_gateway,
+    walcast_command,
+)
 from tests.pg import PostgresServer
 from walcast.config import parse_realtime_config
 
@@ -230,16 +236,13 @@ def _last_cursor(messages: list[dict[str, Any]]) -> str | None:
 
 
 def _serve(dsn: str, port: int, config: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": dsn,
-        "ACCESS_TOKEN": ACCESS_TOKEN,
-        "WALCAST_CONFIG": str(config),
-        "WALCAST_PORT": str(port),
-    }
-    env.pop("REDIS_URL", None)
-    walcast = Path(sys.executable).with_name("walcast")
-    return subprocess.Popen([str(walcast), "serve"], env=env, stderr=subprocess.DEVNULL)
+    env = clean_env(
+        DATABASE_URL=dsn,
+        ACCESS_TOKEN=ACCESS_TOKEN,
+        WALCAST_CONFIG=str(config),
+        WALCAST_PORT=str(port),
+    )
+    return subprocess.Popen([*walcast_command(), "serve"], env=env, stderr=subprocess.DEVNULL)
 
 
 async def _wait_ready(url: str, timeout: float = 30.0) -> None:
