@@ -11,36 +11,58 @@ The verifier computes, from what was written, exactly which events each socket m
 checks: none lost, none duplicated, none out of order (ids strictly increasing), none from
 another organization, none for a role or user it is not for, and no masked value raw.
 
-`test_load_ci` is sized for CI (300 sockets, 200 changes/s for 10 s). `test_load_large` (marked
-slow, skipped unless WALCAST_LOAD_LARGE=1) is the big one, plus connect/disconnect churn with
-memory and server bookkeeping checked at the end; its numbers are in docs/security.md.
+`test_load_ci` is sized for CI (300 sockets, 200 changes/s for 10 s), walcast in-process.
+`test_load_large` (marked slow, skipped unless WALCAST_LOAD_LARGE=1) is the big one, with
+walcast (`walcast serve`) and the writer (`tests/load_writer.py`) each in their own process,
+plus connect/disconnect churn with walcast's RSS (from /proc) checked before and after; its
+numbers are in docs/security.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import os
 import random
+import signal
+import sys
 import time
+import uuid
 from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import psycopg
 import pytest
+from aiohttp import web
 
 from gateway.masking import mask_value
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from gateway.websocket import LIMITS
-from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, running_gateway
-from walcast.config import MaskRule
+from tests.fix_gateway import (
+    ACCESS_TOKEN,
+    TEST_CONFIG,
+    TEST_SCHEMA,
+    Gateway,
+    Socket,
+    clean_env,
+    free_port,
+    running_gateway,
+    walcast_command,
+)
+from walcast.cli import apply_migrations
+from walcast.config import MaskRule, Settings
 
 pytestmark = pytest.mark.integration
 
+ROOT = str(Path(__file__).resolve().parent.parent)
 ROLES = ["owner", "recruiter", "hiring-manager", "viewer"]
 APP_ROLES = {"owner", "recruiter", "hiring-manager"}
 SSN_RULE = MaskRule(type="ssn")
@@ -126,12 +148,12 @@ async def _connect_all(gw: Gateway, shape: Shape) -> list[Client]:
     return clients
 
 
-async def _write(gw: Gateway, shape: Shape, written: Written, rng: random.Random) -> None:
+async def _write(dsn: str, shape: Shape, written: Written, rng: random.Random) -> None:
     live: dict[str, list[str]] = defaultdict(list)
     total = int(shape.changes_per_second * shape.seconds)
     interval = 1.0 / shape.changes_per_second
     started = time.monotonic()
-    async with await psycopg.AsyncConnection.connect(gw.dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         for seq in range(total):
             org_index = rng.randrange(shape.orgs)
             org = _org(org_index)
@@ -172,7 +194,12 @@ async def _write(gw: Gateway, shape: Shape, written: Written, rng: random.Random
                 await asyncio.sleep(delay)  # pacing, not synchronization
 
 
-async def _broadcast(gw: Gateway, shape: Shape, written: Written, rng: random.Random) -> None:
+async def _broadcast(
+    send: Callable[[dict[str, Any]], Awaitable[int]],
+    shape: Shape,
+    written: Written,
+    rng: random.Random,
+) -> None:
     total = int(shape.broadcasts_per_second * shape.seconds)
     if not total:
         return
@@ -190,12 +217,18 @@ async def _broadcast(gw: Gateway, shape: Shape, written: Written, rng: random.Ra
             body["targetRoles"] = rng.sample(ROLES, 2)
         elif kind < 0.5:
             body["targetUserId"] = _user(org_index, rng.randrange(shape.users_per_org))
-        response = await gw.broadcast(body)
-        assert response.status == 202
+        assert await send(body) == 202
         written.broadcasts.append(body)
         delay = started + (seq + 1) * interval - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+def _sender(gw: Gateway) -> Callable[[dict[str, Any]], Awaitable[int]]:
+    async def send(body: dict[str, Any]) -> int:
+        return (await gw.broadcast(body)).status
+
+    return send
 
 
 def _expected(client: Client, written: Written) -> tuple[list[str], list[int]]:
@@ -243,8 +276,13 @@ def verify(clients: list[Client], written: Written) -> dict[str, int]:
     """Check every frame of every socket; returns counts, raises with the first problems."""
     problems: list[str] = []
     frames = 0
+    per_org: dict[str, Written] = defaultdict(lambda: Written(rows=written.rows))
+    for org, change in written.changes:
+        per_org[org].changes.append((org, change))
+    for body in written.broadcasts:
+        per_org[body["organizationId"]].broadcasts.append(body)
     for client in clients:
-        want_changes, want_broadcasts = _expected(client, written)
+        want_changes, want_broadcasts = _expected(client, per_org[client.org])
         got_changes, got_broadcasts, ids = [], [], []
         for message in client.sock.messages:
             kind = message.get("type")
@@ -356,7 +394,8 @@ async def run_load(dsn: str, shape: Shape, seed: int = 8) -> dict[str, Any]:
         written = Written()
         started = time.monotonic()
         await asyncio.gather(
-            _write(gw, shape, written, rng), _broadcast(gw, shape, written, random.Random(seed))
+            _write(gw.dsn, shape, written, rng),
+            _broadcast(_sender(gw), shape, written, random.Random(seed)),
         )
         wrote = time.monotonic() - started
         for org in range(shape.orgs):
@@ -401,9 +440,194 @@ async def test_load_ci(database_url: str) -> None:
     print("load_ci", orjson.dumps(result).decode())
 
 
+def _proc_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+async def _metric(gw: Gateway, name: str) -> float:
+    async with gw.http.get(f"{gw.url}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no metric {name}")
+
+
+async def _churn_remote(gw: Gateway, pid: int, count: int, warm: int) -> dict[str, float]:
+    """`warm` then `count` connect/ready/close cycles, 100 at a time, against walcast `pid`."""
+    org = _org(0)
+
+    async def one(index: int) -> None:
+        ticket = mint_ticket(
+            ACCESS_TOKEN, user_id=f"churn-{index % 500}", organization_id=org, roles=["viewer"]
+        )
+        params = {"ws_ticket": ticket, "organizationId": org}
+        ws = await gw.http.ws_connect(f"{gw.url}/realtime/v1/websocket", params=params)
+        message = await ws.receive(timeout=10)
+        assert b'"ready"' in message.data.encode()
+        await ws.close()
+
+    async def rounds(start: int, stop: int) -> None:
+        for base in range(start, stop, 100):
+            await asyncio.gather(*(one(index) for index in range(base, min(stop, base + 100))))
+
+    async def settled() -> None:
+        # A client's close returns when the server's close frame arrives; the server's handler
+        # deregisters right after. Poll (bounded) for the gauge to come back to zero.
+        deadline = time.monotonic() + 10
+        while await _metric(gw, "walcast_connections") != 0:
+            assert time.monotonic() < deadline, "sockets left registered after churn"
+            await asyncio.sleep(0.05)
+
+    await settled()
+    idle = _proc_rss_mb(pid)
+    await rounds(0, warm)  # warm up walcast's allocator and caches before the baseline
+    await settled()
+    baseline = _proc_rss_mb(pid)
+    started = time.monotonic()
+    await rounds(warm, warm + count)
+    elapsed = time.monotonic() - started
+    await settled()
+    after = _proc_rss_mb(pid)
+    return {
+        "churn_warmup": warm,
+        "churned": count,
+        "churn_seconds": round(elapsed, 1),
+        "walcast_rss_idle_mb": round(idle, 1),
+        "walcast_rss_before_churn_mb": round(baseline, 1),
+        "walcast_rss_after_churn_mb": round(after, 1),
+    }
+
+
+@contextlib.asynccontextmanager
+async def walcast_process(
+    dsn: str, shape: Shape, workdir: Path
+) -> AsyncIterator[tuple[Gateway, int]]:
+    """`walcast serve` as its own process, limits out of the way; yields a client and its pid."""
+    apply_migrations(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(TEST_SCHEMA.encode())
+    config = workdir / "realtime.toml"
+    config.write_text(TEST_CONFIG, encoding="utf-8")
+    port = free_port()
+    env = clean_env(
+        DATABASE_URL=dsn,
+        ACCESS_TOKEN=ACCESS_TOKEN,
+        WALCAST_CONFIG=str(config),
+        WALCAST_PORT=str(port),
+        WALCAST_SLOT=f"load_{uuid.uuid4().hex[:12]}",
+        WALCAST_PUBLICATION=f"load_{uuid.uuid4().hex[:12]}",
+        WALCAST_HANDSHAKE_RATE="0",  # every socket comes from 127.0.0.1
+        WALCAST_MAX_CONNECTIONS_PER_ORG=str(10 * shape.sockets),
+        WALCAST_MAX_CONNECTIONS_PER_USER=str(10 * shape.sockets),
+    )
+    log = (workdir / "walcast.log").open("wb")
+    process = await asyncio.create_subprocess_exec(
+        *walcast_command(),
+        "--log-format",
+        "text",
+        "serve",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=log,
+    )
+    settings = Settings(database_url=dsn, access_tokens=(ACCESS_TOKEN,), port=port)
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    gw = Gateway(f"http://127.0.0.1:{port}", dsn, web.Application(), http, settings)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.returncode is None, (workdir / "walcast.log").read_text()
+            assert time.monotonic() < deadline, "walcast not ready"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{gw.url}/readyz") as response:
+                    if response.status == 200:
+                        break
+            await asyncio.sleep(0.05)
+        yield gw, process.pid
+    finally:
+        for sock in gw.sockets:
+            if not sock.ws.closed:
+                await sock.ws.close()
+        await http.close()
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+        log.close()
+
+
+async def run_load_processes(
+    dsn: str, shape: Shape, workdir: Path, seed: int = 8
+) -> dict[str, Any]:
+    """Like `run_load`, but walcast and the writer each run in their own process; the sockets
+    and the verifier stay here."""
+    async with walcast_process(dsn, shape, workdir) as (gw, pid):
+        _seed_members(gw, shape)
+        clients = await _connect_all(gw, shape)
+        connected = _proc_rss_mb(pid)
+        out = workdir / "written.json"
+        spec = {"dsn": dsn, "url": gw.url, "shape": dataclasses.asdict(shape), "seed": seed}
+        writer = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.load_writer",
+            orjson.dumps(spec).decode(),
+            str(out),
+            cwd=ROOT,
+        )
+        budget = shape.seconds * 3 + 60
+        assert await asyncio.wait_for(writer.wait(), budget) == 0
+        # The writer sent one `end` broadcast per organization after its last commit: once
+        # every socket has it, everything committed before it has arrived.
+        await asyncio.gather(
+            *(c.sock.wait_for(lambda m: m.get("event") == "end", timeout=120) for c in clients)
+        )
+        delivered = time.monotonic()
+        record = orjson.loads(out.read_bytes())
+        written = Written(
+            changes=[(org, change) for org, change in record["changes"]],
+            broadcasts=record["broadcasts"],
+            rows=record["rows"],
+        )
+        wrote = record["finished"] - record["started"]
+        counts = verify(clients, written)
+        result: dict[str, Any] = {
+            **counts,
+            "changes": len(written.changes),
+            "broadcasts": len(written.broadcasts),
+            "write_seconds": round(wrote, 2),
+            "changes_per_second": round(len(written.changes) / wrote, 1),
+            "broadcasts_per_second": round(len(written.broadcasts) / wrote, 1),
+            "end_lag_seconds": round(delivered - record["finished"], 2),
+            "walcast_rss_connected_mb": round(connected, 1),
+            "test_rss_mb": round(_rss_mb(), 1),
+            "serializations": await _metric(gw, "walcast_serializations_total"),
+            "slow_consumers": await _metric(gw, "walcast_slow_consumers_total"),
+        }
+        assert result["slow_consumers"] == 0
+        for client in clients:
+            await client.sock.close()
+        gw.sockets.clear()
+        del clients, written, record
+        gc.collect()
+        if shape.churn:
+            result.update(
+                await _churn_remote(gw, pid, shape.churn, warm=min(2000, shape.churn // 5))
+            )
+        return result
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("WALCAST_LOAD_LARGE") != "1", reason="WALCAST_LOAD_LARGE=1")
-async def test_load_large(database_url: str) -> None:
+async def test_load_large(database_url: str, tmp_path: Path) -> None:
     shape = Shape(
         sockets=int(os.environ.get("WALCAST_LOAD_SOCKETS", "5000")),
         orgs=int(os.environ.get("WALCAST_LOAD_ORGS", "50")),
@@ -413,10 +637,12 @@ async def test_load_large(database_url: str) -> None:
         broadcasts_per_second=float(os.environ.get("WALCAST_LOAD_BROADCASTS", "50")),
         churn=int(os.environ.get("WALCAST_LOAD_CHURN", "20000")),
     )
-    result = await run_load(database_url, shape)
+    result = await run_load_processes(database_url, shape, tmp_path)
     print("load_large", orjson.dumps(result).decode())
-    growth = result["rss_after_mb"] - result["rss_before_mb"]
-    assert growth < 64, result  # flat: no per-connection leak (20,000 x 3 KB would be 60 MB)
+    if shape.churn:
+        growth = result["walcast_rss_after_churn_mb"] - result["walcast_rss_before_churn_mb"]
+        # flat: no per-connection leak (20,000 x 3 KB would be 60 MB)
+        assert growth < 64, result
 
 
 def test_verifier_catches_loss_duplicates_cross_org_and_raw_values() -> None:
