@@ -102,7 +102,8 @@ class ReplicationReader:
         slot: the logical slot (created if missing).
         publication: the publication (created if missing, its table list kept in step).
         tables: qualified table names ("schema.table") to publish; the session store's
-            tables are added when they exist.
+            tables are added when they exist. None: the publication is managed elsewhere (by
+            `walcast.pipeline`, once, at start-up) and used as it is.
         status_interval: seconds between standby status updates while streaming.
         backoff_base: first reconnect delay cap, in seconds (doubled per failed attempt).
         backoff_cap: largest reconnect delay cap, in seconds.
@@ -118,7 +119,7 @@ class ReplicationReader:
         *,
         slot: str = "walcast",
         publication: str = "walcast",
-        tables: Sequence[str] = (),
+        tables: Sequence[str] | None = None,
         status_interval: float = 10.0,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
@@ -128,7 +129,7 @@ class ReplicationReader:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
-        self.tables = tuple(tables)
+        self.tables = None if tables is None else tuple(tables)
         self.status_interval = status_interval
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -292,17 +293,19 @@ class ReplicationReader:
         """Open both connections, set up publication and slot, and start streaming."""
         self._catalog = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         await catalog.check_wal_level(self._catalog)
-        if self.replica_identity == "manage":
-            await catalog.set_replica_identity_full(self._catalog, self.tables)
-        elif self.replica_identity == "check":
-            fixes = await catalog.replica_identity_problems(self._catalog, self.tables)
-            if fixes:
-                raise ReplicationError(
-                    "tables need REPLICA IDENTITY FULL (old rows for updates and deletes); run:\n"
-                    + "\n".join(fixes)
-                    + "\nor set manageReplicaIdentity = true in the realtime config"
-                )
-        await catalog.ensure_publication(self._catalog, self.publication, self.tables)
+        if self.tables is not None:
+            if self.replica_identity == "manage":
+                await catalog.set_replica_identity_full(self._catalog, self.tables)
+            elif self.replica_identity == "check":
+                fixes = await catalog.replica_identity_problems(self._catalog, self.tables)
+                if fixes:
+                    raise ReplicationError(
+                        "tables need REPLICA IDENTITY FULL (old rows for updates and deletes);"
+                        " run:\n"
+                        + "\n".join(fixes)
+                        + "\nor set manageReplicaIdentity = true in the realtime config"
+                    )
+            await catalog.ensure_publication(self._catalog, self.publication, self.tables)
 
         self._conn = conn = await ReplicationConnection.connect(self.dsn)
         await catalog.ensure_slot(conn, self.slot)

@@ -97,9 +97,8 @@ class Pipeline:
         self.reader: ReplicationReader | None = None
         self.retention: RetentionWindow | None = None
 
-    async def prepare(self) -> tuple[int, list[str]]:
-        """Check and set up the database; returns the slot's confirmed position and the
-        tables the publication covers."""
+    async def prepare(self) -> int:
+        """Check and set up the database; returns the slot's confirmed position."""
         settings, config = self._settings, self._config
         async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
             # Several processes may start at once (reader HA, a gateway restart): set up one at
@@ -142,10 +141,12 @@ class Pipeline:
                 settings.publication,
                 ",".join(watched) or "(none)",
             )
-            return status.confirmed_flush_lsn or 0, watched
+            return status.confirmed_flush_lsn or 0
 
-    async def run(self) -> None:
-        start_lsn, watched = await self.prepare()
+    async def run(self, start_lsn: int | None = None) -> None:
+        """Stream until cancelled; `start_lsn` is `prepare()`'s answer when the caller ran it."""
+        if start_lsn is None:
+            start_lsn = await self.prepare()
         self.retention = retention = RetentionWindow(
             self._config.historySeconds, start_lsn, self._clock
         )
@@ -158,7 +159,6 @@ class Pipeline:
             self._dsn,
             slot=self._settings.slot,
             publication=self._settings.publication,
-            tables=watched,
         )
         reader.retain_from(start_lsn)
         route, sink, metrics = self.router.route, self._sink, self._metrics

@@ -604,10 +604,10 @@ class ReaderService:
             pipeline = Pipeline(
                 self._settings, self._config, sink, self._metrics, on_ready=self._ready
             )
-            start_lsn, _ = await pipeline.prepare()
+            start_lsn = await pipeline.prepare()
             await sink.start(start_lsn)
             tasks = [
-                asyncio.create_task(pipeline.run(), name="walcast-reader"),
+                asyncio.create_task(pipeline.run(start_lsn), name="walcast-reader"),
                 asyncio.create_task(self._watch_lock(lock_conn), name="walcast-reader-lock"),
                 asyncio.create_task(self._tick(pipeline, sink), name="walcast-reader-tick"),
             ]
