@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import psycopg
 import pytest
 
 from gateway.tickets import verify_ticket
-from tests.fix_gateway import clean_env, free_port, walcast_command
+from tests.fix_gateway import add_member, clean_env, free_port, walcast_command
 
 pytestmark = pytest.mark.integration
 
@@ -84,26 +83,7 @@ def _prepare(dsn: str, tmp_path: Path, config: str = CONFIG) -> Path:
 
 
 def _add_member(dsn: str, user: str, roles: str) -> str:
-    token = uuid.uuid4().hex
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            'INSERT INTO "user" (id, name, email) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING',
-            (user, user, f"{user}@example.com"),
-        )
-        conn.execute(
-            "INSERT INTO organization (id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-            (ORG, ORG),
-        )
-        conn.execute(
-            'INSERT INTO member (id, "organizationId", "userId", role) VALUES (%s, %s, %s, %s)',
-            (uuid.uuid4().hex, ORG, user, roles),
-        )
-        conn.execute(
-            'INSERT INTO "session" (id, token, "userId", "expiresAt", "activeOrganizationId")'
-            " VALUES (%s, %s, %s, now() + interval '1 hour', %s)",
-            (uuid.uuid4().hex, token, user, ORG),
-        )
-    return token
+    return add_member(dsn, user, ORG, roles)
 
 
 class Serve:

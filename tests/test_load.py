@@ -338,9 +338,8 @@ def _rss_mb() -> float:
     return 0.0
 
 
-async def _churn(gw: Gateway, count: int) -> dict[str, float]:
-    """Open and close `count` sockets, 100 at a time; memory and bookkeeping must come back."""
-    org = _org(0)
+async def _churn_rounds(gw: Gateway, org: str, start: int, stop: int) -> None:
+    """Connect, wait for `ready` and close sockets `start`..`stop`, 100 at a time."""
 
     async def one(index: int) -> None:
         ticket = mint_ticket(
@@ -352,19 +351,23 @@ async def _churn(gw: Gateway, count: int) -> dict[str, float]:
         assert b'"ready"' in message.data.encode()
         await ws.close()
 
-    async def rounds(start: int, stop: int) -> None:
-        for base in range(start, stop, 100):
-            await asyncio.gather(*(one(index) for index in range(base, min(stop, base + 100))))
+    for base in range(start, stop, 100):
+        await asyncio.gather(*(one(index) for index in range(base, min(stop, base + 100))))
+
+
+async def _churn(gw: Gateway, count: int) -> dict[str, float]:
+    """Open and close `count` sockets, 100 at a time; memory and bookkeeping must come back."""
+    org = _org(0)
 
     state = gw.app[STATE]
     limits = gw.app[LIMITS]
     before_sockets = sum(1 for _ in state.registry.connections())
     warm = min(2000, count // 5)
-    await rounds(0, warm)  # warm up allocator and caches before the baseline
+    await _churn_rounds(gw, org, 0, warm)  # warm up allocator and caches before the baseline
     gc.collect()
     baseline = _rss_mb()
     started = time.monotonic()
-    await rounds(warm, count)
+    await _churn_rounds(gw, org, warm, count)
     elapsed = time.monotonic() - started
     gc.collect()
     after = _rss_mb()
@@ -461,20 +464,6 @@ async def _churn_remote(gw: Gateway, pid: int, count: int, warm: int) -> dict[st
     """`warm` then `count` connect/ready/close cycles, 100 at a time, against walcast `pid`."""
     org = _org(0)
 
-    async def one(index: int) -> None:
-        ticket = mint_ticket(
-            ACCESS_TOKEN, user_id=f"churn-{index % 500}", organization_id=org, roles=["viewer"]
-        )
-        params = {"ws_ticket": ticket, "organizationId": org}
-        ws = await gw.http.ws_connect(f"{gw.url}/realtime/v1/websocket", params=params)
-        message = await ws.receive(timeout=10)
-        assert b'"ready"' in message.data.encode()
-        await ws.close()
-
-    async def rounds(start: int, stop: int) -> None:
-        for base in range(start, stop, 100):
-            await asyncio.gather(*(one(index) for index in range(base, min(stop, base + 100))))
-
     async def settled() -> None:
         # A client's close returns when the server's close frame arrives; the server's handler
         # deregisters right after. Poll (bounded) for the gauge to come back to zero.
@@ -485,11 +474,13 @@ async def _churn_remote(gw: Gateway, pid: int, count: int, warm: int) -> dict[st
 
     await settled()
     idle = _proc_rss_mb(pid)
-    await rounds(0, warm)  # warm up walcast's allocator and caches before the baseline
+    await _churn_rounds(
+        gw, org, 0, warm
+    )  # warm up walcast's allocator and caches before the baseline
     await settled()
     baseline = _proc_rss_mb(pid)
     started = time.monotonic()
-    await rounds(warm, warm + count)
+    await _churn_rounds(gw, org, warm, warm + count)
     elapsed = time.monotonic() - started
     await settled()
     after = _proc_rss_mb(pid)
