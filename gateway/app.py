@@ -20,6 +20,7 @@ from aiohttp import web
 from cdc.enrich import AccessRevoked, RoutedEvent
 from gateway import http, openapi, redact, websocket
 from gateway.accesslog import AccessLogger
+from gateway.fanout import WriteScheduler
 from gateway.hubs import HubRegistry
 from gateway.masking import resolve_custom
 from gateway.metrics import Metrics
@@ -83,7 +84,10 @@ def make_app(
     )
     metrics = Metrics()
     registry = (RedisHubRegistry if settings.redis_url else HubRegistry)(
-        metrics, history_seconds=config.historySeconds, max_events=config.historyMaxEvents
+        metrics,
+        history_seconds=config.historySeconds,
+        max_events=config.historyMaxEvents,
+        writes=WriteScheduler(settings.write_coalesce_ms / 1000),
     )
     app[STATE] = state = GatewayState(
         settings=settings,
@@ -201,6 +205,7 @@ async def _close_sockets(app: web.Application) -> None:
     state = app[STATE]
     state.ready.clear()
     state.not_ready_reason = "shutting down"
+    state.registry.writes.flush_now()  # what is queued goes out before the close frames
     sockets = [conn.ws for conn in state.registry.connections()]
     await asyncio.gather(
         *(ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown") for ws in sockets),

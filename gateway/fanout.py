@@ -1,11 +1,22 @@
 """Fan-out: serialize and frame an event once per visibility class, write the same bytes to
 every socket of that class.
 
-Writing never awaits a client. Frames queued for a socket during one event-loop turn are
-written to its transport together at the end of that turn (one `transport.write`, so one
-send(2), per socket per turn instead of one per frame: under load, when many events are
-published in one turn, that is what makes fan-out cheaper than a loop of `send_str`; see
-docs/benchmarks.md). Order is kept: a socket's frames go out in the order queued, and
+Writing never awaits a client. A frame is queued, and a *write pass* later writes everything
+queued to each socket with one `transport.write` (one send(2)) per socket. On this machine a
+send(2) costs ≈9 µs whatever its size (docs/benchmarks.md), so fan-out is as fast as the passes
+are few:
+
+* An `Audience` is the sockets of one visibility class of one hub. A frame queued for an
+  audience is stored once; the pass joins the audience's frames once and writes the same bytes
+  to every member, so the per-socket cost of an event is nothing until the pass.
+* A frame for one socket only (replay, `ready`, a user-targeted event, an owner-rule frame, a
+  pong) is queued on its `Connection`. Order is kept: such a frame first takes over the
+  audience frames the socket has not got yet, and a socket that joins an audience does not get
+  the frames queued there before it joined (its replay already has them).
+* The `WriteScheduler` runs a pass on the next loop turn, or, if the last pass ended less than
+  `coalesce` seconds ago, that long after it. An idle gateway writes at once; a busy one writes
+  at most once per pass duration plus `coalesce`, each socket's frames together.
+
 `close()` writes what is queued before the close frame. A socket whose transport buffer is past
 `max_send_buffer` after a write is a slow consumer: it is closed with 1013 and counted, and
 nobody else waits for it. There is no other back-pressure: the reader's slot acknowledgement
@@ -22,16 +33,24 @@ import asyncio
 import contextlib
 import logging
 import struct
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from aiohttp import web
 
-__all__ = ["CLOSE_SLOW_CONSUMER", "Connection", "text_frame"]
+__all__ = [
+    "CLOSE_SLOW_CONSUMER",
+    "DEFAULT_COALESCE_SECONDS",
+    "Audience",
+    "Connection",
+    "WriteScheduler",
+    "text_frame",
+]
 
 log = logging.getLogger(__name__)
 
 CLOSE_SLOW_CONSUMER = 1013  #: RFC 6455 §7.4.1 "Try Again Later": the send buffer overflowed
+DEFAULT_COALESCE_SECONDS = 0.0005
 
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
@@ -49,13 +68,122 @@ def text_frame(payload: bytes) -> bytes:
     return _LONG.pack(_FIN_TEXT, 127, size) + payload
 
 
+def _joined(frames: list[bytes]) -> bytes:
+    return frames[0] if len(frames) == 1 else b"".join(frames)
+
+
+class _Flushable(Protocol):
+    def flush(self) -> None: ...
+
+
+class WriteScheduler:
+    """Runs the write passes: everything queued since the last pass, one write per socket."""
+
+    __slots__ = ("_dirty", "_last_pass_end", "_loop", "coalesce")
+
+    def __init__(self, coalesce: float = DEFAULT_COALESCE_SECONDS) -> None:
+        self.coalesce = coalesce
+        self._dirty: list[_Flushable] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_pass_end = float("-inf")
+
+    def mark(self, item: _Flushable) -> None:
+        """Flush `item` in the next pass (called once per pass, when it first queues)."""
+        dirty = self._dirty
+        if dirty is None or self._loop is None or self._loop.is_closed():
+            loop = asyncio.get_running_loop()
+            dirty = self._dirty = []
+            self._loop = loop
+            when = self._last_pass_end + self.coalesce
+            if when <= loop.time():
+                loop.call_soon(self._run_pass, dirty)
+            else:
+                loop.call_at(when, self._run_pass, dirty)
+        dirty.append(item)
+
+    def flush_now(self) -> None:
+        """Run the pending pass now (before closing sockets, say) rather than when scheduled."""
+        if self._dirty is not None:
+            self._run_pass(self._dirty)
+
+    def _run_pass(self, dirty: list[_Flushable]) -> None:
+        if self._dirty is dirty:
+            self._dirty = None
+        for item in dirty:
+            item.flush()
+        dirty.clear()  # run once: a pass run early by flush_now leaves its callback nothing
+        if self._loop is not None:
+            self._last_pass_end = self._loop.time()
+
+
+class Audience:
+    """The sockets of one visibility class of one hub: they all get the same frames."""
+
+    __slots__ = ("_frames", "_writes", "members")
+
+    def __init__(self, writes: WriteScheduler) -> None:
+        self._writes = writes
+        self.members: set[Connection] = set()
+        self._frames: list[bytes] | None = None  #: queued for every member since the last pass
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __iter__(self) -> Iterator[Connection]:
+        return iter(self.members)
+
+    def add(self, conn: Connection) -> None:
+        """Make `conn` a member; it gets the frames queued from now on, not those before."""
+        conn._audience = self
+        conn._seen = len(self._frames) if self._frames else 0
+        self.members.add(conn)
+
+    def discard(self, conn: Connection) -> None:
+        self.members.discard(conn)
+        if conn._audience is self:
+            conn._audience = None
+
+    def write(self, frame: bytes) -> int:
+        """Queue `frame` for every member; returns how many that is."""
+        members = len(self.members)
+        if members:
+            frames = self._frames
+            if frames is None:
+                self._frames = [frame]
+                self._writes.mark(self)
+            else:
+                frames.append(frame)
+        return members
+
+    def flush(self) -> None:
+        frames = self._frames
+        if not frames:
+            return
+        shared = _joined(frames)
+        slow = []
+        for conn in self.members:
+            if conn._pending is None and conn._seen == 0:
+                data: bytes | None = shared  # the common case: nothing of its own this pass
+            else:
+                data = conn._take()
+                conn._seen = 0
+            if data is not None and conn._send(data):
+                slow.append(conn)
+        self._frames = None
+        for conn in slow:  # after the pass: closing detaches, which changes `members`
+            conn.close_slow()
+
+
 class Connection:
     """One subscriber socket, as the hubs see it."""
 
     __slots__ = (
+        "_audience",
         "_on_slow",
         "_pending",
+        "_seen",
         "_transport",
+        "_writes",
         "closed",
         "max_send_buffer",
         "organization_id",
@@ -76,6 +204,7 @@ class Connection:
         session_id: str | None,
         max_send_buffer: int,
         on_slow: Callable[[Connection], None],
+        writes: WriteScheduler,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -85,47 +214,73 @@ class Connection:
         self.session_id = session_id
         self.max_send_buffer = max_send_buffer
         self._on_slow = on_slow
-        self._pending: list[bytes] | None = None  #: frames queued this turn, not yet written
+        self._writes = writes
+        self._pending: list[bytes] | None = None  #: this socket's own frames, not yet written
+        self._audience: Audience | None = None
+        self._seen = 0  #: how many of its audience's queued frames are accounted for
         self.closed = False
 
     def write(self, frame: bytes) -> bool:
-        """Queue one frame, written at the end of this loop turn; False if the socket is gone."""
+        """Queue one frame for this socket only; False if the socket is gone."""
         if self.closed:
             return False
         pending = self._pending
-        if pending is not None:
-            pending.append(frame)
-            return True
-        if self._transport.is_closing():
-            self.closed = True
-            return False
-        self._pending = [frame]
-        _flush_later(self)
+        if pending is None:
+            if self._transport.is_closing():
+                self.closed = True
+                return False
+            pending = self._pending = []
+            self._writes.mark(self)
+        audience = self._audience
+        if audience is not None:
+            frames = audience._frames
+            if frames is not None and self._seen < len(frames):
+                pending.extend(frames[self._seen :])  # queued before this frame: sent before it
+                self._seen = len(frames)
+        pending.append(frame)
         return True
 
     def flush(self) -> None:
-        """Write the queued frames now; close the socket (1013) if its buffer is then too full."""
-        if self._write_pending() and self._transport.get_write_buffer_size() > self.max_send_buffer:
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
-            self._on_slow(self)
+        """Write what is queued for this socket now; close it (1013) if it is a slow consumer."""
+        data = self._take()
+        if data is not None and self._send(data):
+            self.close_slow()
 
-    def _write_pending(self) -> bool:
+    def _take(self) -> bytes | None:
+        """Everything queued for this socket, in order; it is then no longer queued."""
         pending, self._pending = self._pending, None
-        if not pending or self.closed:
+        audience = self._audience
+        if audience is not None:
+            frames = audience._frames
+            if frames is not None and self._seen < len(frames):
+                rest = frames[self._seen :]
+                self._seen = len(frames)
+                pending = rest if pending is None else pending + rest
+        return _joined(pending) if pending else None
+
+    def _send(self, data: bytes) -> bool:
+        """Write `data`; True if the socket's buffer is now past its limit."""
+        if self.closed:
             return False
         transport = self._transport
         if transport.is_closing():
             self.closed = True
             return False
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-        return True
+        transport.write(data)
+        return transport.get_write_buffer_size() > self.max_send_buffer
+
+    def close_slow(self) -> None:
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        self._on_slow(self)
 
     def close(self, code: int, reason: str) -> None:
         """Write what is queued, stop writing, and close the socket in the background."""
         if self.closed:
             return
-        self._write_pending()
+        data = self._take()
         self.closed = True
+        if data is not None and not self._transport.is_closing():
+            self._transport.write(data)
         task = asyncio.get_running_loop().create_task(self._close(code, reason))
         _closing.add(task)
         task.add_done_callback(_closing.discard)
@@ -144,24 +299,3 @@ class Connection:
 
 
 _closing: set[asyncio.Task[Any]] = set()
-
-# The connections with frames queued in the current loop turn, flushed by one callback.
-_batch: list[Connection] | None = None
-_batch_loop: asyncio.AbstractEventLoop | None = None
-
-
-def _flush_later(conn: Connection) -> None:
-    global _batch, _batch_loop
-    loop = asyncio.get_running_loop()
-    if _batch is None or _batch_loop is not loop:  # a batch of a closed loop is dropped
-        _batch, _batch_loop = [], loop
-        loop.call_soon(_flush_batch, _batch)
-    _batch.append(conn)
-
-
-def _flush_batch(batch: list[Connection]) -> None:
-    global _batch
-    if _batch is batch:
-        _batch = None
-    for conn in batch:
-        conn.flush()

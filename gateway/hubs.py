@@ -25,7 +25,7 @@ import orjson
 from cdc.cursors import CursorKey, format_cursor, parse_cursor
 from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 from cdc.render import dumps
-from gateway.fanout import Connection, text_frame
+from gateway.fanout import Audience, Connection, WriteScheduler, text_frame
 from gateway.metrics import Metrics
 from gateway.policy import PolicyCache, TablePolicy
 from gateway.tickets import TicketClaims
@@ -78,13 +78,20 @@ def _broadcast_payload(event: BroadcastEvent) -> bytes:
     )
 
 
+def _write_all(conns: Iterable[Connection], frame: bytes) -> int:
+    """Queue `frame` for `conns`: once for a whole audience, else socket by socket."""
+    if isinstance(conns, Audience):
+        return conns.write(frame)
+    return sum(conn.write(frame) for conn in conns)
+
+
 class Hub:
     """The sockets and the history of one organization."""
 
     def __init__(self, organization_id: str, registry: HubRegistry) -> None:
         self.organization_id = organization_id
         self._registry = registry
-        self.by_roles: dict[Roles, set[Connection]] = {}
+        self.by_roles: dict[Roles, Audience] = {}
         self.by_user: dict[str, set[Connection]] = {}
         self.history: deque[tuple[CursorKey, float, RoutedEvent]] = deque()
         self.evicted_up_to: CursorKey | None = None  #: history is complete above this key
@@ -110,7 +117,10 @@ class Hub:
                 for event_key, _, event in missed:
                     if event_key > key:
                         self._deliver(event, ((conn.roles, (conn,)),), replay=True)
-        self.by_roles.setdefault(conn.roles, set()).add(conn)
+        audience = self.by_roles.get(conn.roles)
+        if audience is None:
+            audience = self.by_roles[conn.roles] = Audience(registry.writes)
+        audience.add(conn)
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         registry.metrics.connections.inc()
         conn.write(
@@ -126,11 +136,11 @@ class Hub:
         )
 
     def detach(self, conn: Connection) -> None:
-        conns = self.by_roles.get(conn.roles)
-        if conns is None or conn not in conns:
+        audience = self.by_roles.get(conn.roles)
+        if audience is None or conn not in audience.members:
             return
-        conns.discard(conn)
-        if not conns:
+        audience.discard(conn)
+        if not audience:
             del self.by_roles[conn.roles]
         user_conns = self.by_user.get(conn.user_id)
         if user_conns is not None:
@@ -186,11 +196,12 @@ class Hub:
             for roles, conns in audience:
                 if event.target_roles and not event.target_roles & roles:
                     continue
-                for conn in conns:
-                    if frame is None:
-                        frame = text_frame(_broadcast_payload(event))
-                        metrics.serializations.inc()
-                    delivered += conn.write(frame)
+                if not conns:
+                    continue
+                if frame is None:
+                    frame = text_frame(_broadcast_payload(event))
+                    metrics.serializations.inc()
+                delivered += _write_all(conns, frame)
         else:
             policy = self._registry.policies.get(event.table)
             frames: dict[frozenset[str], bytes] = {}
@@ -206,8 +217,7 @@ class Hub:
                     if frame is None:
                         frame = frames[raw] = text_frame(_change_payload(event, policy, raw))
                         metrics.serializations.inc()
-                    for conn in conns:
-                        delivered += conn.write(frame)
+                    delivered += _write_all(conns, frame)
                     continue
                 owner_raw = policy.raw_columns(roles, True)
                 for conn in conns:
@@ -249,8 +259,11 @@ class HubRegistry:
         history_seconds: float = 120.0,
         max_events: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        writes: WriteScheduler | None = None,
     ) -> None:
         self.metrics = metrics
+        #: Runs the write passes of every socket of this node's hubs.
+        self.writes = WriteScheduler() if writes is None else writes
         self.history_seconds = history_seconds
         self.max_events = max_events
         self.policies = PolicyCache()

@@ -137,6 +137,7 @@ async def _open(
         session_id=claims.session_id,
         max_send_buffer=state.settings.max_send_buffer,
         on_slow=lambda _conn: state.metrics.slow_consumers.inc(),
+        writes=state.registry.writes,
     )
     hub = state.registry.hub(claims.organization_id)
     hub.attach(conn, since)

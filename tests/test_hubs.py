@@ -6,6 +6,7 @@ revocation (notice, then close, then nothing more)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,11 +14,11 @@ import orjson
 
 from cdc.cursors import format_cursor
 from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent
-from gateway.fanout import Connection
+from gateway.fanout import CLOSE_SLOW_CONSUMER, Connection, WriteScheduler
 from gateway.hubs import CLOSE_ACCESS_REVOKED, HubRegistry
 from gateway.metrics import Metrics
 from gateway.tickets import TicketClaims
-from walcast.config import parse_realtime_config
+from walcast.config import TableConfig, parse_realtime_config
 
 CONFIG = parse_realtime_config(
     {
@@ -29,44 +30,94 @@ CONFIG = parse_realtime_config(
                     "ssn": {"type": "ssn", "show": {"roles": ["owner"]}},
                     "email": {"type": "email", "show": {"roles": ["owner"], "or": "owner"}},
                 },
-            }
+            },
+            "notes": {"requiredRoles": ["owner"]},  # no owner rule: one frame per audience
         }
     }
 )
 TABLE = CONFIG.tables["public.applications"]
+NOTES = CONFIG.tables["public.notes"]
 WHEN = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
-class Recording:
-    """Stands in for `gateway.fanout.Connection`: keeps what would have been written."""
+class RecordingTransport:
+    """The transport under a `Connection`: keeps each write (one per socket per write pass)."""
 
-    def __init__(self, user: str, roles: set[str], session: str | None = None) -> None:
-        self.user_id, self.roles, self.session_id = user, frozenset(roles), session
-        self.frames: list[bytes] = []
+    def __init__(self, buffered: int = 0) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = buffered  #: what `get_write_buffer_size` reports: a slow client's backlog
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def abort(self) -> None:
+        pass
+
+
+class RecordingSocket:
+    """The `WebSocketResponse` under a `Connection`: only its close code matters here."""
+
+    def __init__(self) -> None:
         self.closed_with: int | None = None
-        self.closed = False
 
-    def write(self, frame: bytes) -> bool:
-        if self.closed:
-            return False
-        self.frames.append(frame)
+    async def close(self, *, code: int, message: bytes) -> bool:
+        self.closed_with = code
         return True
 
-    def close(self, code: int, reason: str) -> None:
-        self.closed, self.closed_with = True, code
+
+class Recording:
+    """A real `gateway.fanout.Connection` over a recording transport; reads back its frames."""
+
+    def __init__(
+        self,
+        user: str,
+        roles: set[str],
+        session: str | None = None,
+        *,
+        writes: WriteScheduler,
+        buffered: int = 0,
+    ) -> None:
+        self._writes = writes
+        self.transport = RecordingTransport(buffered)
+        self.socket = RecordingSocket()
+        self.conn = Connection(
+            self.socket,  # type: ignore[arg-type]
+            self.transport,  # type: ignore[arg-type]
+            user_id=user,
+            organization_id="o",
+            roles=frozenset(roles),
+            session_id=session,
+            max_send_buffer=1024,
+            on_slow=lambda _conn: None,
+            writes=writes,
+        )
+
+    @property
+    def frames(self) -> list[bytes]:
+        """The payloads written by now, frame by frame (server frames: FIN + text, no mask)."""
+        self._writes.flush_now()  # the write pass that would run at the end of this turn
+        stream, out = b"".join(self.transport.writes), []
+        while stream:
+            size, start = stream[1] & 0x7F, 2
+            if size == 126:
+                size, start = int.from_bytes(stream[2:4]), 4
+            out.append(stream[start : start + size])
+            stream = stream[start + size :]
+        return out
 
     @property
     def messages(self) -> list[dict[str, Any]]:
-        # A server text frame: 2 header bytes for payloads under 126 bytes, 4 up to 64 KiB.
-        out = []
-        for frame in self.frames:
-            size = frame[1] & 0x7F
-            out.append(orjson.loads(frame[2:] if size < 126 else frame[4:]))
-        return out
+        return [orjson.loads(frame) for frame in self.frames]
 
-
-def _as_conn(rec: Recording) -> Connection:
-    return rec  # type: ignore[return-value]
+    @property
+    def closed_with(self) -> int | None:
+        return self.socket.closed_with
 
 
 def _change(
@@ -76,6 +127,7 @@ def _change(
     org: str = "o",
     user: str | None = None,
     owner: str | None = "u-creator",
+    table: TableConfig = TABLE,
 ) -> ChangeEvent:
     row = {
         "id": row_id,
@@ -85,7 +137,7 @@ def _change(
         "createdBy": owner,
     }
     return ChangeEvent(
-        org, format_cursor(lsn, 1), lsn, WHEN, TABLE, "INSERT", row, None, (), user, owner
+        org, format_cursor(lsn, 1), lsn, WHEN, table, "INSERT", row, None, (), user, owner
     )
 
 
@@ -96,15 +148,16 @@ def _registry(**options: Any) -> HubRegistry:
     return registry
 
 
-def test_one_serialization_per_visibility_class() -> None:
+async def test_one_serialization_per_visibility_class() -> None:
     registry = _registry()
     hub = registry.hub("o")
-    owners = [Recording(f"own{i}", {"owner"}) for i in range(50)]
-    recruiters = [Recording(f"rec{i}", {"recruiter"}) for i in range(50)]
-    creator = Recording("u-creator", {"recruiter"})
-    viewer = Recording("v", {"viewer"})
+    owners = [Recording(f"own{i}", {"owner"}, writes=registry.writes) for i in range(50)]
+    recruiters = [Recording(f"rec{i}", {"recruiter"}, writes=registry.writes) for i in range(50)]
+    creator = Recording("u-creator", {"recruiter"}, writes=registry.writes)
+    viewer = Recording("v", {"viewer"}, writes=registry.writes)
     for rec in [*owners, *recruiters, creator, viewer]:
-        hub.attach(_as_conn(rec), None)
+        hub.attach(rec.conn, None)
+    registry.writes.flush_now()  # `ready` goes out in its own pass
     registry.publish(_change(0x20, "a"))
     assert registry.metrics.serializations._value.get() == 3  # owner, masked, creator
     assert {rec.messages[-1]["new"]["ssn"] for rec in owners} == {"123-45-6789"}
@@ -112,15 +165,17 @@ def test_one_serialization_per_visibility_class() -> None:
     assert creator.messages[-1]["new"]["email"] == "paul@example.com"
     assert recruiters[0].messages[-1]["new"]["email"] == "p***@e******.com"
     assert [m["event"] for m in viewer.messages] == ["ready"]  # not in requiredRoles
-    assert owners[0].frames[-1] is owners[1].frames[-1]  # the same bytes object
+    # Every owner socket was written the same bytes object: framed once, joined once.
+    assert owners[0].transport.writes[-1] is owners[1].transport.writes[-1]
 
 
-def test_user_targeted_events_reach_only_that_user() -> None:
+async def test_user_targeted_events_reach_only_that_user() -> None:
     registry = _registry()
     hub = registry.hub("o")
-    alice, bob = Recording("alice", {"owner"}), Recording("bob", {"owner"})
+    alice = Recording("alice", {"owner"}, writes=registry.writes)
+    bob = Recording("bob", {"owner"}, writes=registry.writes)
     for rec in (alice, bob):
-        hub.attach(_as_conn(rec), None)
+        hub.attach(rec.conn, None)
     registry.publish(_change(0x20, "for-alice", user="alice"))
     registry.publish(
         BroadcastEvent(
@@ -131,52 +186,54 @@ def test_user_targeted_events_reach_only_that_user() -> None:
     assert [m.get("event") for m in bob.messages[1:]] == ["b"]
 
 
-def test_replay_then_ready_then_live_and_the_resume_floor() -> None:
+async def test_replay_then_ready_then_live_and_the_resume_floor() -> None:
     registry = _registry(max_events=2)
     registry.publish(_change(0x20, "one"))
     registry.publish(_change(0x30, "two"))
     registry.publish(_change(0x40, "three"))  # evicts "one": history holds two and three
-    resumed = Recording("r", {"owner"})
-    registry.hub("o").attach(_as_conn(resumed), format_cursor(0x20, 1))
+    resumed = Recording("r", {"owner"}, writes=registry.writes)
+    registry.hub("o").attach(resumed.conn, format_cursor(0x20, 1))
     registry.publish(_change(0x50, "four"))
     kinds = [m.get("event") or m["new"]["id"] for m in resumed.messages]
     assert kinds == ["two", "three", "ready", "four"]
 
-    too_old = Recording("r2", {"owner"})
-    registry.hub("o").attach(_as_conn(too_old), format_cursor(0x10, 1))
+    too_old = Recording("r2", {"owner"}, writes=registry.writes)
+    registry.hub("o").attach(too_old.conn, format_cursor(0x10, 1))
     assert [m["event"] for m in too_old.messages] == ["resync_required", "ready"]
-    future = Recording("r3", {"owner"})
-    registry.hub("o").attach(_as_conn(future), format_cursor(0x99, 1))
+    future = Recording("r3", {"owner"}, writes=registry.writes)
+    registry.hub("o").attach(future.conn, format_cursor(0x99, 1))
     assert [m["event"] for m in future.messages] == ["resync_required", "ready"]
 
 
-def test_replay_applies_roles_and_masks_as_if_live() -> None:
+async def test_replay_applies_roles_and_masks_as_if_live() -> None:
     registry = _registry()
     registry.publish(_change(0x20, "a"))
-    recruiter, viewer = Recording("x", {"recruiter"}), Recording("y", {"viewer"})
+    recruiter = Recording("x", {"recruiter"}, writes=registry.writes)
+    viewer = Recording("y", {"viewer"}, writes=registry.writes)
     for rec in (recruiter, viewer):
-        registry.hub("o").attach(_as_conn(rec), format_cursor(0x10, 0))
+        registry.hub("o").attach(rec.conn, format_cursor(0x10, 0))
     assert recruiter.messages[0]["new"]["ssn"] == "*****6789"
     assert [m["event"] for m in viewer.messages] == ["ready"]
 
 
-def test_truncate_is_replayed_in_hubs_made_later() -> None:
+async def test_truncate_is_replayed_in_hubs_made_later() -> None:
     registry = _registry()
     truncate = ChangeEvent(
         None, format_cursor(0x20, 1), 0x20, WHEN, TABLE, "TRUNCATE", None, None, (), None, None
     )
     registry.publish(truncate)
-    late = Recording("late", {"owner"})
-    registry.hub("new-org").attach(_as_conn(late), format_cursor(0x10, 0))
+    late = Recording("late", {"owner"}, writes=registry.writes)
+    registry.hub("new-org").attach(late.conn, format_cursor(0x10, 0))
     assert late.messages[0]["eventType"] == "TRUNCATE"
 
 
-def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() -> None:
+async def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() -> None:
     registry = _registry()
     hub = registry.hub("o")
-    gone, other = Recording("gone", {"owner"}, "s1"), Recording("other", {"owner"})
+    gone = Recording("gone", {"owner"}, "s1", writes=registry.writes)
+    other = Recording("other", {"owner"}, writes=registry.writes)
     for rec in (gone, other):
-        hub.attach(_as_conn(rec), None)
+        hub.attach(rec.conn, None)
     registry.revoke(AccessRevoked("role-changed", "o", "gone", None, 0x20, WHEN.timestamp()))
     registry.publish(_change(0x30, "after"))
     assert gone.messages[-1] == {
@@ -184,6 +241,7 @@ def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() -> None:
         "event": "auth:token-invalidated",
         "payload": {"reason": "role-changed"},
     }
+    await asyncio.sleep(0.01)  # the close handshake runs in the background
     assert gone.closed_with == CLOSE_ACCESS_REVOKED
     assert other.messages[-1]["new"]["id"] == "after"
 
@@ -196,3 +254,99 @@ def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() -> None:
     assert not registry.is_revoked(claims(WHEN.timestamp() + 1))
     registry.revoke(AccessRevoked("session-revoked", None, "gone", "s1", 0x40, WHEN.timestamp()))
     assert registry.is_revoked(claims(WHEN.timestamp() + 1, "s1"))
+
+
+# -- write passes (gateway.fanout): shared audience frames, a socket's own frames, order --------
+
+
+def _note(lsn: int, row_id: str, user: str | None = None) -> ChangeEvent:
+    return _change(lsn, row_id, user=user, table=NOTES)
+
+
+def _owners(registry: HubRegistry, *users: str) -> list[Recording]:
+    recs = [Recording(user, {"owner"}, writes=registry.writes) for user in users]
+    for rec in recs:
+        registry.hub("o").attach(rec.conn, None)
+    registry.writes.flush_now()
+    return recs
+
+
+def _ids(rec: Recording) -> list[str]:
+    return [m.get("id") or m["event"] for m in rec.messages]
+
+
+async def test_a_socket_s_own_frame_between_shared_ones_keeps_the_order() -> None:
+    registry = _registry()
+    alice, bob = _owners(registry, "alice", "bob")
+    registry.publish(_note(0x20, "a"))
+    registry.publish(_note(0x30, "for-alice", user="alice"))
+    registry.publish(_note(0x40, "b"))
+    a, only, b = (format_cursor(lsn, 1) for lsn in (0x20, 0x30, 0x40))
+    assert _ids(alice)[1:] == [a, only, b]
+    assert _ids(bob)[1:] == [a, b]
+    assert len(bob.transport.writes) == 2  # `ready`, then both events in one write
+
+
+async def test_a_socket_attached_mid_pass_gets_what_follows_it_exactly_once() -> None:
+    registry = _registry()
+    (alice,) = _owners(registry, "alice")
+    registry.publish(_note(0x20, "a"))
+    late = Recording("late", {"owner"}, writes=registry.writes)
+    resumed = Recording("resumed", {"owner"}, writes=registry.writes)
+    registry.hub("o").attach(late.conn, None)
+    registry.hub("o").attach(resumed.conn, format_cursor(0x10, 0))
+    registry.publish(_note(0x30, "b"))
+    a, b = format_cursor(0x20, 1), format_cursor(0x30, 1)
+    assert _ids(alice)[1:] == [a, b]
+    assert _ids(late) == ["ready", b]
+    assert _ids(resumed) == [a, "ready", b]  # "a" by replay, not again from the pass
+
+
+async def test_close_writes_what_is_queued_then_nothing_more() -> None:
+    registry = _registry()
+    alice, bob = _owners(registry, "alice", "bob")
+    registry.publish(_note(0x20, "a"))
+    alice.conn.write(b"\x81\x02{}")
+    alice.conn.close(1000, "bye")
+    registry.hub("o").detach(alice.conn)
+    registry.publish(_note(0x30, "b"))
+    await asyncio.sleep(0.01)
+    assert alice.closed_with == 1000
+    assert alice.messages[1:] == [alice.messages[1], {}]  # "a", its own frame; not "b"
+    assert alice.messages[1]["id"] == format_cursor(0x20, 1)
+    assert _ids(bob)[1:] == [format_cursor(0x20, 1), format_cursor(0x30, 1)]
+
+
+async def test_a_slow_consumer_is_closed_after_the_pass_the_others_get_everything() -> None:
+    registry = _registry()
+    fast, slow = _owners(registry, "fast", "slow")
+    slow.transport.buffered = 10**9  # its client stopped reading: the kernel buffer is full
+    registry.publish(_note(0x20, "a"))
+    registry.publish(_note(0x30, "b"))
+    registry.writes.flush_now()  # a pass of shared frames only: the audience's own path
+    registry.publish(_note(0x40, "c"))
+    await asyncio.sleep(0.01)
+    assert slow.closed_with == CLOSE_SLOW_CONSUMER
+    assert _ids(slow) == ["ready", format_cursor(0x20, 1), format_cursor(0x30, 1)]
+    assert _ids(fast)[1:] == [format_cursor(lsn, 1) for lsn in (0x20, 0x30, 0x40)]
+
+
+async def test_writes_coalesce_right_after_a_pass_and_go_at_once_when_idle() -> None:
+    coalesce = 0.2
+    registry = _registry(writes=WriteScheduler(coalesce))
+    alice = Recording("alice", {"owner"}, writes=registry.writes)
+    registry.hub("o").attach(alice.conn, None)
+    await asyncio.sleep(coalesce * 1.5)  # `ready` went out; the gateway is idle again
+    assert len(alice.transport.writes) == 1
+    registry.publish(_note(0x20, "a"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(alice.transport.writes) == 2  # idle: written on the next loop turn
+    registry.publish(_note(0x30, "b"))
+    registry.publish(_note(0x40, "c"))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert len(alice.transport.writes) == 2  # a pass just ran: these wait for the next one
+    await asyncio.sleep(coalesce * 1.5)
+    assert len(alice.transport.writes) == 3  # ... and go out together
+    assert _ids(alice)[1:] == [format_cursor(lsn, 1) for lsn in (0x20, 0x30, 0x40)]

@@ -174,6 +174,9 @@ class Settings(BaseModel):
     publication: str = Field(default="walcast", pattern=r"^[A-Za-z0-9_]{1,63}$")
     heartbeat_seconds: float = Field(default=25.0, gt=0)
     max_send_buffer: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: Under load, frames wait up to this long after a write pass to go out together
+    #: (gateway.fanout); 0 writes on the next loop turn.
+    write_coalesce_ms: float = Field(default=0.5, ge=0, le=50)
     max_broadcast_bytes: int = Field(default=256 * 1024, gt=0)
     #: DoS limits (docs/security.md); 0 disables a limit. Over a limit, the upgrade gets 429.
     max_connections_per_user: int = Field(default=100, ge=0)
@@ -207,6 +210,7 @@ class Settings(BaseModel):
         for key in (
             "heartbeat_seconds",
             "max_send_buffer",
+            "write_coalesce_ms",
             "max_broadcast_bytes",
             "max_connections_per_user",
             "max_connections_per_org",
