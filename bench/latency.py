@@ -8,8 +8,19 @@ client process; a writer process commits single-row INSERT transactions at `rate
 for `seconds`. Every `subscribers // probes`-th socket is a probe: it parses its frames and
 records `receive time - commitTimestamp` for each event (`commitTimestamp` is the commit record's
 time from the WAL; both clocks are this machine's). The others only drain their sockets. The
-first `warmup` seconds are discarded. The writer's last row carries an end marker: once every
-socket has it, everything has been delivered. Targets: p50 < 5 ms, p99 < 50 ms.
+first `warmup` seconds are discarded. The writer's last row (one per organization) carries an
+end marker: once every socket has it, everything has been delivered. Targets: p50 < 5 ms,
+p99 < 50 ms.
+
+`--orgs N` spreads the subscribers over N organizations (contiguous blocks) and the writer's
+rows round-robin over them, so each change reaches `subscribers / N` sockets: a multi-tenant
+deployment. With one organization every subscriber gets every change.
+
+Baseline, in the same run (one organization only): a bare aiohttp server (`bench.wsload`'s
+`/bare` route, no database, no walcast) with the same number of sockets, fed in process on the
+same schedule, each event sent with `await ws.send_str` to every socket, its `commitTimestamp`
+the time it was made. Its latency is the floor set by one Python process writing to that many
+sockets on this machine: what is left after taking the database, the WAL and walcast away.
 """
 
 from __future__ import annotations
@@ -20,12 +31,14 @@ import json
 import sys
 import time
 import tomllib
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import psycopg
 
 from bench.common import add_common_args, database, emit, median, percentile, raise_nofile
-from bench.wsload import CLASSES, READY_MARKER, ClientProcess
+from bench.wsload import CLASSES, READY_MARKER, ClientProcess, row, start_server
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, start_gateway
@@ -60,8 +73,13 @@ INSERT = (
 )
 
 
-def write(dsn: str, rate: float, seconds: float) -> dict[str, Any]:
-    """The writer process: single-row transactions on an absolute schedule, then the end row."""
+def org_of(subscriber: int, subscribers: int, orgs: int) -> str:
+    return f"{ORG}_{subscriber * orgs // subscribers}" if orgs > 1 else ORG
+
+
+def write(dsn: str, rate: float, seconds: float, orgs: int) -> dict[str, Any]:
+    """The writer process: single-row transactions on an absolute schedule, then the end rows."""
+    names = [ORG] if orgs == 1 else [f"{ORG}_{k}" for k in range(orgs)]
     total = int(rate * seconds)
     with psycopg.connect(dsn, autocommit=True) as conn:
         started = time.perf_counter()
@@ -71,15 +89,18 @@ def write(dsn: str, rate: float, seconds: float) -> dict[str, Any]:
                 time.sleep(delay)
             conn.execute(
                 INSERT,
-                (ORG, "Ada Lovelace", "123456789", "ada@example.com", "x" * 40),
+                (names[i % orgs], "Ada Lovelace", "123456789", "ada@example.com", "x" * 40),
                 prepare=True,
             )
         elapsed = time.perf_counter() - started
-        conn.execute(INSERT, (ORG, None, None, None, "bench-end"))
+        for name in names:
+            conn.execute(INSERT, (name, None, None, None, "bench-end"))
     return {"written": total, "write_seconds": round(elapsed, 2)}
 
 
-async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: float, probes: int):
+async def run(
+    dsn: str, subscribers: int, rate: float, seconds: float, warmup: float, probes: int, orgs: int
+) -> dict[str, Any]:
     config = parse_realtime_config(tomllib.loads(CONFIG))
     gw, runner = await start_gateway(
         dsn,
@@ -98,14 +119,15 @@ async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: f
         drains, probe_paths = [], []
         now = time.time()
         for i in range(subscribers):
+            org = org_of(i, subscribers, orgs)
             ticket = mint_ticket(
                 ACCESS_TOKEN,
                 user_id=f"u{i}",
-                organization_id=ORG,
+                organization_id=org,
                 roles=CLASSES[i % len(CLASSES)],
                 now=now,
             )
-            path = f"/realtime/v1/websocket?ws_ticket={ticket}&organizationId={ORG}"
+            path = f"/realtime/v1/websocket?ws_ticket={ticket}&organizationId={org}"
             (probe_paths if i % every == 0 else drains).append(path)
         await client.connect(drains, READY_MARKER)
         await client.connect(probe_paths, READY_MARKER, probe=True)
@@ -122,6 +144,8 @@ async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: f
             str(rate),
             "--seconds",
             str(seconds),
+            "--orgs",
+            str(orgs),
             stdout=asyncio.subprocess.PIPE,
         )
         await asyncio.sleep(warmup)  # pacing, not synchronization: the warm-up is discarded
@@ -140,15 +164,75 @@ async def run(dsn: str, subscribers: int, rate: float, seconds: float, warmup: f
         **written,
         "achieved_rate": round(written["written"] / written["write_seconds"]),
         "probes": len(probe_paths),
+        **_distribution(latencies),
+        "deliveries": int(delivered),
+        "server_cpu_seconds": round(cpu, 1),
+        "slow_consumers_closed": int(slow),
+        "all_received": complete and ended == subscribers and not lost,
+    }
+
+
+def _distribution(latencies: list[float]) -> dict[str, Any]:
+    return {
         "samples": len(latencies),
         "p50_ms": round(percentile(latencies, 0.50), 2),
         "p95_ms": round(percentile(latencies, 0.95), 2),
         "p99_ms": round(percentile(latencies, 0.99), 2),
         "max_ms": round(latencies[-1], 2) if latencies else None,
         "median_ms": round(median(latencies), 2),
-        "deliveries": int(delivered),
+    }
+
+
+async def run_bare(
+    subscribers: int, rate: float, seconds: float, warmup: float, probes: int
+) -> dict[str, Any]:
+    """The baseline: the same sockets and schedule, `await ws.send_str` to each, no walcast."""
+    server = await start_server()
+    client = ClientProcess(server.port)
+    try:
+        every = max(1, subscribers // probes)
+        paths = server.bare_paths(subscribers)
+        await client.connect([p for i, p in enumerate(paths) if i % every], b"hello")
+        await client.connect(paths[::every], b"hello", probe=True)
+        pairs = list(server.bare_classes.items())
+        cpu = time.process_time()
+        total = int(rate * seconds)
+        started = time.perf_counter()
+        for i in range(total):
+            delay = started + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            texts = [
+                orjson.dumps(
+                    {
+                        "type": "postgres_changes",
+                        "table": "ticks",
+                        "schema": "public",
+                        "eventType": "INSERT",
+                        "new": row(i),
+                        "old": None,
+                        "id": f"{i:016X}-0001",
+                        "commitTimestamp": stamp,
+                    }
+                ).decode()
+                for _ in CLASSES
+            ]
+            for ws, cls in pairs:
+                await ws.send_str(texts[cls])
+            if i == int(rate * warmup):
+                await client.latencies()  # the warm-up is discarded
+        for ws, _ in pairs:
+            await ws.send_str("bench-end")
+        ended, lost, complete, _ = await client.await_end()
+        cpu = time.process_time() - cpu
+        latencies = sorted(v * 1000 for v in await client.latencies())
+    finally:
+        await client.quit()
+        await server.close()
+    return {
+        **_distribution(latencies),
         "server_cpu_seconds": round(cpu, 1),
-        "slow_consumers_closed": int(slow),
         "all_received": complete and ended == subscribers and not lost,
     }
 
@@ -160,39 +244,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--warmup", type=float, default=2)
     parser.add_argument("--probes", type=int, default=20, help="sockets that time every event")
+    parser.add_argument("--orgs", type=int, default=1, help="organizations (subscriber blocks)")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip the bare aiohttp baseline run"
+    )
     parser.add_argument("--uvloop", action="store_true", help="run walcast on uvloop")
     parser.add_argument("--writer", metavar="DSN", help=argparse.SUPPRESS)
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.writer:  # the writer process
-        print(json.dumps(write(args.writer, args.rate, args.seconds)))
+        print(json.dumps(write(args.writer, args.rate, args.seconds, args.orgs)))
         return {}
     raise_nofile(1 << 20)
     with database(args.dsn) as dsn:
-        job = run(dsn, args.subscribers, args.rate, args.seconds, args.warmup, args.probes)
+        job = run(
+            dsn, args.subscribers, args.rate, args.seconds, args.warmup, args.probes, args.orgs
+        )
+        runner: Any = asyncio.run
         if args.uvloop:
             import uvloop
 
-            result = uvloop.run(job)
-        else:
-            result = asyncio.run(job)
+            runner = uvloop.run
+        result = runner(job)
+        if args.orgs == 1 and not args.no_baseline:
+            result["bare"] = runner(
+                run_bare(args.subscribers, args.rate, args.seconds, args.warmup, args.probes)
+            )
     result.update(
-        subscribers=args.subscribers, rate=args.rate, loop="uvloop" if args.uvloop else "asyncio"
+        subscribers=args.subscribers,
+        rate=args.rate,
+        orgs=args.orgs,
+        loop="uvloop" if args.uvloop else "asyncio",
     )
     met = result["p50_ms"] < 5 and result["p99_ms"] < 50
     result["target_met"] = met
-    emit(
-        "latency",
-        result,
-        [
-            f"Latency commit -> receive, {args.subscribers} subscribers, {args.rate:.0f} changes/s "
-            f"for {args.seconds:.0f} s (achieved {result['achieved_rate']}/s), "
-            f"{result['samples']} samples from {result['probes']} probes:",
-            f"  p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, p99 {result['p99_ms']} ms, "
-            f"max {result['max_ms']} ms; target p50 < 5, p99 < 50: {'met' if met else 'NOT met'}",
-        ],
-        json_only=args.json_only,
-    )
+    summary = [
+        f"Latency commit -> receive, {args.subscribers} subscribers in {args.orgs} "
+        f"organization(s), {args.rate:.0f} changes/s for {args.seconds:.0f} s "
+        f"(achieved {result['achieved_rate']}/s), "
+        f"{result['samples']} samples from {result['probes']} probes:",
+        f"  walcast: p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms, "
+        f"p99 {result['p99_ms']} ms, max {result['max_ms']} ms; "
+        f"target p50 < 5, p99 < 50: {'met' if met else 'NOT met'}",
+    ]
+    bare = result.get("bare")
+    if bare:
+        summary.append(
+            f"  bare send_str loop, same sockets and schedule, no database: p50 {bare['p50_ms']} "
+            f"ms, p95 {bare['p95_ms']} ms, p99 {bare['p99_ms']} ms, max {bare['max_ms']} ms"
+        )
+    emit("latency", result, summary, json_only=args.json_only)
     return result
 
 

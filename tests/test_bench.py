@@ -51,3 +51,18 @@ def test_latency_samples_every_probe(pg_server: PostgresServer) -> None:
     )
     assert result["all_received"], result
     assert result["samples"] >= 3 * 20, result
+    bare = result["bare"]  # the same-run baseline: every socket got every event
+    assert bare["all_received"], bare
+    assert bare["samples"] >= 3 * 19, bare  # the first event may be cleared with the warm-up
+
+
+def test_latency_over_several_organizations(pg_server: PostgresServer) -> None:
+    args = ["--subscribers", "6", "--probes", "3", "--rate", "40", "--seconds", "0.5"]
+    result = latency.main(
+        [*args, "--warmup", "0", "--orgs", "3", "--dsn", pg_server.dsn, "--json-only"]
+    )
+    assert result["all_received"], result  # the end row of each organization reached its block
+    assert "bare" not in result
+    # 3 probes in 3 organizations, 20 changes round-robin over them plus one end row each:
+    # each probe times its own organization's share, so 23 samples in all (none crossed over).
+    assert 21 <= result["samples"] <= 23, result
