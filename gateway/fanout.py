@@ -79,10 +79,15 @@ class _Flushable(Protocol):
 class WriteScheduler:
     """Runs the write passes: everything queued since the last pass, one write per socket."""
 
-    __slots__ = ("_dirty", "_last_pass_end", "_loop", "coalesce")
+    __slots__ = ("_dirty", "_last_pass_end", "_loop", "_observe", "coalesce")
 
-    def __init__(self, coalesce: float = DEFAULT_COALESCE_SECONDS) -> None:
+    def __init__(
+        self,
+        coalesce: float = DEFAULT_COALESCE_SECONDS,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
         self.coalesce = coalesce
+        self._observe = observe  #: called with each pass's duration, seconds
         self._dirty: list[_Flushable] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_pass_end = float("-inf")
@@ -109,11 +114,15 @@ class WriteScheduler:
     def _run_pass(self, dirty: list[_Flushable]) -> None:
         if self._dirty is dirty:
             self._dirty = None
+        if not dirty or self._loop is None:
+            return
+        started = self._loop.time()
         for item in dirty:
             item.flush()
         dirty.clear()  # run once: a pass run early by flush_now leaves its callback nothing
-        if self._loop is not None:
-            self._last_pass_end = self._loop.time()
+        self._last_pass_end = self._loop.time()
+        if self._observe is not None:
+            self._observe(self._last_pass_end - started)
 
 
 class Audience:

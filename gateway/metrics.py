@@ -5,7 +5,7 @@ never once per socket.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
 
@@ -66,6 +66,12 @@ class Metrics:
         )
         self.resyncs = Counter(
             "walcast_resyncs", "Resume requests answered with resync_required", registry=registry
+        )
+        self.write_passes = Histogram(
+            "walcast_write_pass_seconds",
+            "Time of one write pass: everything queued, one write per socket (the latency floor)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
         )
 
     def render(self) -> bytes:

@@ -309,6 +309,8 @@ async def test_metrics_expose_the_spec_names(gw: Gateway) -> None:
     assert value(text, "walcast_serializations_total") >= 2
     assert value(text, "walcast_connections") == 1
     assert value(text, "walcast_slow_consumers_total") == 0
+    assert value(text, "walcast_write_pass_seconds_count") >= 2  # `ready`, then the events
+    assert 0 < value(text, "walcast_write_pass_seconds_sum") < 10
     assert value(text, "walcast_replication_lag_bytes") >= 0
     assert value(text, "walcast_slot_retained_wal_bytes") > 0
     async with gw.http.get(f"{gw.url}/readyz") as response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import sys
@@ -153,6 +154,7 @@ async def run_until_stopped(
                     f"port {port} on {host} is in use: pass --port or set WALCAST_PORT"
                 ) from None
             raise
+        freeze_startup_objects()
         bound = runner.addresses[0][1] if port == 0 else port
         url_host = f"[{host}]" if ":" in host else host
         await started(f"http://{url_host}:{bound}", stop)
@@ -161,6 +163,17 @@ async def run_until_stopped(
         log.info("shutting down: closing sockets with 1001")
     finally:
         await runner.cleanup()
+
+
+def freeze_startup_objects() -> None:
+    """Take what start-up made (modules, config, the app) out of the cyclic collector's sight.
+
+    Those objects live as long as the process, yet each full collection would walk them all:
+    a pause of tens of ms in the middle of fan-out (docs/benchmarks.md §3). Frozen, they are
+    still freed by reference counting; only cycles among them would stay.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _check_redis_url(url: str) -> None:
