@@ -119,8 +119,10 @@ async def bare_round(server: Server, client: ClientProcess, sockets: int, events
     }
 
 
-async def run(sizes: list[int], deliveries: int, rounds: int, bursts: list[int]) -> dict[str, Any]:
-    server = await start_server()
+async def run(
+    sizes: list[int], deliveries: int, rounds: int, bursts: list[int], coalesce_ms: float
+) -> dict[str, Any]:
+    server = await start_server(write_coalesce_ms=coalesce_ms)
     client = ClientProcess(server.port)
     results: dict[str, Any] = {}
     try:
@@ -170,15 +172,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--burst", type=int, nargs="+", default=[1, 10], help="events per loop turn (walcast)"
     )
     parser.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
+    parser.add_argument(
+        "--coalesce-ms", type=float, default=0.5, help="walcast's WALCAST_WRITE_COALESCE_MS"
+    )
     add_common_args(parser)
     args = parser.parse_args(argv)
     raise_nofile(1 << 20)
+    job = run(args.sockets, args.deliveries, args.rounds, args.burst, args.coalesce_ms)
     if args.uvloop:
         import uvloop
 
-        results = uvloop.run(run(args.sockets, args.deliveries, args.rounds, args.burst))
+        results = uvloop.run(job)
     else:
-        results = asyncio.run(run(args.sockets, args.deliveries, args.rounds, args.burst))
+        results = asyncio.run(job)
     summary = [f"Fan-out, 3 visibility classes, ~300-byte frames, {args.rounds} rounds each:"]
     for r in results.values():
         summary.append(
@@ -190,7 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     emit(
         "fanout",
-        {"loop": "uvloop" if args.uvloop else "asyncio", "results": results},
+        {
+            "loop": "uvloop" if args.uvloop else "asyncio",
+            "coalesce_ms": args.coalesce_ms,
+            "results": results,
+        },
         summary,
         json_only=args.json_only,
     )
