@@ -245,6 +245,7 @@ def test_settings_from_env() -> None:
         "WALCAST_PUBLICATION": "Pub_2",
         "WALCAST_HEARTBEAT_SECONDS": "5",
         "WALCAST_MAX_SEND_BUFFER": "1024",
+        "WALCAST_WRITE_COALESCE_MS": "2.5",
         "WALCAST_MAX_BROADCAST_BYTES": "2048",
         "WALCAST_JWT_SESSION_SECRET": "jwt-secret",
         "WALCAST_JWT_SESSION_JWKS": "/etc/jwks.json",
@@ -259,6 +260,7 @@ def test_settings_from_env() -> None:
     assert (settings.slot, settings.publication) == ("walcast_2", "Pub_2")
     assert settings.heartbeat_seconds == 5.0
     assert settings.max_send_buffer == 1024
+    assert settings.write_coalesce_ms == 2.5
     assert settings.max_broadcast_bytes == 2048
     assert settings.jwt_session_secret == "jwt-secret"
     assert settings.jwt_session_jwks == "/etc/jwks.json"
@@ -291,6 +293,8 @@ def test_settings_overrides_win_over_env() -> None:
         ({"WALCAST_SLOT": "Bad-Slot"}, "slot"),
         ({"WALCAST_PUBLICATION": "bad pub"}, "publication"),
         ({"WALCAST_HEARTBEAT_SECONDS": "0"}, "heartbeat_seconds"),
+        ({"WALCAST_WRITE_COALESCE_MS": "-1"}, "write_coalesce_ms"),
+        ({"WALCAST_WRITE_COALESCE_MS": "500"}, "write_coalesce_ms"),
     ],
 )
 def test_settings_errors_name_the_setting(env: dict[str, str], key: str) -> None:
