@@ -151,6 +151,7 @@ async def run(
         deliveries = metrics.deliveries._value.get()
         slow = metrics.slow_consumers._value.get()
         cpu = time.process_time()
+        client_cpu = await client.cpu_seconds()
         writer = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -170,6 +171,7 @@ async def run(
         written = json.loads((await writer.communicate())[0])
         ended, lost, complete, _ = await client.await_end()
         cpu = time.process_time() - cpu
+        client_cpu = await client.cpu_seconds() - client_cpu
         latencies = sorted(v * 1000 for v in await client.latencies())
         delivered = metrics.deliveries._value.get() - deliveries
         passes = metrics.write_passes.collect()[0]
@@ -190,6 +192,7 @@ async def run(
         "write_passes": int(pass_count),
         "mean_write_pass_ms": round(pass_seconds / pass_count * 1000, 2) if pass_count else None,
         "server_cpu_seconds": round(cpu, 1),
+        "client_cpu_seconds": round(client_cpu, 1),
         "slow_consumers_closed": int(slow),
         "all_received": complete and ended == subscribers and not lost,
     }
@@ -332,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"p99 {result['p99_ms']} ms, max {result['max_ms']} ms; "
         f"target p50 < 5, p99 < 50: {'met' if met else 'NOT met'}",
         f"  walcast's write passes: {result['write_passes']}, "
-        f"mean {result['mean_write_pass_ms']} ms each",
+        f"mean {result['mean_write_pass_ms']} ms each; CPU seconds: walcast "
+        f"{result['server_cpu_seconds']}, client process {result['client_cpu_seconds']}",
     ]
     bare = result.get("bare")
     if bare:

@@ -359,6 +359,8 @@ async def _client_main(port: int, pipe: Pipe) -> None:
         elif command == "latencies":
             pipe.send(("latencies", stats.latencies))
             stats.latencies = []
+        elif command == "cpu":
+            pipe.send(("cpu", time.process_time()))
         elif command == "quit":
             pipe.send(("bye",))
             return
@@ -425,6 +427,11 @@ class ClientProcess:
         """The probes' latencies since the last call (seconds), and start a new list."""
         _, values = await self.call("latencies")
         return list(values)
+
+    async def cpu_seconds(self) -> float:
+        """CPU time the client process has used so far: is the measuring side saturated?"""
+        _, seconds = await self.call("cpu")
+        return float(seconds)
 
     async def close_sockets(self) -> None:
         await self.call("close")
