@@ -179,7 +179,9 @@ class Audience:
             if data is not None and conn._send(data):
                 slow.append(conn)
         self._frames = None
-        for conn in slow:  # after the pass: closing detaches, which changes `members`
+        # Closed only now: `close()` writes what is still queued for the socket, and while
+        # `_frames` was set that would have been this pass's frames a second time.
+        for conn in slow:
             conn.close_slow()
 
 
@@ -279,6 +281,7 @@ class Connection:
         return transport.get_write_buffer_size() > self.max_send_buffer
 
     def close_slow(self) -> None:
+        """Close a socket whose buffer overflowed (1013) and count it."""
         self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
         self._on_slow(self)
 
