@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cdc_stages, cdc_throughput, fanout, latency, masking, memory
+from bench import cdc_stages, cdc_throughput, fanout, latency, masking, memory, send_cost
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -19,6 +19,13 @@ def test_cdc_throughput_reads_every_change_on_both_sides(pg_server: PostgresServ
     )
     assert result["rows"] == 600
     assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
+
+
+def test_send_cost_times_both_ways_of_writing() -> None:
+    result = send_cost.main(["--sockets", "20", "--rounds", "5", "--repeats", "1", "--json-only"])
+    for key in ("transport_300B_us", "send_300B_us", "transport_15KB_us", "send_15KB_us"):
+        assert result[key] > 0, result
+    assert result["raw_sends_that_would_block"] == 0, result  # every sample was a real send
 
 
 def test_fanout_and_masking_deliver_to_every_socket() -> None:
