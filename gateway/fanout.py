@@ -242,12 +242,9 @@ class Connection:
                 return False
             pending = self._pending = []
             self._writes.mark(self)
-        audience = self._audience
-        if audience is not None:
-            frames = audience._frames
-            if frames is not None and self._seen < len(frames):
-                pending.extend(frames[self._seen :])  # queued before this frame: sent before it
-                self._seen = len(frames)
+        unseen = self._unseen()
+        if unseen:
+            pending.extend(unseen)  # queued before this frame: sent before it
         pending.append(frame)
         return True
 
@@ -260,14 +257,20 @@ class Connection:
     def _take(self) -> bytes | None:
         """Everything queued for this socket, in order; it is then no longer queued."""
         pending, self._pending = self._pending, None
-        audience = self._audience
-        if audience is not None:
-            frames = audience._frames
-            if frames is not None and self._seen < len(frames):
-                rest = frames[self._seen :]
-                self._seen = len(frames)
-                pending = rest if pending is None else pending + rest
+        unseen = self._unseen()
+        if unseen:
+            pending = unseen if pending is None else pending + unseen
         return _joined(pending) if pending else None
+
+    def _unseen(self) -> list[bytes] | None:
+        """The audience frames queued this pass that this socket has not taken yet; now taken."""
+        audience = self._audience
+        frames = audience._frames if audience is not None else None
+        if frames is None or self._seen >= len(frames):
+            return None
+        unseen = frames[self._seen :]
+        self._seen = len(frames)
+        return unseen
 
     def _send(self, data: bytes) -> bool:
         """Write `data`; True if the socket's buffer is now past its limit."""
