@@ -30,7 +30,7 @@ from gateway.metrics import Metrics
 from gateway.policy import PolicyCache, TablePolicy
 from gateway.tickets import TicketClaims
 
-__all__ = ["CLOSE_ACCESS_REVOKED", "Hub", "HubRegistry", "system_frame"]
+__all__ = ["CLOSE_ACCESS_REVOKED", "Hub", "HubRegistry", "revoked_frame", "system_frame"]
 
 CLOSE_ACCESS_REVOKED = 4403  #: the user lost access (role change, membership or session removed)
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
@@ -46,7 +46,8 @@ def system_frame(event: str, payload: dict[str, Any]) -> bytes:
     return text_frame(orjson.dumps({"type": "system", "event": event, "payload": payload}))
 
 
-def _revoked_frame(reason: str) -> bytes:
+def revoked_frame(reason: str) -> bytes:
+    """The `auth:token-invalidated` notice a socket gets just before it is closed with 4403."""
     body = {"type": "broadcast", "event": "auth:token-invalidated", "payload": {"reason": reason}}
     return text_frame(orjson.dumps(body))
 
@@ -241,7 +242,7 @@ class Hub:
             for conn in self.by_user.get(notice.user_id, ())
             if notice.session_id is None or conn.session_id == notice.session_id
         ]
-        frame = _revoked_frame(notice.reason)
+        frame = revoked_frame(notice.reason)
         for conn in targets:
             conn.write(frame)
             conn.close(CLOSE_ACCESS_REVOKED, notice.reason)

@@ -43,15 +43,14 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from cdc.cursors import CursorKey, parse_cursor
 from cdc.enrich import AccessRevoked, RoutedEvent
-from gateway.fanout import Connection, text_frame
-from gateway.hubs import CLOSE_ACCESS_REVOKED, Hub, HubRegistry, system_frame
+from gateway.fanout import Connection
+from gateway.hubs import CLOSE_ACCESS_REVOKED, Hub, HubRegistry, revoked_frame, system_frame
 from gateway.metrics import Metrics
 from walcast.aio import cancel_and_wait
 from walcast.config import RealtimeConfig
@@ -160,11 +159,6 @@ class RedisHubRegistry(HubRegistry):
             for org, hub in self.hubs.items()
             if hub.by_roles or (isinstance(hub, RedisHub) and hub.pending)
         ]
-
-
-def _revoked_frame(reason: str) -> bytes:
-    body = {"type": "broadcast", "event": "auth:token-invalidated", "payload": {"reason": reason}}
-    return text_frame(orjson.dumps(body))
 
 
 def _applies(notice: AccessRevoked, conn: Connection) -> bool:
@@ -387,7 +381,7 @@ class RedisFeed:
         for item in pending.buffer:
             if isinstance(item, AccessRevoked):
                 if _applies(item, conn):
-                    conn.write(_revoked_frame(item.reason))
+                    conn.write(revoked_frame(item.reason))
                     conn.close(CLOSE_ACCESS_REVOKED, item.reason)
                     metrics.revocations.labels(item.reason).inc()
                     return
