@@ -479,9 +479,16 @@ class ChangeBuilder:
         return []
 
     def _on_insert(self, message: Insert) -> list[Item]:
-        bound = self._bound_for(message.relation)
+        # The hot path: `_bound_for` and `_next_position` inlined (0.15 µs of 2.8 per row).
+        relation = message.relation
+        bound = self._bound.get(relation.oid)
+        if bound is None or bound.relation is not relation:
+            bound = self._bound_for(relation)
         new = bound.new_row(message.new)
-        commit_lsn, position = self._next_position("Insert")
+        commit_lsn = self._commit_lsn
+        if commit_lsn is None:
+            raise ProtocolError("Insert outside a transaction")
+        self._position = position = self._position + 1
         return [RowChange(commit_lsn, position, bound.schema, bound.table, "INSERT", new, None, ())]
 
     def _on_update(self, message: Update) -> list[Item]:

@@ -67,6 +67,7 @@ _COMMIT = struct.Struct("!BQQq")  # flags, commit LSN, end LSN, commit timestamp
 _COLUMN_TYPE = struct.Struct("!Ii")  # type OID, type modifier
 _TRUNCATE_HEAD = struct.Struct("!IB")  # relation count, option bits
 _MESSAGE_HEAD = struct.Struct("!BQ")  # flags, LSN
+_ROW_HEAD = struct.Struct("!IB")  # relation OID, first tuple marker (Insert, Update, Delete)
 
 _NUL = re.compile(b"\x00")
 
@@ -140,7 +141,12 @@ class _Reader:
             raise self.fail(f"timestamp out of range: {micros}") from None
 
     def tuple(self, relation: Relation) -> tuple[Cell, ...]:
-        """TupleData: Int16 column count, then one cell per column. The hot path."""
+        """TupleData: Int16 column count, then one cell per column. The hot path.
+
+        A cell's length is read unsigned, so a negative one becomes a length past any real
+        payload; since the position only grows, one bounds check after the loop catches both
+        (a cell kind read past the end raises `IndexError`, which `decode` reports).
+        """
         buf = self.buf
         (ncols,) = _U16.unpack_from(buf, self.pos)
         if ncols != len(relation.columns):
@@ -149,27 +155,23 @@ class _Reader:
                 f"has {len(relation.columns)}"
             )
         pos = self.pos + 2
-        size = len(buf)
-        unpack_length = _I32.unpack_from
-        cells: list[Cell] = []
-        append = cells.append
-        for _ in range(ncols):
+        unpack_length = _U32.unpack_from
+        cells: list[Cell] = [None] * ncols
+        for i in range(ncols):
             kind = buf[pos]
             if kind == _CELL_TEXT or kind == _CELL_BINARY:
-                (length,) = unpack_length(buf, pos + 1)
                 start = pos + 5
-                pos = start + length
-                if length < 0 or pos > size:
-                    raise self.fail(f"tuple cell length {length} is negative or past the end")
-                append(buf[start:pos])
+                pos = start + unpack_length(buf, pos + 1)[0]
+                cells[i] = buf[start:pos]
             elif kind == _CELL_NULL:
-                append(None)
                 pos += 1
             elif kind == _CELL_UNCHANGED:
-                append(_UNCHANGED)
+                cells[i] = _UNCHANGED
                 pos += 1
             else:
                 raise self.fail(f"invalid tuple cell kind {kind:#04x}")
+        if pos > len(buf):
+            raise self.fail("tuple cell length is negative or past the end")
         self.pos = pos
         return tuple(cells)
 
@@ -213,14 +215,13 @@ class Decoder:
             )
         return message
 
-    def _relation(self, reader: _Reader) -> Relation:
-        oid = reader.u32()
+    def _relation(self, oid: int, lsn: int | None) -> Relation:
         try:
             return self.relations[oid]
         except KeyError:
             raise UnknownRelationError(
                 f"row message for relation OID {oid}, never described by a Relation message",
-                lsn=reader.lsn,
+                lsn=lsn,
             ) from None
 
 
@@ -278,15 +279,16 @@ def _parse_type(decoder: Decoder, r: _Reader) -> Type:
 
 
 def _parse_insert(decoder: Decoder, r: _Reader) -> Insert:
-    relation = decoder._relation(r)
-    if r.u8() != _TUPLE_NEW:
+    oid, marker = r.unpack(_ROW_HEAD)
+    relation = decoder._relation(oid, r.lsn)
+    if marker != _TUPLE_NEW:
         raise r.fail("Insert without its 'N' tuple")
     return Insert(relation=relation, new=r.tuple(relation))
 
 
 def _parse_update(decoder: Decoder, r: _Reader) -> Update:
-    relation = decoder._relation(r)
-    marker = r.u8()
+    oid, marker = r.unpack(_ROW_HEAD)
+    relation = decoder._relation(oid, r.lsn)
     old = None
     old_is_key = False
     if marker == _TUPLE_KEY or marker == _TUPLE_OLD:
@@ -299,8 +301,8 @@ def _parse_update(decoder: Decoder, r: _Reader) -> Update:
 
 
 def _parse_delete(decoder: Decoder, r: _Reader) -> Delete:
-    relation = decoder._relation(r)
-    marker = r.u8()
+    oid, marker = r.unpack(_ROW_HEAD)
+    relation = decoder._relation(oid, r.lsn)
     if marker != _TUPLE_KEY and marker != _TUPLE_OLD:
         raise r.fail(f"Delete with tuple marker {marker:#04x} where 'K' or 'O' was expected")
     return Delete(relation=relation, old=r.tuple(relation), old_is_key=marker == _TUPLE_KEY)
@@ -310,7 +312,7 @@ def _parse_truncate(decoder: Decoder, r: _Reader) -> Truncate:
     nrels, options = r.unpack(_TRUNCATE_HEAD)
     if len(r.buf) - r.pos != 4 * nrels:
         raise r.fail(f"Truncate of {nrels} relations has {len(r.buf) - r.pos} bytes of OIDs")
-    relations = tuple(decoder._relation(r) for _ in range(nrels))
+    relations = tuple(decoder._relation(r.u32(), r.lsn) for _ in range(nrels))
     return Truncate(
         relations=relations,
         cascade=bool(options & _TRUNCATE_CASCADE),

@@ -55,7 +55,7 @@ from cdc.changes import (
 from cdc.decoder import Decoder
 from cdc.errors import ReplicationError
 from cdc.lsn import format_lsn
-from cdc.messages import Begin, Commit, Relation, UnknownMessage
+from cdc.messages import Begin, Commit, PgOutputMessage, Relation, UnknownMessage
 from cdc.replication import Keepalive, ReplicationProtocol
 from cdc.transport import ConnectionLost, ReplicationConnection, ServerError
 
@@ -64,6 +64,9 @@ __all__ = ["ReplicationReader"]
 logger = logging.getLogger(__name__)
 
 ReplicaIdentityMode = Literal["ignore", "check", "manage"]
+
+_BOOKKEEPING = frozenset({Begin, Commit, UnknownMessage})
+"""Decoder messages that move the reader's transaction state or are skipped."""
 
 _READ_AHEAD = 256
 """Most items one read makes from messages that have already arrived (see the docstring)."""
@@ -250,7 +253,7 @@ class ReplicationReader:
                         while not pending:
                             pending.extend(await self._next_items())
                         item = pending.popleft()
-                        if self._already_yielded(item):
+                        if self._resuming and self._already_yielded(item):
                             continue
                         yield item
                         self._last_item = item  # the consumer asked past it: handled
@@ -337,7 +340,12 @@ class ReplicationReader:
         )
 
     async def _next_items(self) -> list[Item]:
-        """Read one CopyData message, and those already arrived up to a Commit, into items."""
+        """Read one CopyData message, and those already arrived up to a Commit, into items.
+
+        Decoding is synchronous; the loop awaits only to describe a Relation's types and to
+        answer a keepalive that asks for a reply, so a batch costs one await, not one per
+        message.
+        """
         if self._commit is not None:
             # Every item made from the last Commit has been handled: the transaction is done.
             commit_lsn, end_lsn = self._commit
@@ -345,42 +353,48 @@ class ReplicationReader:
             self._done_commit = max(self._done_commit, commit_lsn)
             self._candidate = max(self._candidate, end_lsn)
             self._in_transaction = False
-        items = await self._handle(await self._read())
         conn = self._conn
         assert conn is not None
-        while self._commit is None and len(items) < _READ_AHEAD:
-            data = conn.read_copy_nowait()
-            if data is None:
+        feed = self._builder.feed
+        items: list[Item] = []
+        data: bytes | None = await self._read()
+        while data is not None:
+            decoded = self._decode(data)
+            if decoded is not None:
+                if isinstance(decoded, Relation):
+                    await self._resolve_types(decoded)
+                items += feed(decoded)
+            if self._commit is not None or len(items) >= _READ_AHEAD:
                 break
-            items += await self._handle(data)
+            data = conn.read_copy_nowait()
+        if self._protocol.reply_pending:
+            await self._send_status()
         return items
 
-    async def _handle(self, data: bytes) -> list[Item]:
-        """Turn one CopyData message into zero or more items."""
+    def _decode(self, data: bytes) -> PgOutputMessage | None:
+        """One CopyData message as a decoder message to feed, or None (keepalive, unknown)."""
         message = self._protocol.receive(data)
         self._stream_ok = True
         if isinstance(message, Keepalive):
             if not self._in_transaction:
                 self._candidate = max(self._candidate, message.wal_end)
-            if message.reply_requested:
-                await self._send_status()
-            return []
-        decoded = self._decoder.decode(message.payload, lsn=message.data_start)
-        if isinstance(decoded, UnknownMessage):
+            return None
+        decoded = self._decoder.decode(message.payload, message.data_start)
+        if type(decoded) not in _BOOKKEEPING:
+            return decoded  # a row change: the common case, no bookkeeping
+        if isinstance(decoded, Begin):
+            self._in_transaction = True
+        elif isinstance(decoded, Commit):
+            self._commit = (decoded.commit_lsn, decoded.end_lsn)
+        elif isinstance(decoded, UnknownMessage):
             if decoded.kind not in self._unknown_kinds:
                 self._unknown_kinds.add(decoded.kind)
                 logger.warning(
                     "skipping unknown pgoutput message kind",
                     extra={"kind": decoded.kind, "lsn": format_lsn(message.data_start)},
                 )
-            return []
-        if isinstance(decoded, Begin):
-            self._in_transaction = True
-        elif isinstance(decoded, Commit):
-            self._commit = (decoded.commit_lsn, decoded.end_lsn)
-        elif isinstance(decoded, Relation):
-            await self._resolve_types(decoded)
-        return self._builder.feed(decoded)
+            return None
+        return decoded
 
     async def _read(self) -> bytes:
         """The next CopyData message; sends status updates when due while waiting."""
@@ -413,8 +427,7 @@ class ReplicationReader:
     # -- exactly once, flush position ------------------------------------------------------------
 
     def _already_yielded(self, item: Item) -> bool:
-        if not self._resuming:
-            return False
+        """Whether a re-sent item was yielded before the reconnect (only while resuming)."""
         last = self._last_item
         if item.commit_lsn <= self._done_commit or (last is not None and _key(item) <= _key(last)):
             return True
