@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from bench import cdc_stages, cdc_throughput, fanout, latency, masking, memory, send_cost
+from bench import (
+    cdc_stages,
+    cdc_throughput,
+    fanout,
+    latency,
+    masking,
+    memory,
+    redis_bus,
+    send_cost,
+)
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -26,6 +35,24 @@ def test_send_cost_times_both_ways_of_writing() -> None:
     for key in ("transport_300B_us", "send_300B_us", "transport_15KB_us", "send_15KB_us"):
         assert result[key] > 0, result
     assert result["raw_sends_that_would_block"] == 0, result  # every sample was a real send
+
+
+def test_redis_bus_stores_every_event_three_ways_and_cleans_up(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"no Redis at {redis_url}: {exc}")
+    before = set(client.scan_iter(match="walcast-bench:*"))
+    args = ["--events", "300", "--transaction", "1", "7", "--rounds", "1", "--json-only"]
+    result = redis_bus.main([*args, "--redis-url", redis_url])
+    assert set(result["by_size"]) == {"1", "7"}
+    for numbers in result["by_size"].values():
+        assert all(rate > 0 for rate in numbers["events_per_s"].values()), numbers
+    assert set(client.scan_iter(match="walcast-bench:*")) == before  # every key dropped
+    client.close()
 
 
 def test_fanout_and_masking_deliver_to_every_socket() -> None:

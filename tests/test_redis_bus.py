@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import signal
 import time
@@ -28,6 +29,7 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from cdc.cursors import format_cursor
 from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent
 from cdc.render import RawJson
 from tests.fix_gateway import (
@@ -48,6 +50,7 @@ from walcast.redisbus import (
     RedisSink,
     decode_events,
     encode_events,
+    parse_stream_id,
     prefix_from_env,
     reader_lock_key,
 )
@@ -722,10 +725,12 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     sink = RedisSink(redis, keys, history_seconds=120)
     await sink.start(0x16B3000)
     assert await redis.get(keys.floor) == b"00000000016B3000-0000"
-    await sink.publish([change])
-    await sink.publish([broadcast])
-    await sink.publish([revoked])
-    await sink.publish([revoked])  # a second revocation in the same transaction: its own id
+    async with _running(sink):
+        await sink.publish([change])
+        await sink.publish([broadcast])
+        await sink.publish([revoked])
+        await sink.publish([revoked])  # a second revocation in the same transaction: its own id
+        await sink.flush()
     assert await redis.xlen(keys.org("org-1")) == 2
     assert await redis.xlen(keys.control) == 2
     assert await redis.get(keys.position) == b"00000000016B3748-0004"
@@ -734,8 +739,10 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     # re-reads the last transaction anyway gets its events refused as duplicates.
     again = RedisSink(redis, keys, history_seconds=120)
     await again.start(0x16B3000)
-    for event in (change, broadcast, revoked):
-        await again.publish([event])
+    async with _running(again):
+        for event in (change, broadcast, revoked):
+            await again.publish([event])
+        await again.flush()
     assert again.published == 3 and again.duplicates == 3
     assert await redis.xlen(keys.org("org-1")) == 2
     assert await redis.xlen(keys.control) == 2
@@ -748,8 +755,57 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     await redis.delete(keys.floor)  # what a restart without persistence looks like
     with pytest.raises(HistoryLost):
         await again.upkeep()
+    await again.publish([change])
     with pytest.raises(HistoryLost):
-        await again.publish([change])
+        await asyncio.wait_for(again.run(), 5)
+
+
+async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    """500 one-row transactions queued at once reach Redis in a few round trips, in order,
+    and each commit reaches the retention window only after its events are stored."""
+    keys = BusKeys(prefix)
+    change = _events()[0]
+    now = [0.0]
+    sink = RedisSink(redis, keys, history_seconds=10, clock=lambda: now[0], max_queued=200)
+    await sink.start(0x1000)
+    sent: list[int] = []
+    send = sink._send
+
+    async def counting_send(entries: list[Any]) -> list[int]:
+        sent.append(len(entries))
+        return await send(entries)
+
+    sink._send = counting_send  # type: ignore[method-assign]
+    lsns = [0x2000 + 0x100 * i for i in range(500)]
+    async with _running(sink):
+        for lsn in lsns:
+            cursor = format_cursor(lsn, 1)
+            await sink.publish([dataclasses.replace(change, cursor=cursor, commit_lsn=lsn)])
+            sink.mark_position(lsn + 0x10)
+            assert sink._handled < lsn  # queued, not stored yet: the commit does not count
+        await sink.flush()
+    assert sum(sent) == 500
+    assert len(sent) <= 10, sent  # batches, not one round trip per row
+    assert max(sent) <= 200  # the queue bound holds
+    stored = await redis.xrange(keys.org("org-1"))
+    assert [parse_stream_id(entry_id) for entry_id, _ in stored] == [(lsn, 1) for lsn in lsns]
+    assert await redis.get(keys.position) == format_cursor(lsns[-1], 1).encode()
+    assert sink._handled == lsns[-1] + 0x10
+    now[0] = 100.0  # the window now answers with the newest position it recorded
+    assert sink._window is not None and sink._window.retained() == lsns[-1] + 0x10
+
+
+@contextlib.asynccontextmanager
+async def _running(sink: RedisSink) -> AsyncIterator[None]:
+    task = asyncio.create_task(sink.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def test_trim_detection_from_stream_metadata(redis: aioredis.Redis, prefix: str) -> None:

@@ -23,14 +23,20 @@ Rules the reader keeps:
   Access revocations (no position of their own) are numbered within their transaction, which
   is deterministic. An entry holds the events of one item for one stream (an UPDATE that moves
   a row between users of one organization is a DELETE and an INSERT with the same cursor).
-* **Acknowledgement.** `publish` returns only once Redis has stored the events; the pipeline
-  then lets the slot confirm up to the position it reached `historySeconds` ago (the same
-  `RetentionWindow` as the in-process bus). So the WAL of the history window is kept: if Redis
-  loses its data (a restart without persistence), the reader notices (``floor`` is gone),
-  restarts streaming from the slot and rebuilds the streams, and clients still resume without
-  a gap. A reader that starts with Redis intact skips, without a round trip, every transaction
-  committed below the stored ``position``, so a failover re-reads the window quickly.
-* **Redis unavailable**: `publish` retries with capped, jittered back-off; the slot position
+* **Batching.** `publish` queues; `RedisSink.run` stores the queue one batch per round trip
+  (a pipeline of those Lua calls), so everything queued while a batch is on its way goes in
+  the next one. A lone event still costs one round trip; a burst costs one per batch, not one
+  per row. The queue is bounded (`max_queued` entries): past that, `publish` waits.
+* **Acknowledgement.** A commit handed to `mark_position` counts only once every entry queued
+  before it is stored; the pipeline then lets the slot confirm up to the position it reached
+  `historySeconds` ago (the same `RetentionWindow` as the in-process bus). So the WAL of the
+  history window is kept: if Redis loses its data (a restart without persistence), the reader
+  notices (``floor`` is gone), restarts streaming from the slot and rebuilds the streams, and
+  clients still resume without a gap. A reader that starts with Redis intact skips, without a
+  round trip, every transaction committed below the stored ``position``, so a failover
+  re-reads the window quickly.
+* **Redis unavailable**: the batch is retried with capped, jittered back-off (entries that
+  did land are refused as duplicates); the queue fills and the reader waits; the slot position
   does not move (the WAL is retained, nothing is lost); `/readyz` says 503 meanwhile.
 * **Trimming**: XADD caps each stream (``MAXLEN ~ historyMaxEvents``); every few seconds the
   reader trims the streams it wrote to by time (``XTRIM MINID``, the position it reached
@@ -57,7 +63,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -324,6 +330,17 @@ return moved
 """
 
 
+class _Entry(NamedTuple):
+    """One stream entry per stream of one reader item, ready for the `_PUBLISH` script."""
+
+    keys: list[str]
+    args: list[str | bytes]
+    key: CursorKey  #: the entry id
+    position: str  #: the new `position`, '' when it does not move
+    streams: tuple[str, ...]
+    events: int
+
+
 class HistoryLost(Exception):
     """Redis no longer has the history (restarted without persistence): rebuild it."""
 
@@ -345,6 +362,7 @@ class RedisSink:
         clock: Callable[[], float] = time.monotonic,
         backoff_base: float = 0.05,
         backoff_cap: float = 2.0,
+        max_queued: int = 1000,
     ) -> None:
         self._redis = redis
         self._keys = keys
@@ -363,6 +381,16 @@ class RedisSink:
         self._control: tuple[int, int] = (-1, 0)  #: (commit LSN, revocations numbered so far)
         self._streams: dict[str, float] = {}  #: streams to trim → when last written
         self._trimmed_at = 0.0
+        self._max_queued = max_queued
+        self._queue: list[_Entry | int] = []  #: entries to store, and marks (commit LSNs)
+        self._queued_entries = 0
+        self._queued_position: CursorKey = (0, 0)  #: the highest position queued
+        self._storing = False  #: a batch is on its way to Redis
+        self._work = asyncio.Event()  #: the queue has something for `run`
+        self._room = asyncio.Event()  #: the queue is below `max_queued`
+        self._room.set()
+        self._idle = asyncio.Event()  #: nothing queued, nothing on its way
+        self._idle.set()
         self.duplicates = 0
         self.published = 0
 
@@ -391,6 +419,12 @@ class RedisSink:
         self._streams.setdefault(keys.shared, now)
 
     async def publish(self, events: Sequence[Event]) -> None:
+        """Queue the events of one reader item for `run` to store.
+
+        Returns at once unless `max_queued` entries are waiting (then once `run` has taken
+        them): the round trip to Redis is not the reader's, so while one batch is on its way
+        the next one gathers.
+        """
         if not events:
             return
         first = events[0]
@@ -413,23 +447,87 @@ class RedisSink:
                 org = event.organization_id
                 stream = self._keys.org(org) if org is not None else self._keys.shared
                 groups.setdefault(stream, []).append(event)
-            position = format_cursor(*key) if key > self._position else ""
-        streams = list(groups)
+            position = ""
+            if key > self._queued_position and key > self._position:
+                position = format_cursor(*key)
+                self._queued_position = key
+        streams = tuple(groups)
         args: list[str | bytes] = [stream_id(key), position, self._max_len]
         args += [encode_events(groups[stream]) for stream in streams]
         keys = [self._keys.floor, self._keys.position, *streams]
-        result = await self._retrying(lambda: self._publish(keys=keys, args=args))
-        if result == -1:
-            raise HistoryLost("the Redis history is gone (floor key missing)")
-        self.duplicates += int(result)
-        self.published += len(events)
-        if position:
-            self._position, self._written = key, position
-        now = self._clock()
-        for stream in streams:
-            self._streams[stream] = now
+        self._enqueue(_Entry(keys, args, key, position, streams, len(events)))
+        self._queued_entries += 1
+        if self._queued_entries >= self._max_queued:
+            self._room.clear()
+            await self._room.wait()
 
     def mark_position(self, commit_lsn: int) -> None:
+        """Every event up to this commit has been queued; it counts once they are stored."""
+        if self._queue or self._storing:
+            self._enqueue(commit_lsn)
+        else:
+            self._stored_up_to(commit_lsn)
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is stored (`run` must be running)."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        """Store what `publish` queues until cancelled: everything queued while a batch was on
+        its way goes in the next one, in one round trip (a pipeline of Lua calls).
+
+        Raises:
+            HistoryLost: Redis no longer has the history (the floor key is gone).
+        """
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                self._queued_entries = 0
+                self._room.set()
+                self._storing = True
+                try:
+                    await self._store(batch)
+                finally:
+                    self._storing = False
+            self._idle.set()
+
+    def _enqueue(self, item: _Entry | int) -> None:
+        self._queue.append(item)
+        self._idle.clear()
+        self._work.set()
+
+    async def _store(self, batch: list[_Entry | int]) -> None:
+        entries = [item for item in batch if isinstance(item, _Entry)]
+        if entries:
+            results = await self._retrying(lambda: self._send(entries))
+            if -1 in results:
+                raise HistoryLost("the Redis history is gone (floor key missing)")
+            self.duplicates += sum(results)
+            now = self._clock()
+            for entry in entries:
+                self.published += entry.events
+                if entry.position:
+                    self._position, self._written = entry.key, entry.position
+                for stream in entry.streams:
+                    self._streams[stream] = now
+        for item in batch:
+            if isinstance(item, int):
+                self._stored_up_to(item)
+
+    async def _send(self, entries: list[_Entry]) -> list[int]:
+        """One round trip: one Lua call per entry, each atomic with its position update.
+
+        Sent again after a transient failure: entries that did land are refused as
+        duplicates, so a retry never stores an event twice.
+        """
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                await self._publish(keys=entry.keys, args=entry.args, client=pipe)
+            return [int(result) for result in await pipe.execute()]
+
+    def _stored_up_to(self, commit_lsn: int) -> None:
         self._handled = max(self._handled, commit_lsn)
         if self._window is not None:
             self._window.record(commit_lsn)
@@ -608,6 +706,7 @@ class ReaderService:
             await sink.start(start_lsn)
             tasks = [
                 asyncio.create_task(pipeline.run(start_lsn), name="walcast-reader"),
+                asyncio.create_task(sink.run(), name="walcast-reader-sink"),
                 asyncio.create_task(self._watch_lock(lock_conn), name="walcast-reader-lock"),
                 asyncio.create_task(self._tick(pipeline, sink), name="walcast-reader-tick"),
             ]
