@@ -87,6 +87,7 @@ def make_app(
         metrics,
         history_seconds=config.historySeconds,
         max_events=config.historyMaxEvents,
+        max_total_events=config.historyMaxTotalEvents,
         writes=WriteScheduler(settings.write_coalesce_ms / 1000, metrics.write_passes.observe),
     )
     app[STATE] = state = GatewayState(

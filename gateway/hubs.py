@@ -7,9 +7,10 @@ Everything here is synchronous. Attaching a socket replays its missed events, re
 sends `ready` without an await in between, so no live event can slip into the seam between
 replay and live delivery, and nothing published after `ready` can be missed.
 
-History keeps each event for `history_seconds` (and at most `max_events` per hub) so a client
-can resume with `since=<id>`. A hub also knows from which cursor on its history is complete;
-a resume cursor below that gets `resync_required` instead of a silent gap.
+History keeps each event for `history_seconds` (and at most `max_events` per hub, and at most
+`max_total_events` on the node, oldest first across hubs) so a client can resume with
+`since=<id>`. A hub also knows from which cursor on its history is complete; a resume cursor
+below that gets `resync_required` instead of a silent gap.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ CLOSE_ACCESS_REVOKED = 4403  #: the user lost access (role change, membership or
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
 
 Roles = frozenset[str]
+
+
+def _remembered_key(entry: tuple[CursorKey, Hub]) -> CursorKey:
+    return entry[0]
 
 
 def _history_key(entry: tuple[CursorKey, float, RoutedEvent]) -> CursorKey:
@@ -157,8 +162,7 @@ class Hub:
     # -- events ----------------------------------------------------------------------------
 
     def publish(self, key: CursorKey, event: RoutedEvent, now: float) -> None:
-        self.history.append((key, now, event))
-        self.trim(now)
+        self._registry.remember(self, key, now, event)
         self.deliver_live(event)
 
     def deliver_live(self, event: RoutedEvent) -> None:
@@ -168,7 +172,11 @@ class Hub:
         history, registry = self.history, self._registry
         oldest = now - registry.history_seconds
         while history and (history[0][1] < oldest or len(history) > registry.max_events):
-            self.evicted_up_to = history.popleft()[0]
+            self.evict_oldest()
+
+    def evict_oldest(self) -> None:
+        self.evicted_up_to = self.history.popleft()[0]
+        self._registry.history_size -= 1
 
     def _audience(self, user: str | None) -> Iterable[tuple[Roles, Iterable[Connection]]]:
         if user is None:
@@ -250,6 +258,12 @@ class Hub:
         return len(targets)
 
 
+def _still_held(key: CursorKey, hub: Hub) -> bool:
+    """Whether the oldest entry of `hub`'s history is still the one remembered as `key`
+    (history is in key order, so an older key there means it was evicted meanwhile)."""
+    return bool(hub.history) and hub.history[0][0] <= key
+
+
 class HubRegistry:
     """All hubs of this node, plus what they share: policies, metrics, the resume floor."""
 
@@ -259,6 +273,7 @@ class HubRegistry:
         *,
         history_seconds: float = 120.0,
         max_events: int = 100_000,
+        max_total_events: int = 500_000,
         clock: Callable[[], float] = time.monotonic,
         writes: WriteScheduler | None = None,
     ) -> None:
@@ -267,6 +282,11 @@ class HubRegistry:
         self.writes = WriteScheduler() if writes is None else writes
         self.history_seconds = history_seconds
         self.max_events = max_events
+        self.max_total_events = max_total_events
+        #: Events in every hub's history, and (key, hub) in the order they were remembered:
+        #: the node-wide bound evicts from the front (entries a hub already evicted are skipped).
+        self.history_size = 0
+        self._remembered: deque[tuple[CursorKey, Hub]] = deque()
         self.policies = PolicyCache()
         self._clock = clock
         self.hubs: dict[str, Hub] = {}
@@ -309,13 +329,36 @@ class HubRegistry:
         self.metrics.events.inc()
         if event.organization_id is None:
             # Kept once, for every organization: hubs made later replay it too.
-            self.global_history.history.append((key, now, event))
-            self.global_history.trim(now)
+            self.remember(self.global_history, key, now, event)
             for hub in list(self.hubs.values()):
                 hub.deliver_live(event)
         else:
             self.hub(event.organization_id).publish(key, event, now)
         self.advance(key)
+
+    def remember(self, hub: Hub, key: CursorKey, now: float, event: RoutedEvent) -> None:
+        """Add an event to `hub`'s history, then trim by time and by both bounds."""
+        hub.history.append((key, now, event))
+        self._remembered.append((key, hub))
+        self.history_size += 1
+        hub.trim(now)
+        remembered = self._remembered
+        while self.history_size > self.max_total_events:
+            oldest_key, oldest_hub = remembered.popleft()
+            history = oldest_hub.history
+            if history and history[0][0] == oldest_key:
+                oldest_hub.evict_oldest()
+        if len(remembered) > 2 * self.history_size + 1024:
+            self._forget_evicted()
+
+    def _forget_evicted(self) -> None:
+        """Rebuild the order from what the hubs still hold (per-hub trims leave stale entries)."""
+        hubs = [self.global_history, *self.hubs.values()]
+        self._remembered = deque(
+            heapq.merge(
+                *([(key, hub) for key, _, _ in hub.history] for hub in hubs), key=_remembered_key
+            )
+        )
 
     def is_revoked(self, claims: TicketClaims) -> bool:
         """Whether an access change committed after this ticket was issued: its roles are stale.
@@ -356,13 +399,14 @@ class HubRegistry:
             key: at for key, at in self._revoked_sessions.items() if at >= forget_before
         }
         self.global_history.trim(now)
-        total = len(self.global_history.history)
         for org, hub in list(self.hubs.items()):
             hub.trim(now)
-            total += len(hub.history)
             if not hub.history and not hub.by_roles and hub.evicted_up_to is None:
                 del self.hubs[org]
-        self.metrics.history_events.set(total)
+        remembered = self._remembered
+        while remembered and not _still_held(*remembered[0]):
+            remembered.popleft()
+        self.metrics.history_events.set(self.history_size)
 
     def connections(self) -> Iterable[Connection]:
         for hub in self.hubs.values():

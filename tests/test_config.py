@@ -153,6 +153,7 @@ def test_unknown_keys_anywhere_are_errors(data: dict[str, Any], where: str) -> N
     ("data", "where"),
     [
         ({"historySeconds": 0}, "historySeconds"),
+        ({"historyMaxTotalEvents": 0}, "historyMaxTotalEvents"),
         ({"tables": {"t": {"onInsert": "maybe"}}}, "tables.public.t.onInsert"),
         ({"tables": {"t": {"masking": {"c": {"type": "hash"}}}}}, "tables.public.t.masking.c.type"),
         ({"tables": {"t": 5}}, "tables.public.t"),

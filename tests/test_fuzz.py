@@ -151,6 +151,7 @@ KEYS = st.sampled_from(
         "namespaces",
         "historySeconds",
         "historyMaxEvents",
+        "historyMaxTotalEvents",
         "manageReplicaIdentity",
         "public.applications",
         "notes",

@@ -205,6 +205,51 @@ async def test_replay_then_ready_then_live_and_the_resume_floor() -> None:
     assert [m["event"] for m in future.messages] == ["resync_required", "ready"]
 
 
+async def test_the_node_wide_bound_evicts_the_oldest_events_of_any_hub() -> None:
+    registry = _registry(max_events=100, max_total_events=3)
+    registry.publish(_change(0x20, "a1", org="a"))
+    registry.publish(_change(0x30, "b1", org="b"))
+    registry.publish(_change(0x40, "a2", org="a"))
+    registry.publish(_change(0x50, "b2", org="b"))  # four events: "a1", the oldest, goes
+    assert registry.history_size == 3
+    assert [e.new["id"] for _, _, e in registry.hub("a").history] == ["a2"]
+    assert [e.new["id"] for _, _, e in registry.hub("b").history] == ["b1", "b2"]
+
+    # "a" cannot replay from before a1 any more; "b" lost nothing and still can.
+    a = Recording("ra", {"owner"}, writes=registry.writes)
+    registry.hub("a").attach(a.conn, format_cursor(0x10, 1))
+    assert [m.get("event") for m in a.messages] == ["resync_required", "ready"]
+    b = Recording("rb", {"owner"}, writes=registry.writes)
+    registry.hub("b").attach(b.conn, format_cursor(0x10, 1))
+    assert [m.get("event") or m["new"]["id"] for m in b.messages] == ["b1", "b2", "ready"]
+    a_later = Recording("ra2", {"owner"}, writes=registry.writes)
+    registry.hub("a").attach(a_later.conn, format_cursor(0x20, 1))  # saw a1: a2 is all it needs
+    assert [m.get("event") or m["new"]["id"] for m in a_later.messages] == ["a2", "ready"]
+
+
+async def test_the_node_wide_bound_counts_what_per_hub_and_time_trims_removed() -> None:
+    now = [0.0]
+    registry = _registry(max_events=5, max_total_events=40, clock=lambda: now[0])
+    lsn = 0x100
+    for round_ in range(200):
+        for org in ("busy", "busy", "busy", f"quiet{round_ % 7}"):
+            lsn += 0x10
+            registry.publish(_change(lsn, f"{org}-{lsn}", org=org))
+        now[0] += 1.0
+        held = sum(len(h.history) for h in [registry.global_history, *registry.hubs.values()])
+        assert registry.history_size == held <= 40
+    now[0] += 1000.0  # everything expires by time
+    registry.trim()
+    assert registry.history_size == 0 and not registry._remembered
+
+    # Per-hub trims alone leave stale entries behind; they are dropped before they pile up.
+    for _ in range(5000):
+        lsn += 0x10
+        registry.publish(_change(lsn, "x", org="busy"))
+    assert registry.history_size == 5
+    assert len(registry._remembered) <= 2 * 5 + 1024
+
+
 async def test_replay_applies_roles_and_masks_as_if_live() -> None:
     registry = _registry()
     registry.publish(_change(0x20, "a"))

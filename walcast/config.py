@@ -95,6 +95,7 @@ class RealtimeConfig(_Strict):
     manageReplicaIdentity: bool = False
     historySeconds: float = Field(default=120.0, gt=0)
     historyMaxEvents: int = Field(default=100_000, gt=0)
+    historyMaxTotalEvents: int = Field(default=500_000, gt=0)
     tables: dict[str, TableConfig] = Field(default_factory=dict)
     namespaces: dict[str, NamespaceConfig] = Field(default_factory=dict)
 
