@@ -20,9 +20,12 @@ Rules:
   carrying the LSN passed in. No other exception escapes `decode`.
 
 Reading works on the payload's `bytes` with precompiled `struct.Struct` objects (`unpack_from`
-at an offset, no intermediate copies). A memoryview payload is copied into `bytes` once: slicing
-`bytes` makes each tuple cell in one step, where slicing a memoryview makes a view and then
-the copy (measured in `bench.cdc_stages`). Short input surfaces inside the readers as
+at an offset, no intermediate copies). The tuple loop, run once per column of every row, is
+also in C (`cdc._speedups.read_cells`, built when a compiler is there); `_read_cells_py` is the
+same loop in Python, used otherwise, and the tests run both and fuzz them against each other.
+A memoryview payload is copied into `bytes` once: slicing `bytes` makes each tuple cell in one
+step, where slicing a memoryview makes a view and then the copy (measured in
+`bench.cdc_stages`). Short input surfaces inside the readers as
 `struct.error` or `IndexError` and is translated into `ProtocolError` once, in `decode`.
 """
 
@@ -141,39 +144,55 @@ class _Reader:
             raise self.fail(f"timestamp out of range: {micros}") from None
 
     def tuple(self, relation: Relation) -> tuple[Cell, ...]:
-        """TupleData: Int16 column count, then one cell per column. The hot path.
-
-        A cell's length is read unsigned, so a negative one becomes a length past any real
-        payload; since the position only grows, one bounds check after the loop catches both
-        (a cell kind read past the end raises `IndexError`, which `decode` reports).
-        """
-        buf = self.buf
-        (ncols,) = _U16.unpack_from(buf, self.pos)
+        """TupleData: Int16 column count, then one cell per column. The hot path."""
+        (ncols,) = _U16.unpack_from(self.buf, self.pos)
         if ncols != len(relation.columns):
             raise self.fail(
                 f"tuple has {ncols} columns, relation {relation.namespace}.{relation.name} "
                 f"has {len(relation.columns)}"
             )
-        pos = self.pos + 2
-        unpack_length = _U32.unpack_from
-        cells: list[Cell] = [None] * ncols
-        for i in range(ncols):
-            kind = buf[pos]
-            if kind == _CELL_TEXT or kind == _CELL_BINARY:
-                start = pos + 5
-                pos = start + unpack_length(buf, pos + 1)[0]
-                cells[i] = buf[start:pos]
-            elif kind == _CELL_NULL:
-                pos += 1
-            elif kind == _CELL_UNCHANGED:
-                cells[i] = _UNCHANGED
-                pos += 1
-            else:
-                raise self.fail(f"invalid tuple cell kind {kind:#04x}")
-        if pos > len(buf):
-            raise self.fail("tuple cell length is negative or past the end")
-        self.pos = pos
-        return tuple(cells)
+        try:
+            cells, self.pos = _read_cells(self.buf, self.pos + 2, ncols, _UNCHANGED)
+        except ValueError as exc:
+            raise self.fail(str(exc)) from None
+        return cells
+
+
+def _read_cells_py(
+    buf: bytes, pos: int, ncols: int, unchanged: Toast
+) -> tuple[tuple[Cell, ...], int]:
+    """`ncols` TupleData cells from `pos` on, and the position after them.
+
+    Text and binary cells become `bytes`, null ones None, unchanged TOAST ones `unchanged`.
+    A cell's length is read unsigned, so a negative one becomes a length past any real
+    payload; since the position only grows, one bounds check after the loop catches both.
+    Raises `ValueError` for a bad cell, and `IndexError` or `struct.error` for a message that
+    ends too soon. `cdc._speedups.read_cells` is the same function in C.
+    """
+    unpack_length = _U32.unpack_from
+    cells: list[Cell] = [None] * ncols
+    for i in range(ncols):
+        kind = buf[pos]
+        if kind == _CELL_TEXT or kind == _CELL_BINARY:
+            start = pos + 5
+            pos = start + unpack_length(buf, pos + 1)[0]
+            cells[i] = buf[start:pos]
+        elif kind == _CELL_NULL:
+            pos += 1
+        elif kind == _CELL_UNCHANGED:
+            cells[i] = unchanged
+            pos += 1
+        else:
+            raise ValueError(f"invalid tuple cell kind {kind:#04x}")
+    if pos > len(buf):
+        raise ValueError("tuple cell length is negative or past the end")
+    return tuple(cells), pos
+
+
+try:
+    from cdc._speedups import read_cells as _read_cells
+except ImportError:  # built without a C compiler: the same loop in Python
+    _read_cells = _read_cells_py
 
 
 class Decoder:

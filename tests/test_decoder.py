@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc.decoder import Decoder
+import cdc.decoder
+from cdc.decoder import Decoder, _read_cells_py
 from cdc.errors import ProtocolError, UnknownRelationError
 from cdc.messages import (
     Begin,
@@ -31,6 +35,30 @@ from cdc.messages import (
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 WHEN = datetime(2026, 11, 28, 11, 46, 37, 123456, tzinfo=UTC)
 WHEN_US = (WHEN - PG_EPOCH) // timedelta(microseconds=1)
+
+try:
+    from cdc._speedups import read_cells as read_cells_c
+except ImportError:  # no compiler where this checkout was installed
+    read_cells_c = None  # type: ignore[assignment]
+
+CELL_READERS = {"python": _read_cells_py, "c": read_cells_c}
+
+
+@pytest.fixture(autouse=True, params=list(CELL_READERS))
+def cell_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test here runs with the tuple loop in Python and with the one in C."""
+    reader = CELL_READERS[request.param]
+    if reader is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    monkeypatch.setattr(cdc.decoder, "_read_cells", reader)
+    yield request.param
+
+
+def test_the_c_tuple_loop_is_built_where_a_compiler_is() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the Python loop is what runs")
+    assert read_cells_c is not None, "cdc._speedups missing: run pip install -e . again"
+
 
 # --- byte builders (written from the manual, independent of the decoder) -----------------
 
@@ -350,7 +378,11 @@ def test_payload_views_are_not_retained() -> None:
 # --- fuzzing ------------------------------------------------------------------------------
 
 FUZZ = settings(
-    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=400,
+    deadline=None,
+    # The cell_reader fixture only picks the implementation: the same for every example.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    database=None,
 )
 
 
@@ -396,3 +428,44 @@ def mutated(draw: st.DrawFn) -> bytes:
 @given(mutated())
 def test_fuzz_mutated_valid_messages(payload: bytes) -> None:
     decode_or_protocol_error(payload)
+
+
+def cells_outcome(read: Callable[..., Any], buf: bytes, pos: int, ncols: int) -> object:
+    """What one tuple loop makes of the input: its result, or how it failed."""
+    try:
+        return read(buf, pos, ncols, Toast.UNCHANGED)
+    except ValueError as exc:  # struct.error is not one: it means "ended too soon" below
+        if isinstance(exc, struct.error):
+            return "ended too soon"
+        return ("invalid", str(exc))
+    except (IndexError, struct.error):
+        return "ended too soon"
+
+
+@st.composite
+def cell_bytes(draw: st.DrawFn) -> tuple[bytes, int, int]:
+    """Mostly well-formed TupleData, with every kind of damage now and then."""
+    parts = []
+    for _ in range(draw(st.integers(0, 6))):
+        kind = draw(st.sampled_from(b"tbnu" * 4 + b"x\x00"))
+        part = bytes([kind])
+        if kind in b"tb":
+            value = draw(st.binary(max_size=12))
+            length = draw(st.sampled_from([len(value)] * 6 + [len(value) + 3, 2**32 - 1]))
+            part += struct.pack("!I", length) + value
+        parts.append(part)
+    buf = draw(st.binary(max_size=3)) + b"".join(parts)
+    cut = draw(st.integers(0, len(buf)))
+    buf = buf[:cut] if draw(st.booleans()) else buf
+    return buf, draw(st.integers(0, 3)), draw(st.integers(0, 7))
+
+
+@FUZZ
+@given(cell_bytes())
+def test_fuzz_c_and_python_tuple_loops_agree(case: tuple[bytes, int, int]) -> None:
+    if read_cells_c is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    buf, pos, ncols = case
+    assert cells_outcome(read_cells_c, buf, pos, ncols) == cells_outcome(
+        _read_cells_py, buf, pos, ncols
+    )
