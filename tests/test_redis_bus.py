@@ -797,6 +797,32 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     assert sink._window is not None and sink._window.retained() == lsns[-1] + 0x10
 
 
+async def test_sink_sends_one_round_trip_per_batch_and_reloads_a_forgotten_script(
+    private_redis: PrivateRedis,
+) -> None:
+    redis = aioredis.Redis.from_url(private_redis.url)
+    keys = BusKeys("walcast-test:")
+    change = _events()[0]
+    later = dataclasses.replace(change, cursor=format_cursor(0x16B4000, 1), commit_lsn=0x16B4000)
+    sink = RedisSink(redis, keys, history_seconds=120)
+    try:
+        await sink.start(0x16B3000)
+        async with _running(sink):
+            await sink.publish([change])
+            await sink.flush()
+            await redis.script_flush()  # what a Redis restart does to loaded scripts
+            await sink.publish([later])
+            await sink.flush()
+        stored = await redis.xrange(keys.org("org-1"))
+        assert [parse_stream_id(i) for i, _ in stored] == [(0x16B3748, 3), (0x16B4000, 1)]
+        assert sink.duplicates == 0
+        stats = await redis.info("commandstats")
+        assert "cmdstat_script|exists" not in stats  # no extra round trip before a batch
+        assert stats["cmdstat_script|load"]["calls"] == 2  # registered, then reloaded once
+    finally:
+        await redis.aclose()
+
+
 @contextlib.asynccontextmanager
 async def _running(sink: RedisSink) -> AsyncIterator[None]:
     task = asyncio.create_task(sink.run())

@@ -73,6 +73,7 @@ from prometheus_client import Counter, Gauge
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cdc.cursors import CursorKey, format_cursor, parse_cursor
@@ -519,12 +520,23 @@ class RedisSink:
     async def _send(self, entries: list[_Entry]) -> list[int]:
         """One round trip: one Lua call per entry, each atomic with its position update.
 
-        Sent again after a transient failure: entries that did land are refused as
-        duplicates, so a retry never stores an event twice.
+        `EVALSHA` straight into the pipeline: a registered `Script` would make the pipeline
+        ask `SCRIPT EXISTS` first, a second round trip per batch. When Redis does not know
+        the script (restarted, flushed), every call of the batch fails, so it is loaded and
+        the batch sent again. The same holds after a transient failure: entries that did
+        land are refused as duplicates, so a retry never stores an event twice.
         """
+        script = self._publish
+        try:
+            return await self._evalsha_each(script.sha, entries)
+        except NoScriptError:
+            script.sha = await self._redis.script_load(script.script)
+            return await self._evalsha_each(script.sha, entries)
+
+    async def _evalsha_each(self, sha: str, entries: list[_Entry]) -> list[int]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for entry in entries:
-                await self._publish(keys=entry.keys, args=entry.args, client=pipe)
+                pipe.evalsha(sha, len(entry.keys), *entry.keys, *entry.args)
             return [int(result) for result in await pipe.execute()]
 
     def _stored_up_to(self, commit_lsn: int) -> None:
