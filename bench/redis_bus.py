@@ -9,9 +9,10 @@ organizations, in transactions of `--transaction` rows (each followed by `mark_p
 the pipeline does at a commit). Three ways to store the same events, interleaved per round:
 
 * walcast: `RedisSink` as the reader runs it (`publish` queues, `run` stores a batch per
-  round trip), timed from the first `publish` until `flush` returns.
-* one round trip per event: the same Lua call per event, each awaited (what the sink did
-  before batching; a lower bound for any design that waits for Redis per row).
+  round trip, in one Lua call), timed from the first `publish` until `flush` returns.
+* one round trip per event: the same Lua script called with one event at a time, each
+  awaited (what the sink did before batching; the pace of any design that waits for Redis
+  per row).
 * bare pipelined XADD: the same entries, pipelined in batches of 1,000, no Lua, no
   position, no duplicate check: about as fast as one client can feed this Redis.
 
@@ -109,9 +110,9 @@ async def run_per_event(redis: aioredis.Redis, transactions: list[list[ChangeEve
             for event in events:
                 key = parse_cursor(event.cursor)
                 assert key is not None
-                await script(
+                await script(  # a batch of one
                     keys=[keys.floor, keys.position, keys.org(event.organization_id or "")],
-                    args=[stream_id(key), event.cursor, "1000000", encode_events([event])],
+                    args=["1000000", event.cursor, stream_id(key), 1, 3, encode_events([event])],
                 )
         return time.perf_counter() - started
     finally:

@@ -18,14 +18,14 @@ Rules the reader keeps:
 
 * **Exactly once in the stream.** An entry's id is its cursor, ``{commit_lsn}-{position}``;
   an XADD whose id is not above the stream's top is refused by Redis and counted as a
-  duplicate. The events of one reader item go in one Lua call together with the ``position``
+  duplicate. A batch of reader items goes in one Lua call together with the ``position``
   update, so a transaction re-read after a crash or a failover is never stored twice.
   Access revocations (no position of their own) are numbered within their transaction, which
   is deterministic. An entry holds the events of one item for one stream (an UPDATE that moves
   a row between users of one organization is a DELETE and an INSERT with the same cursor).
 * **Batching.** `publish` queues; `RedisSink.run` stores the queue one batch per round trip
-  (a pipeline of those Lua calls), so everything queued while a batch is on its way goes in
-  the next one. A lone event still costs one round trip; a burst costs one per batch, not one
+  (one Lua call for the whole batch), so everything queued while a batch is on its way goes
+  in the next one. A lone event still costs one round trip; a burst costs one per batch, not one
   per row. The queue is bounded (`max_queued` entries): past that, `publish` waits.
 * **Acknowledgement.** A commit handed to `mark_position` counts only once every entry queued
   before it is stored; the pipeline then lets the slot confirm up to the position it reached
@@ -291,19 +291,28 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
 
 # -- the reader side -----------------------------------------------------------------------------
 
-# KEYS: floor, position, stream...; ARGV: id, position ('' = leave), maxlen, entry...
+# One batch of entries in one call. KEYS: floor, position, then the streams of the batch.
+# ARGV: maxlen, the new position ('' = leave it), then per reader item: its entry id, how many
+# streams it goes to (n), and n pairs (index of the stream in KEYS, entry payload).
 # Returns -1 when the floor is gone (Redis lost its data), else the number of duplicates.
 _PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local duplicates = 0
-for i = 3, #KEYS do
-  local added = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[3], ARGV[1], 'e', ARGV[i + 1])
-  if type(added) == 'table' and added.err then
-    if string.find(added.err, 'equal or smaller', 1, true) then
-      duplicates = duplicates + 1
-    else
-      return added
+local i = 3
+while i <= #ARGV do
+  local id, streams = ARGV[i], tonumber(ARGV[i + 1])
+  i = i + 2
+  for _ = 1, streams do
+    local added = redis.pcall(
+      'XADD', KEYS[tonumber(ARGV[i])], 'MAXLEN', '~', ARGV[1], id, 'e', ARGV[i + 1])
+    if type(added) == 'table' and added.err then
+      if string.find(added.err, 'equal or smaller', 1, true) then
+        duplicates = duplicates + 1
+      else
+        return added
+      end
     end
+    i = i + 2
   end
 end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2]) end
@@ -332,13 +341,12 @@ return moved
 
 
 class _Entry(NamedTuple):
-    """One stream entry per stream of one reader item, ready for the `_PUBLISH` script."""
+    """The stream entries of one reader item: one per stream, all with the same id."""
 
-    keys: list[str]
-    args: list[str | bytes]
     key: CursorKey  #: the entry id
     position: str  #: the new `position`, '' when it does not move
     streams: tuple[str, ...]
+    payloads: tuple[bytes, ...]  #: `encode_events` of each stream's events
     events: int
 
 
@@ -453,10 +461,8 @@ class RedisSink:
                 position = format_cursor(*key)
                 self._queued_position = key
         streams = tuple(groups)
-        args: list[str | bytes] = [stream_id(key), position, self._max_len]
-        args += [encode_events(groups[stream]) for stream in streams]
-        keys = [self._keys.floor, self._keys.position, *streams]
-        self._enqueue(_Entry(keys, args, key, position, streams, len(events)))
+        payloads = tuple(encode_events(groups[stream]) for stream in streams)
+        self._enqueue(_Entry(key, position, streams, payloads, len(events)))
         self._queued_entries += 1
         if self._queued_entries >= self._max_queued:
             self._room.clear()
@@ -502,10 +508,10 @@ class RedisSink:
     async def _store(self, batch: list[_Entry | int]) -> None:
         entries = [item for item in batch if isinstance(item, _Entry)]
         if entries:
-            results = await self._retrying(lambda: self._send(entries))
-            if -1 in results:
+            result = await self._retrying(lambda: self._send(entries))
+            if result == -1:
                 raise HistoryLost("the Redis history is gone (floor key missing)")
-            self.duplicates += sum(results)
+            self.duplicates += result
             now = self._clock()
             for entry in entries:
                 self.published += entry.events
@@ -517,27 +523,29 @@ class RedisSink:
             if isinstance(item, int):
                 self._stored_up_to(item)
 
-    async def _send(self, entries: list[_Entry]) -> list[int]:
-        """One round trip: one Lua call per entry, each atomic with its position update.
+    async def _send(self, entries: list[_Entry]) -> int:
+        """Store a batch in one `_PUBLISH` call (atomic, one round trip); returns how many
+        entries Redis refused as duplicates, or -1 when the floor is gone.
 
-        `EVALSHA` straight into the pipeline: a registered `Script` would make the pipeline
-        ask `SCRIPT EXISTS` first, a second round trip per batch. When Redis does not know
-        the script (restarted, flushed), every call of the batch fails, so it is loaded and
-        the batch sent again. The same holds after a transient failure: entries that did
-        land are refused as duplicates, so a retry never stores an event twice.
+        `EVALSHA` first; when Redis does not know the script (restarted, flushed), it is
+        loaded and the call made again. Sent again after a transient failure too: entries
+        that did land are refused as duplicates, so a retry never stores an event twice.
         """
+        indexes: dict[str, int] = {}
+        args: list[str | bytes | int] = [self._max_len, ""]
+        for entry in entries:
+            args += (stream_id(entry.key), len(entry.streams))
+            for stream, payload in zip(entry.streams, entry.payloads, strict=True):
+                args += (indexes.setdefault(stream, len(indexes) + 3), payload)
+            if entry.position:
+                args[1] = entry.position
+        keys = [self._keys.floor, self._keys.position, *indexes]
         script = self._publish
         try:
-            return await self._evalsha_each(script.sha, entries)
+            return int(await self._redis.evalsha(script.sha, len(keys), *keys, *args))
         except NoScriptError:
             script.sha = await self._redis.script_load(script.script)
-            return await self._evalsha_each(script.sha, entries)
-
-    async def _evalsha_each(self, sha: str, entries: list[_Entry]) -> list[int]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                pipe.evalsha(sha, len(entry.keys), *entry.keys, *entry.args)
-            return [int(result) for result in await pipe.execute()]
+            return int(await self._redis.evalsha(script.sha, len(keys), *keys, *args))
 
     def _stored_up_to(self, commit_lsn: int) -> None:
         self._handled = max(self._handled, commit_lsn)
