@@ -13,6 +13,7 @@ from bench import (
     masking,
     memory,
     redis_bus,
+    redis_reader,
     send_cost,
 )
 from tests.pg import PostgresServer
@@ -51,6 +52,25 @@ def test_redis_bus_stores_every_event_three_ways_and_cleans_up(redis_url: str) -
     assert set(result["by_size"]) == {"1", "7"}
     for numbers in result["by_size"].values():
         assert all(rate > 0 for rate in numbers["events_per_s"].values()), numbers
+    assert set(client.scan_iter(match="walcast-bench:*")) == before  # every key dropped
+    client.close()
+
+
+def test_redis_reader_streams_every_change_both_ways(
+    pg_server: PostgresServer, redis_url: str
+) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:
+        pytest.skip(f"no Redis at {redis_url}: {exc}")
+    before = set(client.scan_iter(match="walcast-bench:*"))
+    args = ["--rows", "400", "--transaction", "1", "50", "--rounds", "1", "--json-only"]
+    result = redis_reader.main([*args, "--dsn", pg_server.dsn, "--redis-url", redis_url])
+    for numbers in result["by_size"].values():
+        assert all(rate > 0 for rate in numbers["changes_per_s"].values()), numbers
     assert set(client.scan_iter(match="walcast-bench:*")) == before  # every key dropped
     client.close()
 
