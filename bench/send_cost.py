@@ -8,6 +8,10 @@ one frame to every socket per round, interleaving the two ways of writing: async
 same sockets (the system call alone). Reports CPU µs per write for each, for a small frame and
 for the 50 frames a busy write pass joins. A pass over N sockets costs about N times this, so
 this is the floor for a pass in `docs/benchmarks.md` §3.
+
+It also times the wall clock of a whole pass of bare `socket.send`s made by one thread and by
+two threads with half the sockets each (`send(2)` releases the GIL): whether a second core
+would shorten a pass, with the draining peer on the same two cores.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import selectors
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.common import add_common_args, emit, median, raise_nofile
@@ -86,6 +91,21 @@ async def run(sockets: int, rounds: int, repeats: int) -> dict[str, Any]:
             except BlockingIOError:  # the peer fell behind: not a fair sample, counted
                 would_block += 1
 
+    threads = ThreadPoolExecutor(2)
+    halves = (raw[: len(raw) // 2], raw[len(raw) // 2 :])
+
+    def send_all(socks: list[socket.socket], data: bytes) -> None:
+        nonlocal would_block
+        for sock in socks:
+            try:
+                sock.send(data)
+            except BlockingIOError:
+                would_block += 1
+
+    def write_two_threads(data: bytes) -> None:
+        for done in [threads.submit(send_all, half, data) for half in halves]:
+            done.result()
+
     async def drained() -> None:
         """Between rounds, untimed: every buffer empty, so each write is a real send(2)."""
         # asyncio signals "buffer empty" to no one, so look: a bench, not a hot path.
@@ -104,6 +124,16 @@ async def run(sockets: int, rounds: int, repeats: int) -> dict[str, Any]:
                     spent += time.process_time() - started
                 per_write = spent / (rounds * sockets) * 1e6
                 samples.setdefault(f"{name}_{size}_us", []).append(per_write)
+    for _ in range(repeats):  # a whole pass, wall clock: one thread, then two
+        for name, write in (("one_thread", write_raw), ("two_threads", write_two_threads)):
+            elapsed = 0.0
+            for _ in range(rounds):
+                await drained()
+                started = time.perf_counter()
+                write(FRAME)
+                elapsed += time.perf_counter() - started
+            samples.setdefault(f"pass_wall_ms_{name}", []).append(elapsed / rounds * 1e3)
+    threads.shutdown()
     for sock in raw:
         sock.close()
     for transport in transports:
@@ -138,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"socket.send {result['send_15KB_us']}",
             f"  => a write pass over 1,000 sockets costs at least "
             f"{result['pass_ms_at_1000_sockets']} ms",
+            f"  a whole pass of bare sends, wall clock: one thread "
+            f"{result['pass_wall_ms_one_thread']} ms, two threads "
+            f"{result['pass_wall_ms_two_threads']} ms",
         ],
         json_only=args.json_only,
     )
