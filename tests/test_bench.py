@@ -35,6 +35,7 @@ def test_send_cost_times_both_ways_of_writing() -> None:
     result = send_cost.main(["--sockets", "20", "--rounds", "5", "--repeats", "1", "--json-only"])
     for key in ("transport_300B_us", "send_300B_us", "transport_15KB_us", "send_15KB_us"):
         assert result[key] > 0, result
+    assert result["pass_wall_ms_one_thread"] > 0 and result["pass_wall_ms_two_threads"] > 0
     assert result["raw_sends_that_would_block"] == 0, result  # every sample was a real send
 
 
