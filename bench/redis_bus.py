@@ -71,12 +71,19 @@ def make_events(count: int, orgs: int, transaction: int) -> list[list[ChangeEven
 
 
 def fresh_keys() -> BusKeys:
+    """Keys under a prefix of this run's own (every Redis bench key starts `walcast-bench:`)."""
     return BusKeys(f"walcast-bench:{uuid.uuid4().hex[:10]}:")
 
 
 async def drop(redis: aioredis.Redis, keys: BusKeys) -> None:
     async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
         await redis.delete(key)
+
+
+def add_redis_url_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
 
 
 async def run_sink(redis: aioredis.Redis, transactions: list[list[ChangeEvent]]) -> float:
@@ -166,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--orgs", type=int, default=10)
     parser.add_argument("--transaction", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    add_redis_url_arg(parser)
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     by_size = asyncio.run(measure(args))

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import time
 import tomllib
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,11 +31,12 @@ import psycopg
 import redis.asyncio as aioredis
 
 from bench.common import add_common_args, database, emit, median
+from bench.redis_bus import add_redis_url_arg, drop, fresh_keys
 from cdc.enrich import AccessRevoked, ChangeEvent, RoutedEvent
 from gateway.metrics import Metrics
 from walcast.config import RealtimeConfig, Settings, parse_realtime_config
 from walcast.pipeline import EventSink, Pipeline
-from walcast.redisbus import BusKeys, RedisSink
+from walcast.redisbus import RedisSink
 
 SCHEMA = """
 CREATE TABLE orders (
@@ -106,7 +105,7 @@ async def run_side(
 ) -> tuple[float, float, int]:
     """Stream one slot to the END row; returns (seconds, CPU seconds, events)."""
     redis = aioredis.Redis.from_url(redis_url)
-    keys = BusKeys(f"walcast-bench:{uuid.uuid4().hex[:10]}:")
+    keys = fresh_keys()
     redis_sink = RedisSink(redis, keys, history_seconds=600, max_len=10_000_000)
     sink = _UntilEnd(redis_sink if side == "redis" else _DropSink())
     pipeline = Pipeline(settings, config, sink, Metrics(), on_ready=lambda lsn: None)
@@ -126,8 +125,7 @@ async def run_side(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        async for key in redis.scan_iter(match=f"{keys.prefix}*", count=1000):
-            await redis.delete(key)
+        await drop(redis, keys)
         await redis.aclose()
     return elapsed, cpu, sink.events
 
@@ -178,9 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--transaction", type=int, nargs="+", default=[1, 100])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    add_redis_url_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     with database(args.dsn) as dsn:

@@ -23,6 +23,7 @@ import os
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -83,28 +84,26 @@ async def run(sockets: int, rounds: int, repeats: int) -> dict[str, Any]:
         for transport in transports:
             transport.write(data)
 
-    def write_raw(data: bytes) -> None:
-        nonlocal would_block
-        for sock in raw:
+    def send_all(socks: list[socket.socket], data: bytes) -> int:
+        """Send `data` on each socket; returns how many would have blocked."""
+        blocked = 0
+        for sock in socks:
             try:
                 sock.send(data)
             except BlockingIOError:  # the peer fell behind: not a fair sample, counted
-                would_block += 1
+                blocked += 1
+        return blocked
+
+    def write_raw(data: bytes) -> None:
+        nonlocal would_block
+        would_block += send_all(raw, data)
 
     threads = ThreadPoolExecutor(2)
     halves = (raw[: len(raw) // 2], raw[len(raw) // 2 :])
 
-    def send_all(socks: list[socket.socket], data: bytes) -> None:
-        nonlocal would_block
-        for sock in socks:
-            try:
-                sock.send(data)
-            except BlockingIOError:
-                would_block += 1
-
     def write_two_threads(data: bytes) -> None:
-        for done in [threads.submit(send_all, half, data) for half in halves]:
-            done.result()
+        nonlocal would_block
+        would_block += sum(f.result() for f in [threads.submit(send_all, h, data) for h in halves])
 
     async def drained() -> None:
         """Between rounds, untimed: every buffer empty, so each write is a real send(2)."""
@@ -112,27 +111,28 @@ async def run(sockets: int, rounds: int, repeats: int) -> dict[str, Any]:
         while any(t.get_write_buffer_size() for t in transports):  # noqa: ASYNC110
             await asyncio.sleep(0.001)
 
+    async def timed(
+        write: Callable[[bytes], None], data: bytes, clock: Callable[[], float]
+    ) -> float:
+        """`rounds` passes of `write(data)`, each on drained buffers; the `clock` time they took."""
+        spent = 0.0
+        for _ in range(rounds):
+            await drained()
+            started = clock()
+            write(data)
+            spent += clock() - started
+        return spent
+
     samples: dict[str, list[float]] = {}
     for size, data in (("300B", FRAME), ("15KB", FRAME * 50)):
         for _ in range(repeats):  # A B A B: the machine's noise hits both alike
             for name, write in (("transport", write_transport), ("send", write_raw)):
-                spent = 0.0
-                for _ in range(rounds):
-                    await drained()
-                    started = time.process_time()
-                    write(data)
-                    spent += time.process_time() - started
-                per_write = spent / (rounds * sockets) * 1e6
+                per_write = await timed(write, data, time.process_time) / (rounds * sockets) * 1e6
                 samples.setdefault(f"{name}_{size}_us", []).append(per_write)
     for _ in range(repeats):  # a whole pass, wall clock: one thread, then two
         for name, write in (("one_thread", write_raw), ("two_threads", write_two_threads)):
-            elapsed = 0.0
-            for _ in range(rounds):
-                await drained()
-                started = time.perf_counter()
-                write(FRAME)
-                elapsed += time.perf_counter() - started
-            samples.setdefault(f"pass_wall_ms_{name}", []).append(elapsed / rounds * 1e3)
+            per_pass = await timed(write, FRAME, time.perf_counter) / rounds * 1e3
+            samples.setdefault(f"pass_wall_ms_{name}", []).append(per_pass)
     threads.shutdown()
     for sock in raw:
         sock.close()

@@ -3,6 +3,8 @@ the numbers are not checked, only that the harness works and reports what it sho
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from bench import (
@@ -39,7 +41,9 @@ def test_send_cost_times_both_ways_of_writing() -> None:
     assert result["raw_sends_that_would_block"] == 0, result  # every sample was a real send
 
 
-def test_redis_bus_stores_every_event_three_ways_and_cleans_up(redis_url: str) -> None:
+@pytest.fixture
+def bench_redis(redis_url: str) -> Iterator[None]:
+    """A reachable Redis, and afterwards a check that the bench dropped every key it made."""
     import redis
 
     client = redis.Redis.from_url(redis_url)
@@ -48,32 +52,26 @@ def test_redis_bus_stores_every_event_three_ways_and_cleans_up(redis_url: str) -
     except redis.ConnectionError as exc:
         pytest.skip(f"no Redis at {redis_url}: {exc}")
     before = set(client.scan_iter(match="walcast-bench:*"))
+    yield
+    assert set(client.scan_iter(match="walcast-bench:*")) == before  # every key dropped
+    client.close()
+
+
+def test_redis_bus_stores_every_event_three_ways(redis_url: str, bench_redis: None) -> None:
     args = ["--events", "300", "--transaction", "1", "7", "--rounds", "1", "--json-only"]
     result = redis_bus.main([*args, "--redis-url", redis_url])
     assert set(result["by_size"]) == {"1", "7"}
     for numbers in result["by_size"].values():
         assert all(rate > 0 for rate in numbers["events_per_s"].values()), numbers
-    assert set(client.scan_iter(match="walcast-bench:*")) == before  # every key dropped
-    client.close()
 
 
 def test_redis_reader_streams_every_change_both_ways(
-    pg_server: PostgresServer, redis_url: str
+    pg_server: PostgresServer, redis_url: str, bench_redis: None
 ) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    try:
-        client.ping()
-    except redis.ConnectionError as exc:
-        pytest.skip(f"no Redis at {redis_url}: {exc}")
-    before = set(client.scan_iter(match="walcast-bench:*"))
     args = ["--rows", "400", "--transaction", "1", "50", "--rounds", "1", "--json-only"]
     result = redis_reader.main([*args, "--dsn", pg_server.dsn, "--redis-url", redis_url])
     for numbers in result["by_size"].values():
         assert all(rate > 0 for rate in numbers["changes_per_s"].values()), numbers
-    assert set(client.scan_iter(match="walcast-bench:*")) == before  # every key dropped
-    client.close()
 
 
 def test_fanout_and_masking_deliver_to_every_socket() -> None:
