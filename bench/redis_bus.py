@@ -35,6 +35,7 @@ from bench.common import emit, median
 from bench.wsload import CONFIG, row
 from cdc.cursors import format_cursor, parse_cursor
 from cdc.enrich import ChangeEvent
+from walcast.aio import cancel_and_wait
 from walcast.config import parse_realtime_config
 from walcast.redisbus import _PUBLISH, BusKeys, RedisSink, encode_events, stream_id
 
@@ -100,8 +101,7 @@ async def run_sink(redis: aioredis.Redis, transactions: list[list[ChangeEvent]])
         await sink.flush()
         elapsed = time.perf_counter() - started
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
         await drop(redis, keys)
     assert sink.published == sum(map(len, transactions)) and sink.duplicates == 0
     return elapsed

@@ -34,6 +34,7 @@ from bench.common import add_common_args, database, emit, median
 from bench.redis_bus import add_redis_url_arg, drop, fresh_keys
 from cdc.enrich import AccessRevoked, ChangeEvent, RoutedEvent
 from gateway.metrics import Metrics
+from walcast.aio import cancel_and_wait
 from walcast.config import RealtimeConfig, Settings, parse_realtime_config
 from walcast.pipeline import EventSink, Pipeline
 from walcast.redisbus import RedisSink
@@ -122,9 +123,7 @@ async def run_side(
             await redis_sink.flush()
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(*tasks)
         await drop(redis, keys)
         await redis.aclose()
     return elapsed, cpu, sink.events

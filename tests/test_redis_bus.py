@@ -42,6 +42,7 @@ from tests.fix_gateway import (
     free_port,
     walcast_command,
 )
+from walcast.aio import cancel_and_wait
 from walcast.cli import apply_migrations
 from walcast.config import parse_realtime_config
 from walcast.redisbus import (
@@ -829,9 +830,7 @@ async def _running(sink: RedisSink) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def test_trim_detection_from_stream_metadata(redis: aioredis.Redis, prefix: str) -> None:

@@ -81,6 +81,7 @@ from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 from cdc.render import RawJson
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
+from walcast.aio import cancel_and_wait
 from walcast.config import RealtimeConfig, Settings
 from walcast.pipeline import Pipeline, RetentionWindow
 
@@ -807,9 +808,7 @@ def reader_context(*, drives_readiness: bool) -> Callable[[web.Application], Asy
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
             await redis.aclose()
 
     return context
