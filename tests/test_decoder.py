@@ -434,11 +434,9 @@ def cells_outcome(read: Callable[..., Any], buf: bytes, pos: int, ncols: int) ->
     """What one tuple loop makes of the input: its result, or how it failed."""
     try:
         return read(buf, pos, ncols, Toast.UNCHANGED)
-    except ValueError as exc:  # struct.error is not one: it means "ended too soon" below
-        if isinstance(exc, struct.error):
-            return "ended too soon"
+    except ValueError as exc:
         return ("invalid", str(exc))
-    except (IndexError, struct.error):
+    except (IndexError, struct.error):  # `decode` reports both as a truncated message
         return "ended too soon"
 
 
