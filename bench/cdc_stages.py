@@ -69,11 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1000, help="rows per transaction")
     add_common_args(parser)
     args = parser.parse_args(argv)
 
     with database(args.dsn) as dsn:
-        prepare(dsn, args.rows, 1000, 1)
+        prepare(dsn, args.rows, args.batch, 1)
         frames = asyncio.run(capture(dsn, "walcast_0"))
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_drop_replication_slot('recv_0')")

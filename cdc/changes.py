@@ -92,8 +92,9 @@ _UNCHANGED = Toast.UNCHANGED
 # --- items ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class TransactionStart:
+class TransactionStart(NamedTuple):
+    """Begin. A NamedTuple, like `RowChange`: one per transaction on the hot path."""
+
     xid: int
     commit_lsn: int  #: the commit record's LSN (Begin's final LSN): the transaction's cursor
     commit_time: datetime
@@ -121,8 +122,9 @@ class LogicalMessage:
     content: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class TransactionEnd:
+class TransactionEnd(NamedTuple):
+    """Commit. A NamedTuple, like `RowChange`: one per transaction on the hot path."""
+
     commit_lsn: int
     end_lsn: int  #: where the next transaction may start: the flush position once handled
     commit_time: datetime

@@ -246,14 +246,12 @@ class Decoder:
 
 def _parse_begin(decoder: Decoder, r: _Reader) -> Begin:
     final_lsn, micros, xid = r.unpack(_BEGIN)
-    return Begin(final_lsn=final_lsn, commit_time=r.timestamp(micros), xid=xid)
+    return Begin(final_lsn, r.timestamp(micros), xid)
 
 
 def _parse_commit(decoder: Decoder, r: _Reader) -> Commit:
     flags, commit_lsn, end_lsn, micros = r.unpack(_COMMIT)
-    return Commit(
-        flags=flags, commit_lsn=commit_lsn, end_lsn=end_lsn, commit_time=r.timestamp(micros)
-    )
+    return Commit(flags, commit_lsn, end_lsn, r.timestamp(micros))
 
 
 def _parse_origin(decoder: Decoder, r: _Reader) -> Origin:

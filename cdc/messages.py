@@ -1,7 +1,8 @@
-"""pgoutput messages, one class per message kind: frozen dataclasses, except the row messages.
+"""pgoutput messages, one class per message kind: frozen dataclasses, except the frequent ones.
 
-`Insert`, `Update` and `Delete` come once per row change, so they are NamedTuples: just as
-immutable, made in a third of the time of a frozen dataclass (docs/benchmarks.md §1).
+`Insert`, `Update` and `Delete` come once per row change, `Begin` and `Commit` once per
+transaction, so they are NamedTuples: just as immutable, made in a third of the time of a
+frozen dataclass (docs/benchmarks.md §1).
 
 The decoder (`cdc.decoder`) turns the bytes of one XLogData payload into exactly one of these.
 Field names follow "Logical Replication Message Formats" in the PostgreSQL manual (protocol
@@ -82,15 +83,13 @@ class Relation:
     columns: tuple[Column, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Begin:
+class Begin(NamedTuple):
     final_lsn: int  #: LSN of the commit record: the transaction's place in commit order
     commit_time: datetime  #: UTC, aware
     xid: int
 
 
-@dataclass(frozen=True, slots=True)
-class Commit:
+class Commit(NamedTuple):
     flags: int
     commit_lsn: int
     end_lsn: int
