@@ -50,10 +50,10 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> Any:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise _http(413, "payload too large", "the body exceeds the configured limit") from None
-    if not raw.strip():
-        if optional:
-            return None
-        raise _http(400, "invalid body", "a JSON body is required")
+    if not raw and optional:
+        return None
+    if not raw.strip():  # present but blank: not JSON, and not "no body" either
+        raise _http(400, "invalid body", "send a JSON body" + (" or none" if optional else ""))
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

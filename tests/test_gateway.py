@@ -217,6 +217,10 @@ async def test_ws_ticket_errors(gw: Gateway) -> None:
         assert response.status == 403
     async with gw.http.post(url, headers=headers, data=b"{bad") as response:
         assert response.status == 400
+    for blank in (b"\r\n\r\n", b" "):  # a body of whitespace is not "no body"
+        async with gw.http.post(url, headers=headers, data=blank) as response:
+            assert response.status == 400, blank
+            assert (await response.json())["detail"] == "send a JSON body or none"
     gw.sql('UPDATE "session" SET "activeOrganizationId" = NULL WHERE token = %s', (token,))
     async with gw.http.post(url, headers=headers) as response:
         assert response.status == 400
