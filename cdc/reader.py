@@ -20,10 +20,11 @@ true are kept in one place:
   and whole transactions already completed) are skipped. The stream is in strictly increasing
   key order, so once an item past the last one yielded arrives, the check stops until the
   next reconnect.
-* **Read-ahead within a transaction.** One read takes a message, then whatever messages have
-  already arrived in libpq's buffer (at most `_READ_AHEAD` items' worth), stopping after a
-  Commit: a transaction's items are handed out from memory, but the flush bookkeeping still
-  moves only once the consumer has asked past its `TransactionEnd`.
+* **Read-ahead.** One read takes a message, then whatever messages have already arrived in
+  libpq's buffer (at most `_READ_AHEAD` items' worth), across transactions: items are handed
+  out from memory, but the flush bookkeeping of a transaction moves only once the consumer
+  has asked past its `TransactionEnd`, and a keepalive moves it only while no transaction is
+  read and not yet handled.
 * **Reconnects** on connection loss, server restart or "slot is active" (another reader holds
   it), with capped exponential back-off and full jitter, reset once a stream has started.
   Configuration problems (wal_level, replica identity, missing tables, permissions) raise.
@@ -49,13 +50,14 @@ from cdc.changes import (
     Item,
     LogicalMessage,
     RowChange,
+    TransactionEnd,
     TransactionStart,
     TypeDescription,
 )
 from cdc.decoder import Decoder
 from cdc.errors import ReplicationError
 from cdc.lsn import format_lsn
-from cdc.messages import Begin, Commit, PgOutputMessage, Relation, UnknownMessage
+from cdc.messages import Begin, PgOutputMessage, Relation, UnknownMessage
 from cdc.replication import Keepalive, ReplicationProtocol
 from cdc.transport import ConnectionLost, ReplicationConnection, ServerError
 
@@ -65,7 +67,7 @@ logger = logging.getLogger(__name__)
 
 ReplicaIdentityMode = Literal["ignore", "check", "manage"]
 
-_BOOKKEEPING = frozenset({Begin, Commit, UnknownMessage})
+_BOOKKEEPING = frozenset({Begin, UnknownMessage})
 """Decoder messages that move the reader's transaction state or are skipped."""
 
 _READ_AHEAD = 256
@@ -151,7 +153,7 @@ class ReplicationReader:
         # Flush bookkeeping (see the module docstring).
         self._candidate = 0  # end of the last handled transaction, or an idle keepalive's end
         self._retain: int | None = None
-        self._in_transaction = False  # a Begin seen whose TransactionEnd is not yet handled
+        self._open = 0  # transactions whose Begin was read and whose TransactionEnd is unhandled
         self._flushed = 0  # the highest position ever reported
 
         # Duplicate suppression across reconnects.
@@ -159,7 +161,6 @@ class ReplicationReader:
         self._resuming = False  # since the last connect, no item past `_last_item` seen yet
         self._done_commit = -1  # commit LSN of the last transaction yielded whole
 
-        self._commit: tuple[int, int] | None = None  # (commit, end) LSN of the last Commit read
 
         self._unknown_kinds: set[int] = set()
         self._gen: AsyncGenerator[Item, None] | None = None
@@ -254,16 +255,19 @@ class ReplicationReader:
                             pending.extend(await self._next_items())
                         item = pending.popleft()
                         if self._resuming and self._already_yielded(item):
+                            if type(item) is TransactionEnd:
+                                self._handled(item)  # handled before the reconnect
                             continue
                         yield item
                         self._last_item = item  # the consumer asked past it: handled
+                        if type(item) is TransactionEnd:
+                            self._handled(item)
                 except Exception as exc:
                     if self._closing:
                         return
                     if not _retryable(exc):
                         raise
                     pending.clear()
-                    self._commit = None
                     self._final_status()
                     await self._disconnect()
                     if self._stream_ok:
@@ -319,6 +323,7 @@ class ReplicationReader:
         self._flushed = start
         self._protocol = ReplicationProtocol(start)
         self._resuming = True
+        self._open = 0  # a new stream: nothing read from it yet
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
         if self._types:
@@ -340,19 +345,12 @@ class ReplicationReader:
         )
 
     async def _next_items(self) -> list[Item]:
-        """Read one CopyData message, and those already arrived up to a Commit, into items.
+        """Read one CopyData message, and those already arrived, into items.
 
         Decoding is synchronous; the loop awaits only to describe a Relation's types and to
         answer a keepalive that asks for a reply, so a batch costs one await, not one per
         message.
         """
-        if self._commit is not None:
-            # Every item made from the last Commit has been handled: the transaction is done.
-            commit_lsn, end_lsn = self._commit
-            self._commit = None
-            self._done_commit = max(self._done_commit, commit_lsn)
-            self._candidate = max(self._candidate, end_lsn)
-            self._in_transaction = False
         conn = self._conn
         assert conn is not None
         feed = self._builder.feed
@@ -364,7 +362,7 @@ class ReplicationReader:
                 if isinstance(decoded, Relation):
                     await self._resolve_types(decoded)
                 items += feed(decoded)
-            if self._commit is not None or len(items) >= _READ_AHEAD:
+            if len(items) >= _READ_AHEAD:
                 break
             data = conn.read_copy_nowait()
         if self._protocol.reply_pending:
@@ -376,16 +374,14 @@ class ReplicationReader:
         message = self._protocol.receive(data)
         self._stream_ok = True
         if isinstance(message, Keepalive):
-            if not self._in_transaction:
+            if not self._open:  # everything read so far has been handled
                 self._candidate = max(self._candidate, message.wal_end)
             return None
         decoded = self._decoder.decode(message.payload, message.data_start)
         if type(decoded) not in _BOOKKEEPING:
             return decoded  # a row change: the common case, no bookkeeping
         if isinstance(decoded, Begin):
-            self._in_transaction = True
-        elif isinstance(decoded, Commit):
-            self._commit = (decoded.commit_lsn, decoded.end_lsn)
+            self._open += 1
         elif isinstance(decoded, UnknownMessage):
             if decoded.kind not in self._unknown_kinds:
                 self._unknown_kinds.add(decoded.kind)
@@ -425,6 +421,12 @@ class ReplicationReader:
                 break  # unknown to the catalog (dropped meanwhile): it loads as text
 
     # -- exactly once, flush position ------------------------------------------------------------
+
+    def _handled(self, end: TransactionEnd) -> None:
+        """The consumer has handled a whole transaction: the slot may forget it."""
+        self._done_commit = max(self._done_commit, end.commit_lsn)
+        self._candidate = max(self._candidate, end.end_lsn)
+        self._open -= 1
 
     def _already_yielded(self, item: Item) -> bool:
         """Whether a re-sent item was yielded before the reconnect (only while resuming)."""

@@ -526,6 +526,69 @@ async def test_flush_never_inside_an_unhandled_transaction(database_url: str) ->
     assert await _confirmed(database_url) <= end1
 
 
+async def test_keepalives_wait_for_transactions_read_ahead_but_not_handled(
+    database_url: str, short_sender_timeout: None
+) -> None:
+    """One read takes several transactions and a keepalive behind them; the keepalive moves
+    the flush position only once the consumer has handled every one of them."""
+    execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)", "CREATE TABLE other (id int)")
+    await prepare(database_url, ["public.app"])
+    execute(database_url, "INSERT INTO app VALUES (1)")
+    reader = make_reader(database_url, ["public.app"], status_interval=10.0)
+    async with streaming(reader) as it:
+        (tx1,) = await take_transactions(it, 1)
+        end1 = tx1[-1].end_lsn  # type: ignore[union-attr]
+        execute(database_url, *[f"INSERT INTO app VALUES ({n})" for n in range(2, 6)])
+        execute(database_url, *["INSERT INTO other VALUES (1)"] * 20)  # WAL moves on
+        # wal_sender_timeout is 2 s: after 1 s without a reply the server sends a keepalive
+        # asking for one, which now waits in the socket behind tx2..tx5.
+        await asyncio.sleep(1.3)
+        await take(it, 1)  # tx2's start: tx1 handled; tx2..tx5 and the keepalive read
+        assert reader.flushed_lsn <= end1  # the reply went out, without passing tx2..tx5
+        assert await _confirmed(database_url) <= end1
+
+        rest = await take_transactions(it, 4)  # tx2's start was taken above
+        assert [row.new["id"] for tx in rest for row in tx if isinstance(row, RowChange)] == [
+            2, 3, 4, 5
+        ]  # fmt: skip
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            moved = await catalog.current_wal_lsn(conn)
+        waiting = asyncio.ensure_future(anext(it))  # tx5 handled; the reader waits, idle
+        for _ in range(100):
+            if await _confirmed(database_url) >= moved:
+                break
+            await asyncio.sleep(0.1)
+        assert await _confirmed(database_url) >= moved  # all handled: keepalives move it
+        waiting.cancel()
+
+
+async def test_a_transaction_sent_again_after_a_reconnect_still_lets_keepalives_move(
+    database_url: str, short_sender_timeout: None
+) -> None:
+    """tx1 is handled but not yet confirmed when the session dies: the server sends it again,
+    the reader skips it, and the skipped transaction still counts as handled."""
+    execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)", "CREATE TABLE other (id int)")
+    await prepare(database_url, ["public.app"])
+    execute(database_url, "INSERT INTO app VALUES (1)")
+    reader = make_reader(database_url, ["public.app"], status_interval=10.0)
+    async with streaming(reader) as it:
+        (tx1,) = await take_transactions(it, 1)
+        waiting = asyncio.ensure_future(anext(it))  # tx1 handled, not confirmed (10 s)
+        pid = await _walsender_pid(database_url)
+        assert await _confirmed(database_url) < tx1[-1].end_lsn  # type: ignore[union-attr]
+        execute(database_url, f"SELECT pg_terminate_backend({pid})")
+        execute(database_url, *["INSERT INTO other VALUES (1)"] * 20)  # WAL moves on, idle
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            moved = await catalog.current_wal_lsn(conn)
+        for _ in range(150):
+            if await _confirmed(database_url) >= moved:
+                break
+            await asyncio.sleep(0.1)
+        assert await _confirmed(database_url) >= moved  # tx1, sent again and skipped, counted
+        assert not waiting.done()  # and it was not handed out twice
+        waiting.cancel()
+
+
 # -- set-up checks -------------------------------------------------------------------------------
 
 
