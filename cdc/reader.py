@@ -161,7 +161,6 @@ class ReplicationReader:
         self._resuming = False  # since the last connect, no item past `_last_item` seen yet
         self._done_commit = -1  # commit LSN of the last transaction yielded whole
 
-
         self._unknown_kinds: set[int] = set()
         self._gen: AsyncGenerator[Item, None] | None = None
         self._closing = False
