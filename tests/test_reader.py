@@ -473,6 +473,21 @@ async def _confirmed(dsn: str) -> int:
     return status.confirmed_flush_lsn
 
 
+async def _current_lsn(dsn: str) -> int:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return await catalog.current_wal_lsn(conn)
+
+
+async def _confirmed_once_at(dsn: str, lsn: int, seconds: float = 10.0) -> int:
+    """The slot's confirmed position, once it reaches `lsn` or after `seconds`."""
+    for _ in range(int(seconds * 10)):
+        confirmed = await _confirmed(dsn)
+        if confirmed >= lsn:
+            return confirmed
+        await asyncio.sleep(0.1)
+    return await _confirmed(dsn)
+
+
 async def test_idle_keepalives_and_flush_position(
     database_url: str, short_sender_timeout: None
 ) -> None:
@@ -483,14 +498,12 @@ async def test_idle_keepalives_and_flush_position(
     async with streaming(reader) as it:
         (tx,) = await take_transactions(it, 1)
         pid = await _walsender_pid(database_url)
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            retained = await catalog.current_wal_lsn(conn)
+        retained = await _current_lsn(database_url)
         reader.retain_from(retained)
         waiting = asyncio.ensure_future(anext(it))
         # WAL moves on (tables outside the publication), the stream stays idle for > 5 s.
         execute(database_url, *["INSERT INTO other VALUES (1)"] * 20)
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            moved = await catalog.current_wal_lsn(conn)
+        moved = await _current_lsn(database_url)
         await asyncio.sleep(5.5)
         assert not waiting.done()
         assert reader.connected and reader.streaming
@@ -499,11 +512,7 @@ async def test_idle_keepalives_and_flush_position(
         assert tx[-1].end_lsn <= held <= retained  # type: ignore[union-attr]
 
         reader.retain_from(None)  # nothing retained: an idle database does not pin WAL
-        for _ in range(100):
-            if await _confirmed(database_url) >= moved:
-                break
-            await asyncio.sleep(0.1)
-        assert await _confirmed(database_url) >= moved
+        assert await _confirmed_once_at(database_url, moved) >= moved
         assert reader.flushed_lsn >= moved
         assert reader.server_wal_end >= moved
 
@@ -551,14 +560,9 @@ async def test_keepalives_wait_for_transactions_read_ahead_but_not_handled(
         assert [row.new["id"] for tx in rest for row in tx if isinstance(row, RowChange)] == [
             2, 3, 4, 5
         ]  # fmt: skip
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            moved = await catalog.current_wal_lsn(conn)
+        moved = await _current_lsn(database_url)
         waiting = asyncio.ensure_future(anext(it))  # tx5 handled; the reader waits, idle
-        for _ in range(100):
-            if await _confirmed(database_url) >= moved:
-                break
-            await asyncio.sleep(0.1)
-        assert await _confirmed(database_url) >= moved  # all handled: keepalives move it
+        assert await _confirmed_once_at(database_url, moved) >= moved  # all handled: it moves
         waiting.cancel()
 
 
@@ -578,13 +582,9 @@ async def test_a_transaction_sent_again_after_a_reconnect_still_lets_keepalives_
         assert await _confirmed(database_url) < tx1[-1].end_lsn  # type: ignore[union-attr]
         execute(database_url, f"SELECT pg_terminate_backend({pid})")
         execute(database_url, *["INSERT INTO other VALUES (1)"] * 20)  # WAL moves on, idle
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            moved = await catalog.current_wal_lsn(conn)
-        for _ in range(150):
-            if await _confirmed(database_url) >= moved:
-                break
-            await asyncio.sleep(0.1)
-        assert await _confirmed(database_url) >= moved  # tx1, sent again and skipped, counted
+        moved = await _current_lsn(database_url)
+        # tx1, sent again and skipped, counts as handled: idle keepalives move the position
+        assert await _confirmed_once_at(database_url, moved, seconds=15) >= moved
         assert not waiting.done()  # and it was not handed out twice
         waiting.cancel()
 
