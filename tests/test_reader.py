@@ -488,13 +488,20 @@ async def _confirmed_once_at(dsn: str, lsn: int, seconds: float = 10.0) -> int:
     return await _confirmed(dsn)
 
 
-async def test_idle_keepalives_and_flush_position(
-    database_url: str, short_sender_timeout: None
-) -> None:
+async def _app_with_one_row_and_other(database_url: str) -> ReplicationReader:
+    """Table `app`, published, with one row committed; table `other`, not published, to move
+    the WAL on without events. The reader reports every 10 s, so the server's keepalives ask
+    for replies in between."""
     execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)", "CREATE TABLE other (id int)")
     await prepare(database_url, ["public.app"])
     execute(database_url, "INSERT INTO app VALUES (1)")
-    reader = make_reader(database_url, ["public.app"], status_interval=10.0)
+    return make_reader(database_url, ["public.app"], status_interval=10.0)
+
+
+async def test_idle_keepalives_and_flush_position(
+    database_url: str, short_sender_timeout: None
+) -> None:
+    reader = await _app_with_one_row_and_other(database_url)
     async with streaming(reader) as it:
         (tx,) = await take_transactions(it, 1)
         pid = await _walsender_pid(database_url)
@@ -540,10 +547,7 @@ async def test_keepalives_wait_for_transactions_read_ahead_but_not_handled(
 ) -> None:
     """One read takes several transactions and a keepalive behind them; the keepalive moves
     the flush position only once the consumer has handled every one of them."""
-    execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)", "CREATE TABLE other (id int)")
-    await prepare(database_url, ["public.app"])
-    execute(database_url, "INSERT INTO app VALUES (1)")
-    reader = make_reader(database_url, ["public.app"], status_interval=10.0)
+    reader = await _app_with_one_row_and_other(database_url)
     async with streaming(reader) as it:
         (tx1,) = await take_transactions(it, 1)
         end1 = tx1[-1].end_lsn  # type: ignore[union-attr]
@@ -571,10 +575,7 @@ async def test_a_transaction_sent_again_after_a_reconnect_still_lets_keepalives_
 ) -> None:
     """tx1 is handled but not yet confirmed when the session dies: the server sends it again,
     the reader skips it, and the skipped transaction still counts as handled."""
-    execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)", "CREATE TABLE other (id int)")
-    await prepare(database_url, ["public.app"])
-    execute(database_url, "INSERT INTO app VALUES (1)")
-    reader = make_reader(database_url, ["public.app"], status_interval=10.0)
+    reader = await _app_with_one_row_and_other(database_url)
     async with streaming(reader) as it:
         (tx1,) = await take_transactions(it, 1)
         waiting = asyncio.ensure_future(anext(it))  # tx1 handled, not confirmed (10 s)
