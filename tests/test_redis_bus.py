@@ -774,9 +774,9 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     sent: list[int] = []
     send = sink._send
 
-    async def counting_send(entries: list[Any]) -> list[int]:
+    async def counting_send(entries: list[Any], position: str) -> int:
         sent.append(len(entries))
-        return await send(entries)
+        return await send(entries, position)
 
     sink._send = counting_send  # type: ignore[method-assign]
     lsns = [0x2000 + 0x100 * i for i in range(500)]

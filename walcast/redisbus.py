@@ -345,7 +345,7 @@ class _Entry(NamedTuple):
     """The stream entries of one reader item: one per stream, all with the same id."""
 
     key: CursorKey  #: the entry id
-    position: str  #: the new `position`, '' when it does not move
+    moves_position: bool  #: a change or broadcast (id = cursor), not a revocation
     streams: tuple[str, ...]
     payloads: tuple[bytes, ...]  #: `encode_events` of each stream's events
     events: int
@@ -394,7 +394,6 @@ class RedisSink:
         self._max_queued = max_queued
         self._queue: list[_Entry | int] = []  #: entries to store, and marks (commit LSNs)
         self._queued_entries = 0
-        self._queued_position: CursorKey = (0, 0)  #: the highest position queued
         self._storing = False  #: a batch is on its way to Redis
         self._work = asyncio.Event()  #: the queue has something for `run`
         self._room = asyncio.Event()  #: the queue is below `max_queued`
@@ -448,7 +447,6 @@ class RedisSink:
             self._control = (lsn, count)
             key: CursorKey = (lsn, count)
             groups[self._keys.control] = list(events)
-            position = ""
         else:
             parsed = parse_cursor(first.cursor)
             assert parsed is not None
@@ -457,13 +455,10 @@ class RedisSink:
                 org = event.organization_id
                 stream = self._keys.org(org) if org is not None else self._keys.shared
                 groups.setdefault(stream, []).append(event)
-            position = ""
-            if key > self._queued_position and key > self._position:
-                position = format_cursor(*key)
-                self._queued_position = key
         streams = tuple(groups)
         payloads = tuple(encode_events(groups[stream]) for stream in streams)
-        self._enqueue(_Entry(key, position, streams, payloads, len(events)))
+        moves = not isinstance(first, AccessRevoked)
+        self._enqueue(_Entry(key, moves, streams, payloads, len(events)))
         self._queued_entries += 1
         if self._queued_entries >= self._max_queued:
             self._room.clear()
@@ -482,7 +477,7 @@ class RedisSink:
 
     async def run(self) -> None:
         """Store what `publish` queues until cancelled: everything queued while a batch was on
-        its way goes in the next one, in one round trip (a pipeline of Lua calls).
+        its way goes in the next one, in one round trip (one Lua call).
 
         Raises:
             HistoryLost: Redis no longer has the history (the floor key is gone).
@@ -509,37 +504,39 @@ class RedisSink:
     async def _store(self, batch: list[_Entry | int]) -> None:
         entries = [item for item in batch if isinstance(item, _Entry)]
         if entries:
-            result = await self._retrying(lambda: self._send(entries))
+            moved = [entry.key for entry in entries if entry.moves_position]
+            top = max(moved) if moved else self._position
+            position = format_cursor(*top) if top > self._position else ""
+            result = await self._retrying(lambda: self._send(entries, position))
             if result == -1:
                 raise HistoryLost("the Redis history is gone (floor key missing)")
             self.duplicates += result
+            if position:
+                self._position, self._written = top, position
             now = self._clock()
             for entry in entries:
                 self.published += entry.events
-                if entry.position:
-                    self._position, self._written = entry.key, entry.position
                 for stream in entry.streams:
                     self._streams[stream] = now
         for item in batch:
             if isinstance(item, int):
                 self._stored_up_to(item)
 
-    async def _send(self, entries: list[_Entry]) -> int:
-        """Store a batch in one `_PUBLISH` call (atomic, one round trip); returns how many
-        entries Redis refused as duplicates, or -1 when the floor is gone.
+    async def _send(self, entries: list[_Entry], position: str) -> int:
+        """Store a batch in one `_PUBLISH` call (atomic, one round trip), moving `position` to
+        `position` unless it is ''; returns how many entries Redis refused as duplicates, or
+        -1 when the floor is gone.
 
         `EVALSHA` first; when Redis does not know the script (restarted, flushed), it is
         loaded and the call made again. Sent again after a transient failure too: entries
         that did land are refused as duplicates, so a retry never stores an event twice.
         """
         indexes: dict[str, int] = {}
-        args: list[str | bytes | int] = [self._max_len, ""]
+        args: list[str | bytes | int] = [self._max_len, position]
         for entry in entries:
             args += (stream_id(entry.key), len(entry.streams))
             for stream, payload in zip(entry.streams, entry.payloads, strict=True):
                 args += (indexes.setdefault(stream, len(indexes) + 3), payload)
-            if entry.position:
-                args[1] = entry.position
         keys = [self._keys.floor, self._keys.position, *indexes]
         script = self._publish
         try:
