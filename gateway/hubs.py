@@ -19,6 +19,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -39,12 +40,8 @@ REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clo
 Roles = frozenset[str]
 
 
-def _remembered_key(entry: tuple[CursorKey, Hub]) -> CursorKey:
-    return entry[0]
-
-
-def _history_key(entry: tuple[CursorKey, float, RoutedEvent]) -> CursorKey:
-    return entry[0]
+#: History entries (key, time, event) and remembered ones (key, hub) both sort by their key.
+_by_key = itemgetter(0)
 
 
 def system_frame(event: str, payload: dict[str, Any]) -> bytes:
@@ -117,9 +114,7 @@ class Hub:
                 registry.metrics.resyncs.inc()
                 conn.write(system_frame("resync_required", {"cursor": since}))
             else:
-                missed = heapq.merge(
-                    self.history, registry.global_history.history, key=_history_key
-                )
+                missed = heapq.merge(self.history, registry.global_history.history, key=_by_key)
                 for event_key, _, event in missed:
                     if event_key > key:
                         self._deliver(event, ((conn.roles, (conn,)),), replay=True)
@@ -355,9 +350,7 @@ class HubRegistry:
         """Rebuild the order from what the hubs still hold (per-hub trims leave stale entries)."""
         hubs = [self.global_history, *self.hubs.values()]
         self._remembered = deque(
-            heapq.merge(
-                *([(key, hub) for key, _, _ in hub.history] for hub in hubs), key=_remembered_key
-            )
+            heapq.merge(*([(key, hub) for key, _, _ in hub.history] for hub in hubs), key=_by_key)
         )
 
     def is_revoked(self, claims: TicketClaims) -> bool:
