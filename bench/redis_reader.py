@@ -36,7 +36,7 @@ from cdc.enrich import AccessRevoked, ChangeEvent, RoutedEvent
 from gateway.metrics import Metrics
 from walcast.aio import cancel_and_wait
 from walcast.config import RealtimeConfig, Settings, parse_realtime_config
-from walcast.pipeline import EventSink, Pipeline
+from walcast.pipeline import DropSink, EventSink, Pipeline
 from walcast.redisbus import RedisSink
 
 SCHEMA = """
@@ -72,16 +72,6 @@ END_ROW = """INSERT INTO orders ("organizationId", label, qty, price, attrs)
 VALUES ('org-0', 'END', 0, 0, '{}')"""
 
 
-class _DropSink:
-    """Keeps nothing: the in-process baseline."""
-
-    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
-        return None
-
-    def mark_position(self, commit_lsn: int) -> None:
-        return None
-
-
 class _UntilEnd:
     """Passes everything on, and notices the END row."""
 
@@ -108,7 +98,7 @@ async def run_side(
     redis = aioredis.Redis.from_url(redis_url)
     keys = fresh_keys()
     redis_sink = RedisSink(redis, keys, history_seconds=600, max_len=10_000_000)
-    sink = _UntilEnd(redis_sink if side == "redis" else _DropSink())
+    sink = _UntilEnd(redis_sink if side == "redis" else DropSink())
     pipeline = Pipeline(settings, config, sink, Metrics(), on_ready=lambda lsn: None)
     start_lsn = await pipeline.prepare()
     tasks: list[asyncio.Task[None]] = []
@@ -143,7 +133,7 @@ def measure(dsn: str, args: argparse.Namespace, batch: int) -> dict[str, Any]:
         for side in sides
     }
     for settings in slots.values():  # every slot starts before the rows
-        asyncio.run(Pipeline(settings, config, _DropSink(), Metrics(), on_ready=print).prepare())
+        asyncio.run(Pipeline(settings, config, DropSink(), Metrics(), on_ready=print).prepare())
     with psycopg.connect(dsn, autocommit=True) as conn:
         batches = max(1, args.rows // batch)
         conn.execute(INSERTS.format(batches=batches, batch=batch).encode())

@@ -83,7 +83,7 @@ async def serve(
     banner: str | None = None,
 ) -> None:
     from gateway.app import make_app
-    from walcast.pipeline import Pipeline
+    from walcast.pipeline import DropSink, Pipeline
 
     dsn = _need_database(settings)
     if not settings.access_tokens:
@@ -98,7 +98,7 @@ async def serve(
     try:
         # Fail fast, with the fix in the message, before opening a port.
         if cdc:
-            pipeline = Pipeline(settings, config, _NoSink(), _metrics(), on_ready=lambda _: None)
+            pipeline = Pipeline(settings, config, DropSink(), _metrics(), on_ready=lambda _: None)
             await pipeline.prepare()
         else:  # a gateway node: the slot is the reader's business, but sessions need the database
             await (await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)).close()
@@ -183,14 +183,6 @@ def _check_redis_url(url: str) -> None:
         aioredis.Redis.from_url(url)
     except ValueError as exc:
         raise UsageError(f"REDIS_URL is not a Redis URL: {exc}") from None
-
-
-class _NoSink:
-    async def publish(self, events: Sequence[Any]) -> None:  # pragma: no cover - never streams
-        pass
-
-    def mark_position(self, commit_lsn: int) -> None:  # pragma: no cover
-        pass
 
 
 def _metrics() -> Any:

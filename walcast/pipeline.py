@@ -30,7 +30,7 @@ from cdc.reader import ReplicationReader
 from gateway.metrics import Metrics
 from walcast.config import RealtimeConfig, Settings
 
-__all__ = ["SYNC_PREFIX", "EventSink", "Pipeline", "RetentionWindow", "StartupError"]
+__all__ = ["SYNC_PREFIX", "DropSink", "EventSink", "Pipeline", "RetentionWindow", "StartupError"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,16 @@ class EventSink(Protocol):
 
     def mark_position(self, commit_lsn: int) -> None:
         """Every event up to this commit has been published."""
+
+
+class DropSink:
+    """An `EventSink` that keeps nothing: for setting up without streaming, and benchmarks."""
+
+    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+        return None
+
+    def mark_position(self, commit_lsn: int) -> None:
+        return None
 
 
 class RetentionWindow:
