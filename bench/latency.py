@@ -43,11 +43,11 @@ import psycopg
 
 from bench.common import add_common_args, database, emit, median, percentile, raise_nofile
 from bench.wsload import CLASSES, READY_MARKER, ClientProcess, row, start_server
+from gateway.config import parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, start_gateway
 from walcast.cli import freeze_startup_objects
-from walcast.config import parse_realtime_config
 
 ORG = "org_latency"
 BARE_GIVE_UP_SECONDS = 5.0  #: the baseline stops once it is this far behind its schedule

@@ -34,9 +34,9 @@ import redis.asyncio as aioredis
 from bench.common import emit, median
 from bench.wsload import CONFIG, row
 from cdc.cursors import format_cursor, parse_cursor
-from cdc.enrich import ChangeEvent
+from gateway.config import parse_realtime_config
+from gateway.events import ChangeEvent
 from walcast.aio import cancel_and_wait
-from walcast.config import parse_realtime_config
 from walcast.redisbus import _PUBLISH, BusKeys, RedisSink, encode_events, stream_id
 
 

@@ -32,10 +32,10 @@ import redis.asyncio as aioredis
 
 from bench.common import add_common_args, database, emit, median
 from bench.redis_bus import add_redis_url_arg, drop, fresh_keys
-from cdc.enrich import AccessRevoked, ChangeEvent, RoutedEvent
+from gateway.config import RealtimeConfig, Settings, parse_realtime_config
+from gateway.events import AccessRevoked, ChangeEvent, RoutedEvent
 from gateway.metrics import Metrics
 from walcast.aio import cancel_and_wait
-from walcast.config import RealtimeConfig, Settings, parse_realtime_config
 from walcast.pipeline import DropSink, EventSink, Pipeline
 from walcast.redisbus import RedisSink
 

@@ -1,7 +1,7 @@
 """The WebSocket load harness the gateway benchmarks share: a real gateway, real client sockets.
 
 Server side (the measuring process): `start_server()` runs walcast's own app
-(`gateway.app.make_app`, without the CDC pipeline: events are handed to the hub registry the
+(`walcast.app.make_app`, without the CDC pipeline: events are handed to the hub registry the
 way the pipeline's sink does) on a loopback port, plus a `/bare` route: a plain aiohttp
 WebSocket handler, the baseline. Events are published in process, so what is timed is the
 fan-out itself: hub → frames → sockets.
@@ -33,12 +33,12 @@ from aiohttp import web
 
 from bench.common import raise_nofile
 from cdc.cursors import format_cursor
-from cdc.enrich import BroadcastEvent, ChangeEvent
-from gateway.app import make_app
+from gateway.config import Settings, parse_realtime_config
+from gateway.events import BroadcastEvent, ChangeEvent
 from gateway.hubs import HubRegistry
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
-from walcast.config import Settings, parse_realtime_config
+from walcast.app import make_app
 
 __all__ = [
     "CLASSES",

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
@@ -45,6 +44,7 @@ from typing import Any, Literal
 import psycopg
 
 from cdc import catalog
+from cdc.backoff import full_jitter
 from cdc.changes import (
     ChangeBuilder,
     Item,
@@ -271,9 +271,7 @@ class ReplicationReader:
                     await self._disconnect()
                     if self._stream_ok:
                         failures = 0
-                    delay = random.uniform(
-                        0, min(self.backoff_cap, self.backoff_base * 2**failures)
-                    )
+                    delay = full_jitter(failures, self.backoff_base, self.backoff_cap)
                     failures += 1
                     logger.warning(
                         "replication stream interrupted; reconnecting",

@@ -32,40 +32,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.protocol import CloseCode
+
 __all__ = [
-    "CLOSE_SLOW_CONSUMER",
     "DEFAULT_COALESCE_SECONDS",
     "Audience",
     "Connection",
     "WriteScheduler",
-    "text_frame",
 ]
 
 log = logging.getLogger(__name__)
 
-CLOSE_SLOW_CONSUMER = 1013  #: RFC 6455 §7.4.1 "Try Again Later": the send buffer overflowed
 DEFAULT_COALESCE_SECONDS = 0.0005
-
-_SHORT = struct.Struct("!BB")
-_MEDIUM = struct.Struct("!BBH")
-_LONG = struct.Struct("!BBQ")
-_FIN_TEXT = 0x81  # FIN bit + opcode 0x1 (text), RFC 6455 §5.2
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented server-to-client text frame carrying `payload` (UTF-8 JSON)."""
-    size = len(payload)
-    if size < 126:
-        return _SHORT.pack(_FIN_TEXT, size) + payload
-    if size < 1 << 16:
-        return _MEDIUM.pack(_FIN_TEXT, 126, size) + payload
-    return _LONG.pack(_FIN_TEXT, 127, size) + payload
 
 
 def _joined(frames: list[bytes]) -> bytes:
@@ -285,7 +268,7 @@ class Connection:
 
     def close_slow(self) -> None:
         """Close a socket whose buffer overflowed (1013) and count it."""
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        self.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
         self._on_slow(self)
 
     def close(self, code: int, reason: str) -> None:

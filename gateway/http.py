@@ -15,11 +15,11 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cdc.enrich import BROADCAST_PREFIX
 from cdc.lsn import format_lsn, parse_lsn
+from gateway.config import RealtimeConfig
+from gateway.events import BROADCAST_PREFIX
 from gateway.state import STATE, GatewayState
 from gateway.tickets import DEFAULT_TTL, mint_ticket
-from walcast.config import RealtimeConfig
 
 __all__ = ["BroadcastRequest", "error_response", "routes"]
 

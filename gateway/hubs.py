@@ -20,21 +20,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from operator import itemgetter
-from typing import Any
-
-import orjson
 
 from cdc.cursors import CursorKey, format_cursor, parse_cursor
-from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
-from cdc.render import dumps
-from gateway.fanout import Audience, Connection, WriteScheduler, text_frame
+from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
+from gateway.fanout import Audience, Connection, WriteScheduler
 from gateway.metrics import Metrics
-from gateway.policy import PolicyCache, TablePolicy
+from gateway.policy import PolicyCache
+from gateway.protocol import (
+    CloseCode,
+    broadcast_message,
+    change_message,
+    revoked_frame,
+    system_frame,
+    text_frame,
+)
 from gateway.tickets import TicketClaims
 
-__all__ = ["CLOSE_ACCESS_REVOKED", "Hub", "HubRegistry", "revoked_frame", "system_frame"]
+__all__ = ["Hub", "HubRegistry"]
 
-CLOSE_ACCESS_REVOKED = 4403  #: the user lost access (role change, membership or session removed)
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
 
 Roles = frozenset[str]
@@ -42,43 +45,6 @@ Roles = frozenset[str]
 
 #: History entries (key, time, event) and remembered ones (key, hub) both sort by their key.
 _by_key = itemgetter(0)
-
-
-def system_frame(event: str, payload: dict[str, Any]) -> bytes:
-    return text_frame(orjson.dumps({"type": "system", "event": event, "payload": payload}))
-
-
-def revoked_frame(reason: str) -> bytes:
-    """The `auth:token-invalidated` notice a socket gets just before it is closed with 4403."""
-    body = {"type": "broadcast", "event": "auth:token-invalidated", "payload": {"reason": reason}}
-    return text_frame(orjson.dumps(body))
-
-
-def _timestamp(event: ChangeEvent) -> str:
-    return event.commit_time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _change_payload(event: ChangeEvent, policy: TablePolicy, raw: frozenset[str]) -> bytes:
-    table = event.table
-    body: dict[str, Any] = {
-        "type": "postgres_changes",
-        "table": table.table_name,
-        "schema": table.schema_name,
-        "eventType": event.event_type,
-        "new": policy.shape(event.new, raw),
-        "old": policy.shape(event.old, raw),
-        "id": event.cursor,
-        "commitTimestamp": _timestamp(event),
-    }
-    if event.unchanged:
-        body["unchanged"] = policy.visible_unchanged(event.unchanged)
-    return dumps(body)
-
-
-def _broadcast_payload(event: BroadcastEvent) -> bytes:
-    return orjson.dumps(
-        {"type": "broadcast", "event": event.event, "payload": event.payload, "id": event.cursor}
-    )
 
 
 def _write_all(conns: Iterable[Connection], frame: bytes) -> int:
@@ -203,7 +169,7 @@ class Hub:
                 if not conns:
                     continue
                 if frame is None:
-                    frame = text_frame(_broadcast_payload(event))
+                    frame = text_frame(broadcast_message(event))
                     metrics.serializations.inc()
                 delivered += _write_all(conns, frame)
         else:
@@ -219,7 +185,7 @@ class Hub:
                         continue
                     frame = frames.get(raw)
                     if frame is None:
-                        frame = frames[raw] = text_frame(_change_payload(event, policy, raw))
+                        frame = frames[raw] = text_frame(change_message(event, policy, raw))
                         metrics.serializations.inc()
                     delivered += _write_all(conns, frame)
                     continue
@@ -228,9 +194,7 @@ class Hub:
                     visible = owner_raw if conn.user_id == owner else raw
                     frame = frames.get(visible)
                     if frame is None:
-                        frame = frames[visible] = text_frame(
-                            _change_payload(event, policy, visible)
-                        )
+                        frame = frames[visible] = text_frame(change_message(event, policy, visible))
                         metrics.serializations.inc()
                     delivered += conn.write(frame)
         if delivered:
@@ -248,7 +212,7 @@ class Hub:
         frame = revoked_frame(notice.reason)
         for conn in targets:
             conn.write(frame)
-            conn.close(CLOSE_ACCESS_REVOKED, notice.reason)
+            conn.close(CloseCode.ACCESS_REVOKED, notice.reason)
             self.detach(conn)
         return len(targets)
 

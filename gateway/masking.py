@@ -37,7 +37,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from walcast.config import ConfigError, MaskRule
+from gateway.config import ConfigError, MaskRule
 
 __all__ = [
     "REDACTED",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.config import MaskRule, TableConfig
 from gateway.masking import mask_value
-from walcast.config import MaskRule, TableConfig
 
 __all__ = ["PolicyCache", "TablePolicy"]
 

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import jwt
 
+from gateway.config import ConfigError
 from gateway.tickets import AUDIENCE as TICKET_AUDIENCE
 from gateway.tickets import GatewayError
-from walcast.config import ConfigError
 
 if TYPE_CHECKING:
     import asyncpg

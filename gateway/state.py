@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import asyncpg
 from aiohttp import web
 
+from gateway.config import RealtimeConfig, Settings
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
 from gateway.sessions import SessionStore
 from gateway.tickets import JtiStore
-from walcast.config import RealtimeConfig, Settings
 
 __all__ = ["STATE", "GatewayState"]
 

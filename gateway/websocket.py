@@ -13,12 +13,13 @@ import asyncio
 import logging
 import time
 
-import orjson
 from aiohttp import WSMsgType, web
 
-from gateway.fanout import Connection, text_frame
+from gateway.config import Settings
+from gateway.fanout import Connection
 from gateway.http import error_response
 from gateway.limits import ConnectionLimiter, HandshakeRateLimiter, LimitExceeded
+from gateway.protocol import error_frame, text_frame
 from gateway.state import STATE
 from gateway.tickets import (
     JtiStoreFullError,
@@ -27,7 +28,6 @@ from gateway.tickets import (
     TicketError,
     verify_ticket,
 )
-from walcast.config import Settings
 
 __all__ = ["LIMITS", "UpgradeLimits", "routes"]
 
@@ -38,15 +38,7 @@ routes = web.RouteTableDef()
 MAX_CLIENT_FRAME = 64 * 1024
 READY_WAIT_SECONDS = 15.0
 _PONG = text_frame(b"pong")
-_UNSUPPORTED = text_frame(
-    orjson.dumps(
-        {
-            "type": "system",
-            "event": "error",
-            "payload": {"message": "unsupported message: only the text 'ping' is understood"},
-        }
-    )
-)
+_UNSUPPORTED = error_frame("unsupported message: only the text 'ping' is understood")
 
 
 class UpgradeLimits:

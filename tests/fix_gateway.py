@@ -26,10 +26,10 @@ import psycopg
 import pytest
 from aiohttp import web
 
-from gateway.app import make_app
+from gateway.config import RealtimeConfig, Settings, parse_realtime_config
 from gateway.state import STATE
+from walcast.app import make_app
 from walcast.cli import apply_migrations
-from walcast.config import RealtimeConfig, Settings, parse_realtime_config
 
 ACCESS_TOKEN = "test-access-token-0123456789-abcdefgh"
 

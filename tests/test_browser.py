@@ -23,13 +23,13 @@ import psycopg
 import pytest
 from aiohttp import web
 
-from gateway.app import make_app
+from gateway.config import Settings, parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.browser.cdp import CHROMIUM, Chromium, Page
 from tests.fix_gateway import ACCESS_TOKEN, TEST_CONFIG, TEST_SCHEMA, Gateway, free_port
+from walcast.app import make_app
 from walcast.cli import apply_migrations
-from walcast.config import Settings, parse_realtime_config
 
 pytestmark = [
     pytest.mark.integration,

@@ -11,19 +11,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.app import make_app
+from gateway.config import parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import verify_ticket
 from tests.fix_gateway import ACCESS_TOKEN, TEST_CONFIG, Gateway, _toml, start_gateway
 from walcast import mint_ticket
+from walcast.app import make_app
 from walcast.client import (
     AuthenticationError,
     BroadcastError,
     Realtime,
     RealtimeClient,
-    backoff_delay,
 )
-from walcast.config import parse_realtime_config
 
 pytestmark = pytest.mark.integration
 
@@ -278,11 +277,3 @@ def test_mint_ticket_is_exported_from_walcast() -> None:
     ticket = mint_ticket(ACCESS_TOKEN, user_id="u", organization_id="o", roles=["a"])
     claims = verify_ticket(ticket, [ACCESS_TOKEN], now=time.time())
     assert (claims.user_id, claims.organization_id, claims.roles) == ("u", "o", frozenset({"a"}))
-
-
-def test_backoff_is_full_jitter_under_the_cap() -> None:
-    delays = [backoff_delay(attempt, 0.5, 4.0) for attempt in range(200) for _ in range(5)]
-    assert all(0.0 <= d <= 4.0 for d in delays)
-    assert max(backoff_delay(1, 0.5, 4.0) for _ in range(200)) <= 1.0
-    assert max(delays) > 3.0  # the cap is reached, not just approached by the mean
-    assert backoff_delay(10_000, 0.5, 4.0) <= 4.0  # no overflow on huge attempt counts

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from gateway.config import Settings, load_realtime_config
 from walcast.cli import _parser
-from walcast.config import Settings, load_realtime_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

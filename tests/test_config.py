@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from walcast.config import (
+from gateway.config import (
     ConfigError,
     MaskRule,
     RealtimeConfig,

@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.config import ConfigError, MaskRule, TableConfig, parse_realtime_config
 from gateway.masking import REDACTED, mask_value
 from gateway.policy import TablePolicy
 from gateway.tickets import AUDIENCE, TicketClaims, TicketError, mint_ticket, verify_ticket
 from tests.fix_gateway import ACCESS_TOKEN, Gateway
-from walcast.config import ConfigError, MaskRule, TableConfig, parse_realtime_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 

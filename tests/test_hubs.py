@@ -13,12 +13,13 @@ from typing import Any
 import orjson
 
 from cdc.cursors import format_cursor
-from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent
-from gateway.fanout import CLOSE_SLOW_CONSUMER, Connection, WriteScheduler
-from gateway.hubs import CLOSE_ACCESS_REVOKED, HubRegistry
+from gateway.config import TableConfig, parse_realtime_config
+from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
+from gateway.fanout import Connection, WriteScheduler
+from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
+from gateway.protocol import CloseCode
 from gateway.tickets import TicketClaims
-from walcast.config import TableConfig, parse_realtime_config
 
 CONFIG = parse_realtime_config(
     {
@@ -287,7 +288,7 @@ async def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() ->
         "payload": {"reason": "role-changed"},
     }
     await asyncio.sleep(0.01)  # the close handshake runs in the background
-    assert gone.closed_with == CLOSE_ACCESS_REVOKED
+    assert gone.closed_with == CloseCode.ACCESS_REVOKED
     assert other.messages[-1]["new"]["id"] == "after"
 
     def claims(issued_at: float, session: str | None = None) -> TicketClaims:
@@ -371,7 +372,7 @@ async def test_a_slow_consumer_is_closed_after_the_pass_the_others_get_everythin
     registry.writes.flush_now()  # a pass of shared frames only: the audience's own path
     registry.publish(_note(0x40, "c"))
     await asyncio.sleep(0.01)
-    assert slow.closed_with == CLOSE_SLOW_CONSUMER
+    assert slow.closed_with == CloseCode.TRY_AGAIN_LATER
     assert _ids(slow) == ["ready", format_cursor(0x20, 1), format_cursor(0x30, 1)]
     assert _ids(fast)[1:] == [format_cursor(lsn, 1) for lsn in (0x20, 0x30, 0x40)]
 

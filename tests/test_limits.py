@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from gateway.fanout import CLOSE_SLOW_CONSUMER
+from gateway.config import Settings
 from gateway.limits import ConnectionLimiter, HandshakeRateLimiter
+from gateway.protocol import CloseCode
 from tests.fix_gateway import Gateway
 from tests.fix_gateway import running_gateway as gateway
-from walcast.config import Settings
 
 WS = "/realtime/v1/websocket"
 
@@ -252,7 +252,7 @@ async def test_slow_consumer_is_closed_with_1013_and_others_get_everything(
         ids = [e["new"]["id"] for e in normal.events("postgres_changes")]
         assert ids == [f"sc{index}" for index in range(sent + 5)]  # all, once, in order
         assert slow._value.get() == 1
-        assert await _close_code(stalled) == CLOSE_SLOW_CONSUMER
+        assert await _close_code(stalled) == CloseCode.TRY_AGAIN_LATER
         stalled.close()
         async with gw.http.get(f"{gw.url}/metrics") as response:
             assert "walcast_slow_consumers_total 1.0" in await response.text()

@@ -42,6 +42,7 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from gateway.config import MaskRule, Settings
 from gateway.masking import mask_value
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
@@ -58,7 +59,6 @@ from tests.fix_gateway import (
     walcast_command,
 )
 from walcast.cli import apply_migrations
-from walcast.config import MaskRule, Settings
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gateway import masking
+from gateway.config import ConfigError, MaskRule
 from gateway.masking import REDACTED, MaskError, mask_value, resolve_custom
-from walcast.config import ConfigError, MaskRule
 
 CALLS: list[Any] = []
 

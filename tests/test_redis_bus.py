@@ -30,8 +30,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from cdc.cursors import format_cursor
-from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent
 from cdc.render import RawJson
+from gateway.config import parse_realtime_config
+from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
 from tests.fix_gateway import (
     ACCESS_TOKEN,
     TEST_CONFIG,
@@ -44,7 +45,6 @@ from tests.fix_gateway import (
 )
 from walcast.aio import cancel_and_wait
 from walcast.cli import apply_migrations
-from walcast.config import parse_realtime_config
 from walcast.redisbus import (
     BusKeys,
     HistoryLost,

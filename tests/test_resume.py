@@ -21,6 +21,7 @@ import orjson
 import psycopg
 import pytest
 
+from gateway.config import parse_realtime_config
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import (
     ACCESS_TOKEN,
@@ -32,7 +33,6 @@ from tests.fix_gateway import (
     walcast_command,
 )
 from tests.pg import PostgresServer
-from walcast.config import parse_realtime_config
 
 pytestmark = pytest.mark.integration
 

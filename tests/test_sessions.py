@@ -16,6 +16,7 @@ from aiohttp import web
 from psycopg.conninfo import conninfo_to_dict
 
 import migrations
+from gateway.config import ConfigError
 from gateway.sessions import (
     BetterAuthSessionStore,
     ClaimNames,
@@ -26,7 +27,6 @@ from gateway.sessions import (
     quote_ident,
 )
 from gateway.tickets import mint_ticket
-from walcast.config import ConfigError
 
 NOW = 1_800_000_000.0
 SECRET = "session-secret-0123456789abcdefghijklmnopqrstuvwxyz"

@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from cdc import catalog
 from cdc.errors import ReplicationError
-from walcast.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
+from gateway.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
 from walcast.logs import setup_logging
 
 __all__ = ["main"]
@@ -82,7 +82,7 @@ async def serve(
     static_dir: Any = None,
     banner: str | None = None,
 ) -> None:
-    from gateway.app import make_app
+    from walcast.app import make_app
     from walcast.pipeline import DropSink, Pipeline
 
     dsn = _need_database(settings)

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import random
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -43,8 +42,10 @@ from typing import Any
 import aiohttp
 import orjson
 
+from cdc.backoff import full_jitter
+from gateway.config import split_secrets
+from gateway.protocol import CloseCode
 from gateway.tickets import mint_ticket
-from walcast.config import split_secrets
 
 __all__ = [
     "AuthenticationError",
@@ -68,7 +69,6 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10)
 #: Bounds a whole ticket or broadcast request.
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 #: The server closed the socket because the user's access changed (spec §6).
-CLOSE_ACCESS_CHANGED = 4403
 
 
 class RealtimeError(Exception):
@@ -95,11 +95,6 @@ class BroadcastError(RealtimeError):
 
 class _Transient(Exception):
     """A failure worth retrying after a back-off (server down, restarting, 5xx, used ticket)."""
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-    return random.uniform(0.0, min(cap, base * (2.0 ** min(attempt, 62))))
 
 
 async def _call(handler: Handler | None, message: dict[str, Any]) -> None:
@@ -252,7 +247,7 @@ class RealtimeClient:
                 if self._closing:
                     break
                 attempt = 0 if connected else attempt + 1
-                delay = backoff_delay(attempt, self._backoff_base, self._backoff_cap)
+                delay = full_jitter(attempt, self._backoff_base, self._backoff_cap)
                 log.info("walcast client: reconnecting in %.2fs", delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), delay)
@@ -332,7 +327,7 @@ class RealtimeClient:
             self._ws = None
             self.ready.clear()
             await ws.close()
-        if ws.close_code == CLOSE_ACCESS_CHANGED:
+        if ws.close_code == CloseCode.ACCESS_REVOKED:
             log.info("walcast client: access changed; reconnecting with a fresh ticket")
         else:
             log.info("walcast client: socket closed (code %s)", ws.close_code)

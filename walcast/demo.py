@@ -46,10 +46,10 @@ import psycopg
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.app import make_app
+from gateway.config import RealtimeConfig, Settings, parse_realtime_config
 from gateway.state import STATE
+from walcast.app import make_app
 from walcast.cli import UsageError, apply_migrations, run_until_stopped
-from walcast.config import RealtimeConfig, Settings, parse_realtime_config
 from walcast.embedded import EmbeddedPostgres, EmbeddedUnavailable, start_embedded
 
 __all__ = ["DEMO_SLOT", "DemoOrg", "DemoUser", "DemoWriter", "load_demo_config", "run_demo"]

@@ -24,11 +24,12 @@ import psycopg
 
 from cdc import catalog
 from cdc.changes import LogicalMessage, RowChange, TransactionEnd
-from cdc.enrich import AccessRevoked, BroadcastEvent, RoutedEvent, Router
 from cdc.errors import ReplicationError
 from cdc.reader import ReplicationReader
+from gateway.config import RealtimeConfig, Settings
+from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
 from gateway.metrics import Metrics
-from walcast.config import RealtimeConfig, Settings
+from walcast.routing import Router
 
 __all__ = ["SYNC_PREFIX", "DropSink", "EventSink", "Pipeline", "RetentionWindow", "StartupError"]
 

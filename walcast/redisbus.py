@@ -58,7 +58,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -76,13 +75,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cdc.backoff import full_jitter
 from cdc.cursors import CursorKey, format_cursor, parse_cursor
-from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 from cdc.render import RawJson
+from gateway.config import RealtimeConfig, Settings
+from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
 from walcast.aio import cancel_and_wait
-from walcast.config import RealtimeConfig, Settings
 from walcast.pipeline import Pipeline, RetentionWindow
 
 __all__ = [
@@ -105,7 +105,6 @@ log = logging.getLogger(__name__)
 
 Event = RoutedEvent | AccessRevoked
 
-CLOSE_TRY_AGAIN = 1013  #: RFC 6455 §7.4.1: history could not be read; reconnect with `since`
 BLOCK_MS = 10_000  #: one XREAD waits at most this long (a dead connection shows up in time)
 HISTORY_WAIT_SECONDS = 10.0  #: how long an attach waits for Redis or the node to catch up
 LOCK_RETRY_SECONDS = 1.0
@@ -597,7 +596,7 @@ class RedisSink:
                         extra={"error": f"{type(exc).__name__}: {exc}"},
                     )
                 self._on_redis(False, f"Redis unavailable: {type(exc).__name__}")
-                await asyncio.sleep(random.uniform(0, min(cap, base * 2 ** min(failures, 16))))
+                await asyncio.sleep(full_jitter(failures, base, cap))
                 continue
             if failures:
                 log.info("Redis is reachable again")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -47,13 +46,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from cdc.backoff import full_jitter
 from cdc.cursors import CursorKey, parse_cursor
-from cdc.enrich import AccessRevoked, RoutedEvent
+from gateway.config import RealtimeConfig
+from gateway.events import AccessRevoked, RoutedEvent
 from gateway.fanout import Connection
-from gateway.hubs import CLOSE_ACCESS_REVOKED, Hub, HubRegistry, revoked_frame, system_frame
+from gateway.hubs import Hub, HubRegistry
 from gateway.metrics import Metrics
+from gateway.protocol import CloseCode, revoked_frame, system_frame
 from walcast.aio import cancel_and_wait
-from walcast.config import RealtimeConfig
 from walcast.redisbus import (
     _TRANSIENT,
     BUS_KEYS,
@@ -73,7 +74,6 @@ __all__ = ["RedisFeed", "RedisHub", "RedisHubRegistry", "install_gateway"]
 
 log = logging.getLogger(__name__)
 
-CLOSE_TRY_AGAIN = 1013  #: RFC 6455 §7.4.1: history could not be read; reconnect with `since`
 BLOCK_MS = 10_000  #: one XREAD waits at most this long (a dead connection shows up in time)
 BACKOFF_CAP = 2.0  #: seconds, at most, between attempts to reach Redis (full jitter)
 HISTORY_WAIT_SECONDS = 10.0  #: how long a resume waits for Redis or the node to catch up
@@ -221,9 +221,7 @@ class RedisFeed:
                 if failures == 1:
                     log.warning("lost Redis; retrying", extra={"error": type(exc).__name__})
                 self._on_status(False, f"Redis unavailable: {type(exc).__name__}")
-                await asyncio.sleep(
-                    random.uniform(0, min(BACKOFF_CAP, 0.05 * 2 ** min(failures, 16)))
-                )
+                await asyncio.sleep(full_jitter(failures, 0.05, BACKOFF_CAP))
                 continue
             if reply:
                 self._handle(reply)
@@ -255,9 +253,7 @@ class RedisFeed:
             except _TRANSIENT as exc:
                 failures += 1
                 self._on_status(False, f"Redis unavailable: {type(exc).__name__}")
-                await asyncio.sleep(
-                    random.uniform(0, min(BACKOFF_CAP, 0.05 * 2 ** min(failures, 16)))
-                )
+                await asyncio.sleep(full_jitter(failures, 0.05, BACKOFF_CAP))
         # Nothing below the floor can be resumed from, so the node may start above it.
         known = [parse_cursor(raw.decode()) for raw in (floor, position) if raw]
         self.position = max((key for key in known if key is not None), default=(0, 0))
@@ -363,7 +359,7 @@ class RedisFeed:
         except (RedisError, OSError, TimeoutError) as exc:
             hub.pending.remove(pending)
             log.warning("could not read the resume history", extra={"error": type(exc).__name__})
-            conn.close(CLOSE_TRY_AGAIN, "history unavailable, try again")
+            conn.close(CloseCode.TRY_AGAIN_LATER, "history unavailable, try again")
             return
         except BaseException:
             hub.pending.remove(pending)
@@ -382,7 +378,7 @@ class RedisFeed:
             if isinstance(item, AccessRevoked):
                 if _applies(item, conn):
                     conn.write(revoked_frame(item.reason))
-                    conn.close(CLOSE_ACCESS_REVOKED, item.reason)
+                    conn.close(CloseCode.ACCESS_REVOKED, item.reason)
                     metrics.revocations.labels(item.reason).inc()
                     return
                 continue
@@ -497,7 +493,7 @@ def _complete_after(info: Mapping[Any, Any], after: CursorKey) -> bool:
 
 
 def install_gateway(app: web.Application, *, with_reader: bool, prefix: str | None = None) -> None:
-    """Run `app` (made by `gateway.app.make_app` with a `RedisHubRegistry`) as a gateway node on
+    """Run `app` (made by `walcast.app.make_app` with a `RedisHubRegistry`) as a gateway node on
     the Redis bus, and, if `with_reader`, as a reader candidate too (readiness is the node's)."""
     app[BUS_KEYS] = BusKeys(prefix if prefix is not None else prefix_from_env())
     app.cleanup_ctx.append(_feed_context)

@@ -1,4 +1,4 @@
-"""Routing rules (cdc.enrich), cursors (cdc.cursors) and the retention window, as pure code."""
+"""Routing rules (walcast.routing), cursors (cdc.cursors) and the retention window, as pure code."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from cdc.changes import LogicalMessage, RowChange, TransactionStart
 from cdc.cursors import format_cursor, parse_cursor
-from cdc.enrich import AccessRevoked, BroadcastEvent, ChangeEvent, Router
-from walcast.config import parse_realtime_config
+from gateway.config import parse_realtime_config
+from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
 from walcast.pipeline import RetentionWindow
+from walcast.routing import Router
 
 CONFIG = parse_realtime_config(
     {

@@ -17,18 +17,19 @@ import asyncpg
 import psycopg
 from aiohttp import web
 
-from cdc.enrich import AccessRevoked, RoutedEvent
 from gateway import http, openapi, redact, websocket
 from gateway.accesslog import AccessLogger
+from gateway.config import RealtimeConfig, Settings
+from gateway.events import AccessRevoked, RoutedEvent
 from gateway.fanout import WriteScheduler
 from gateway.hubs import HubRegistry
 from gateway.masking import resolve_custom
 from gateway.metrics import Metrics
+from gateway.protocol import CloseCode
 from gateway.sessions import BetterAuthSessionStore, JwtSessionStore, SessionStore
 from gateway.state import STATE, GatewayState
 from gateway.tickets import MemoryJtiStore, RedisJtiStore
 from walcast.aio import cancel_and_wait
-from walcast.config import RealtimeConfig, Settings
 from walcast.dsn import to_url
 from walcast.pipeline import Pipeline
 from walcast.redisbus import BUS_KEYS, redis_client
@@ -38,7 +39,6 @@ __all__ = ["LocalSink", "make_app"]
 
 log = logging.getLogger(__name__)
 
-CLOSE_GOING_AWAY = 1001
 TICK_SECONDS = 1.0
 SLOT_METRICS_EVERY = 5  #: ticks between slot queries (retained WAL gauge)
 
@@ -209,6 +209,6 @@ async def _close_sockets(app: web.Application) -> None:
     state.registry.writes.flush_now()  # what is queued goes out before the close frames
     sockets = [conn.ws for conn in state.registry.connections()]
     await asyncio.gather(
-        *(ws.close(code=CLOSE_GOING_AWAY, message=b"server shutdown") for ws in sockets),
+        *(ws.close(code=CloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
         return_exceptions=True,
     )

@@ -13,7 +13,6 @@ It also turns changes of the session store's `member` and `session` tables into
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -21,69 +20,15 @@ import orjson
 
 from cdc.changes import Item, LogicalMessage, RowChange, TransactionStart
 from cdc.cursors import format_cursor
-from walcast.config import RealtimeConfig, TableConfig
+from gateway.config import RealtimeConfig, TableConfig
+from gateway.events import BROADCAST_PREFIX, AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 
-__all__ = [
-    "BROADCAST_PREFIX",
-    "AccessRevoked",
-    "BroadcastEvent",
-    "ChangeEvent",
-    "RoutedEvent",
-    "Router",
-]
+__all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
-BROADCAST_PREFIX = "walcast"
-"""Logical messages with this prefix are custom broadcasts; others are ignored."""
-
 _MEMBER_TABLE = ("public", "member")
 _SESSION_TABLE = ("public", "session")
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeEvent:
-    """A row change for one organization (or every organization, for TRUNCATE)."""
-
-    organization_id: str | None  #: None: every organization (TRUNCATE has no rows to route by)
-    cursor: str
-    commit_lsn: int
-    commit_time: datetime
-    table: TableConfig
-    event_type: str  #: INSERT, UPDATE, DELETE or TRUNCATE
-    new: dict[str, Any] | None
-    old: dict[str, Any] | None
-    unchanged: tuple[str, ...]
-    target_user: str | None  #: only this user receives it (userColumn)
-    owner_id: str | None  #: the row's owner (ownerColumn), for show.or = "owner"
-
-
-@dataclass(frozen=True, slots=True)
-class BroadcastEvent:
-    """A custom event written with pg_logical_emit_message by the broadcast API."""
-
-    organization_id: str
-    cursor: str
-    commit_lsn: int
-    event: str
-    payload: orjson.Fragment  #: already serialized: a broadcast is sent as the API received it
-    target_roles: frozenset[str]  #: empty: every member
-    target_user: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class AccessRevoked:
-    """A member's roles changed or were removed, or a session was deleted (spec §6)."""
-
-    reason: str  #: "role-changed", "member-removed" or "session-revoked"
-    organization_id: str | None
-    user_id: str | None
-    session_id: str | None
-    commit_lsn: int
-    committed_at: float  #: commit time, seconds since the epoch: older tickets are stale
-
-
-RoutedEvent = ChangeEvent | BroadcastEvent
 
 
 def _text(value: Any) -> str | None:

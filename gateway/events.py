@@ -1,0 +1,71 @@
+"""Routed events: what the gateway delivers, already addressed to one organization.
+
+The routing layer (`walcast.routing`) builds these from the reader's items; hubs, history and
+the Redis bus carry them unchanged. Frozen and slotted: one is made per change, in the hot path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from gateway.config import TableConfig
+
+__all__ = [
+    "BROADCAST_PREFIX",
+    "AccessRevoked",
+    "BroadcastEvent",
+    "ChangeEvent",
+    "RoutedEvent",
+]
+
+BROADCAST_PREFIX = "walcast"
+"""Logical messages with this prefix are custom broadcasts; others are ignored."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEvent:
+    """A row change for one organization (or every organization, for TRUNCATE)."""
+
+    organization_id: str | None  #: None: every organization (TRUNCATE has no rows to route by)
+    cursor: str
+    commit_lsn: int
+    commit_time: datetime
+    table: TableConfig
+    event_type: str  #: INSERT, UPDATE, DELETE or TRUNCATE
+    new: dict[str, Any] | None
+    old: dict[str, Any] | None
+    unchanged: tuple[str, ...]
+    target_user: str | None  #: only this user receives it (userColumn)
+    owner_id: str | None  #: the row's owner (ownerColumn), for show.or = "owner"
+
+
+@dataclass(frozen=True, slots=True)
+class BroadcastEvent:
+    """A custom event written with pg_logical_emit_message by the broadcast API."""
+
+    organization_id: str
+    cursor: str
+    commit_lsn: int
+    event: str
+    payload: orjson.Fragment  #: already serialized: a broadcast is sent as the API received it
+    target_roles: frozenset[str]  #: empty: every member
+    target_user: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRevoked:
+    """A member's roles changed or were removed, or a session was deleted (spec §6)."""
+
+    reason: str  #: "role-changed", "member-removed" or "session-revoked"
+    organization_id: str | None
+    user_id: str | None
+    session_id: str | None
+    commit_lsn: int
+    committed_at: float  #: commit time, seconds since the epoch: older tickets are stale
+
+
+RoutedEvent = ChangeEvent | BroadcastEvent
