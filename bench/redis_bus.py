@@ -37,7 +37,7 @@ from cdc.cursors import format_cursor, parse_cursor
 from gateway.config import parse_realtime_config
 from gateway.events import ChangeEvent
 from walcast.aio import cancel_and_wait
-from walcast.redisbus import _PUBLISH, BusKeys, RedisSink, encode_events, stream_id
+from walcast.bus import PUBLISH_SCRIPT, BusKeys, RedisSink, encode_events, stream_id
 
 
 def make_events(count: int, orgs: int, transaction: int) -> list[list[ChangeEvent]]:
@@ -110,7 +110,7 @@ async def run_sink(redis: aioredis.Redis, transactions: list[list[ChangeEvent]])
 async def run_per_event(redis: aioredis.Redis, transactions: list[list[ChangeEvent]]) -> float:
     keys = fresh_keys()
     await redis.set(keys.floor, format_cursor(0x100_0000, 0))
-    script = redis.register_script(_PUBLISH)
+    script = redis.register_script(PUBLISH_SCRIPT)
     try:
         started = time.perf_counter()
         for events in transactions:

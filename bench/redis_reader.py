@@ -36,8 +36,8 @@ from gateway.config import RealtimeConfig, Settings, parse_realtime_config
 from gateway.events import AccessRevoked, ChangeEvent, RoutedEvent
 from gateway.metrics import Metrics
 from walcast.aio import cancel_and_wait
+from walcast.bus import RedisSink
 from walcast.pipeline import DropSink, EventSink, Pipeline
-from walcast.redisbus import RedisSink
 
 SCHEMA = """
 CREATE TABLE orders (

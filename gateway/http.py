@@ -226,10 +226,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    if state.ready.is_set():
+    readiness = request.app[STATE].readiness
+    if readiness.ready:
         return web.json_response({"status": "ready"})
-    return web.json_response({"status": "not ready", "reason": state.not_ready_reason}, status=503)
+    return web.json_response({"status": "not ready", "reason": readiness.reason}, status=503)
 
 
 @routes.get("/metrics")

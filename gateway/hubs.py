@@ -1,29 +1,34 @@
-"""One hub per organization: its sockets, grouped by role set, and its resume history.
+"""One hub per organization: its sockets, grouped by role set; and the registry of all hubs.
 
-The counterpart of the seed system's one Durable Object per organization: a socket is attached
-to exactly one hub and only ever receives that hub's events, so no event crosses organizations.
+A socket is attached to exactly one hub and only ever receives that hub's events, so no event
+crosses organizations.
 
-Everything here is synchronous. Attaching a socket replays its missed events, registers it and
-sends `ready` without an await in between, so no live event can slip into the seam between
-replay and live delivery, and nothing published after `ready` can be missed.
+Where events come from is not the hubs' business: an event source (the in-process pipeline, or
+the Redis bus's feed) calls `HubRegistry.publish`, `revoke` and the `History` it was built
+with; resumes read that `History` (`gateway.history`).
 
-History keeps each event for `history_seconds` (and at most `max_events` per hub, and at most
-`max_total_events` on the node, oldest first across hubs) so a client can resume with
-`since=<id>`. A hub also knows from which cursor on its history is complete; a resume cursor
-below that gets `resync_required` instead of a silent gap.
+Attaching a socket, in three steps, so nothing falls into the seam between replay and live
+delivery and nothing is delivered twice: (1) synchronously, the socket goes on its hub's
+*attaching* list, which from then on collects every event and revocation the hub handles for
+it; (2) the history answers the events after the client's cursor (it may await, say on Redis);
+(3) without an await: replay, then what was collected (minus what the client already has; a
+revocation that applies closes the socket with 4403 instead), then registration and ``ready``.
+A socket without a cursor is registered at once.
+
+Masking and serialization happen in `Hub._deliver`, once per visibility class per event
+(`walcast_serializations_total` counts them).
 """
 
 from __future__ import annotations
 
-import heapq
+import logging
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from operator import itemgetter
+from collections.abc import Iterable
 
-from cdc.cursors import CursorKey, format_cursor, parse_cursor
+from cdc.cursors import format_cursor, parse_cursor
 from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
 from gateway.fanout import Audience, Connection, WriteScheduler
+from gateway.history import History, HistoryUnavailable
 from gateway.metrics import Metrics
 from gateway.policy import PolicyCache
 from gateway.protocol import (
@@ -38,13 +43,11 @@ from gateway.tickets import TicketClaims
 
 __all__ = ["Hub", "HubRegistry"]
 
+log = logging.getLogger(__name__)
+
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
 
 Roles = frozenset[str]
-
-
-#: History entries (key, time, event) and remembered ones (key, hub) both sort by their key.
-_by_key = itemgetter(0)
 
 
 def _write_all(conns: Iterable[Connection], frame: bytes) -> int:
@@ -54,36 +57,46 @@ def _write_all(conns: Iterable[Connection], frame: bytes) -> int:
     return sum(conn.write(frame) for conn in conns)
 
 
+class _Attaching:
+    """A socket between the start of its attach and `ready`: what the hub handled meanwhile."""
+
+    __slots__ = ("buffer", "conn")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.buffer: list[RoutedEvent | AccessRevoked] = []
+
+
+def _applies(notice: AccessRevoked, conn: Connection) -> bool:
+    return (
+        notice.user_id == conn.user_id
+        and notice.organization_id in (None, conn.organization_id)
+        and notice.session_id in (None, conn.session_id)
+    )
+
+
 class Hub:
-    """The sockets and the history of one organization."""
+    """The sockets of one organization."""
 
     def __init__(self, organization_id: str, registry: HubRegistry) -> None:
         self.organization_id = organization_id
         self._registry = registry
         self.by_roles: dict[Roles, Audience] = {}
         self.by_user: dict[str, set[Connection]] = {}
-        self.history: deque[tuple[CursorKey, float, RoutedEvent]] = deque()
-        self.evicted_up_to: CursorKey | None = None  #: history is complete above this key
-
-    # -- sockets ---------------------------------------------------------------------------
+        self.attaching: list[_Attaching] = []
 
     @property
     def size(self) -> int:
         return sum(len(conns) for conns in self.by_roles.values())
 
-    def attach(self, conn: Connection, since: str | None) -> None:
-        """Replay what `conn` missed after `since`, register it, then send `ready`."""
+    @property
+    def idle(self) -> bool:
+        """No socket, and none attaching: the registry may forget this hub."""
+        return not self.by_roles and not self.attaching
+
+    def register(self, conn: Connection) -> None:
+        """Add `conn` to its audience and send `ready`: from now on it gets live events."""
         registry = self._registry
-        if since is not None:
-            key = parse_cursor(since)
-            if key is None or not registry.can_resume(self, key):
-                registry.metrics.resyncs.inc()
-                conn.write(system_frame("resync_required", {"cursor": since}))
-            else:
-                missed = heapq.merge(self.history, registry.global_history.history, key=_by_key)
-                for event_key, _, event in missed:
-                    if event_key > key:
-                        self._deliver(event, ((conn.roles, (conn,)),), replay=True)
         audience = self.by_roles.get(conn.roles)
         if audience is None:
             audience = self.by_roles[conn.roles] = Audience(registry.writes)
@@ -120,24 +133,17 @@ class Hub:
         for conns in self.by_roles.values():
             yield from conns
 
-    # -- events ----------------------------------------------------------------------------
-
-    def publish(self, key: CursorKey, event: RoutedEvent, now: float) -> None:
-        self._registry.remember(self, key, now, event)
-        self.deliver_live(event)
-
     def deliver_live(self, event: RoutedEvent) -> None:
+        """Deliver to the registered sockets; sockets still attaching get it afterwards."""
         self._deliver(event, self._audience(event.target_user), replay=False)
+        for waiting in self.attaching:
+            waiting.buffer.append(event)
 
-    def trim(self, now: float) -> None:
-        history, registry = self.history, self._registry
-        oldest = now - registry.history_seconds
-        while history and (history[0][1] < oldest or len(history) > registry.max_events):
-            self.evict_oldest()
-
-    def evict_oldest(self) -> None:
-        self.evicted_up_to = self.history.popleft()[0]
-        self._registry.history_size -= 1
+    def replay(self, conn: Connection, events: Iterable[RoutedEvent]) -> None:
+        """Deliver past events to one socket, with its roles and masks as if live."""
+        audience = ((conn.roles, (conn,)),)
+        for event in events:
+            self._deliver(event, audience, replay=True)
 
     def _audience(self, user: str | None) -> Iterable[tuple[Roles, Iterable[Connection]]]:
         if user is None:
@@ -202,6 +208,8 @@ class Hub:
 
     def revoke(self, notice: AccessRevoked) -> int:
         """Close the sockets a revocation applies to; returns how many."""
+        for waiting in self.attaching:
+            waiting.buffer.append(notice)
         if notice.user_id is None:
             return 0
         targets = [
@@ -217,44 +225,22 @@ class Hub:
         return len(targets)
 
 
-def _still_held(key: CursorKey, hub: Hub) -> bool:
-    """Whether the oldest entry of `hub`'s history is still the one remembered as `key`
-    (history is in key order, so an older key there means it was evicted meanwhile)."""
-    return bool(hub.history) and hub.history[0][0] <= key
-
-
 class HubRegistry:
-    """All hubs of this node, plus what they share: policies, metrics, the resume floor."""
+    """All hubs of this node, plus what they share: the history, policies, metrics."""
 
     def __init__(
         self,
         metrics: Metrics,
+        history: History,
         *,
-        history_seconds: float = 120.0,
-        max_events: int = 100_000,
-        max_total_events: int = 500_000,
-        clock: Callable[[], float] = time.monotonic,
         writes: WriteScheduler | None = None,
     ) -> None:
         self.metrics = metrics
+        self.history = history
         #: Runs the write passes of every socket of this node's hubs.
         self.writes = WriteScheduler() if writes is None else writes
-        self.history_seconds = history_seconds
-        self.max_events = max_events
-        self.max_total_events = max_total_events
-        #: Events in every hub's history, and (key, hub) in the order they were remembered:
-        #: the node-wide bound evicts from the front (entries a hub already evicted are skipped).
-        self.history_size = 0
-        self._remembered: deque[tuple[CursorKey, Hub]] = deque()
         self.policies = PolicyCache()
-        self._clock = clock
         self.hubs: dict[str, Hub] = {}
-        #: Events for every organization (TRUNCATE), kept once rather than in each hub.
-        self.global_history = Hub("", self)
-        #: Every event with a key at or above this is in history (set when streaming starts).
-        self.complete_from: CursorKey | None = None
-        #: The stream position reached: a client told this cursor in `ready` has missed nothing.
-        self.position: CursorKey = (0, 0)
         #: Recent access changes, by (organization, user) and by session id: commit times.
         self._revoked_members: dict[tuple[str | None, str], float] = {}
         self._revoked_sessions: dict[str, float] = {}
@@ -265,57 +251,75 @@ class HubRegistry:
             hub = self.hubs[organization_id] = Hub(organization_id, self)
         return hub
 
+    def followed(self) -> list[str]:
+        """The organizations this node has sockets (or attaching sockets) for."""
+        return list(self.hubs)
+
     def position_cursor(self) -> str:
-        return format_cursor(*self.position)
+        return format_cursor(*self.history.position)
 
-    def advance(self, key: CursorKey) -> None:
-        if key > self.position:
-            self.position = key
+    async def attach(self, conn: Connection, since: str | None) -> None:
+        """Replay what `conn` missed after `since`, register it, then send `ready` (see the
+        module docstring for the three steps). A cursor the history cannot vouch for gets
+        ``resync_required``; a history that cannot be read closes the socket with 1013."""
+        hub = self.hub(conn.organization_id)
+        self.history.follow(hub.organization_id)
+        if since is None:
+            hub.register(conn)
+            return
+        waiting = _Attaching(conn)
+        hub.attaching.append(waiting)
+        after = parse_cursor(since)
+        try:
+            missed = None if after is None else await self.history.since(hub.organization_id, after)
+        except HistoryUnavailable as exc:
+            log.warning("could not read the resume history", extra={"error": str(exc)})
+            conn.close(CloseCode.TRY_AGAIN_LATER, "history unavailable, try again")
+            return
+        finally:
+            hub.attaching.remove(waiting)
+        # From here on, no await: replay, what arrived meanwhile, registration, ready.
+        if conn.closed:
+            return
+        if missed is None:
+            self.metrics.resyncs.inc()
+            conn.write(system_frame("resync_required", {"cursor": since}))
+            after = None
+        else:
+            hub.replay(conn, missed)
+        for item in waiting.buffer:
+            if isinstance(item, AccessRevoked):
+                if _applies(item, conn):
+                    conn.write(revoked_frame(item.reason))
+                    conn.close(CloseCode.ACCESS_REVOKED, item.reason)
+                    self.metrics.revocations.labels(item.reason).inc()
+                    return
+                continue
+            if after is not None:
+                key = parse_cursor(item.cursor)
+                if key is not None and key <= after:
+                    continue  # the client has it (from another node)
+            hub.replay(conn, (item,))
+        hub.register(conn)
 
-    def can_resume(self, hub: Hub, key: CursorKey) -> bool:
-        """Whether every event after `key` that `hub` may hold is still in its history."""
-        if self.complete_from is None or key > self.position:
-            return False  # not streaming yet, or a cursor from the future: another database
-        for evicted in (hub.evicted_up_to, self.global_history.evicted_up_to):
-            if evicted is not None and key < evicted:
-                return False
-        return key >= self.complete_from
+    def detach(self, conn: Connection) -> None:
+        hub = self.hubs.get(conn.organization_id)
+        if hub is not None:
+            hub.detach(conn)
 
     def publish(self, event: RoutedEvent) -> None:
-        key = parse_cursor(event.cursor)
-        assert key is not None
-        now = self._clock()
+        """Keep `event` in history and deliver it to the sockets of its organization (of every
+        organization when it has none: a TRUNCATE)."""
         self.metrics.events.inc()
-        if event.organization_id is None:
-            # Kept once, for every organization: hubs made later replay it too.
-            self.remember(self.global_history, key, now, event)
+        self.history.append(event)
+        org = event.organization_id
+        if org is None:
             for hub in list(self.hubs.values()):
                 hub.deliver_live(event)
-        else:
-            self.hub(event.organization_id).publish(key, event, now)
-        self.advance(key)
-
-    def remember(self, hub: Hub, key: CursorKey, now: float, event: RoutedEvent) -> None:
-        """Add an event to `hub`'s history, then trim by time and by both bounds."""
-        hub.history.append((key, now, event))
-        self._remembered.append((key, hub))
-        self.history_size += 1
-        hub.trim(now)
-        remembered = self._remembered
-        while self.history_size > self.max_total_events:
-            oldest_key, oldest_hub = remembered.popleft()
-            history = oldest_hub.history
-            if history and history[0][0] == oldest_key:
-                oldest_hub.evict_oldest()
-        if len(remembered) > 2 * self.history_size + 1024:
-            self._forget_evicted()
-
-    def _forget_evicted(self) -> None:
-        """Rebuild the order from what the hubs still hold (per-hub trims leave stale entries)."""
-        hubs = [self.global_history, *self.hubs.values()]
-        self._remembered = deque(
-            heapq.merge(*([(key, hub) for key, _, _ in hub.history] for hub in hubs), key=_by_key)
-        )
+            return
+        one = self.hubs.get(org)
+        if one is not None:
+            one.deliver_live(event)
 
     def is_revoked(self, claims: TicketClaims) -> bool:
         """Whether an access change committed after this ticket was issued: its roles are stale.
@@ -346,8 +350,7 @@ class HubRegistry:
             self.metrics.revocations.labels(notice.reason).inc(closed)
 
     def trim(self) -> None:
-        """Expire old history everywhere and forget idle, empty hubs."""
-        now = self._clock()
+        """Expire old history and revocations; forget hubs without sockets."""
         forget_before = time.time() - REVOCATION_MEMORY_SECONDS
         self._revoked_members = {
             key: at for key, at in self._revoked_members.items() if at >= forget_before
@@ -355,15 +358,11 @@ class HubRegistry:
         self._revoked_sessions = {
             key: at for key, at in self._revoked_sessions.items() if at >= forget_before
         }
-        self.global_history.trim(now)
+        self.history.trim()
         for org, hub in list(self.hubs.items()):
-            hub.trim(now)
-            if not hub.history and not hub.by_roles and hub.evicted_up_to is None:
+            if hub.idle:
                 del self.hubs[org]
-        remembered = self._remembered
-        while remembered and not _still_held(*remembered[0]):
-            remembered.popleft()
-        self.metrics.history_events.set(self.history_size)
+        self.metrics.history_events.set(len(self.history))
 
     def connections(self) -> Iterable[Connection]:
         for hub in self.hubs.values():

@@ -1,9 +1,14 @@
-"""What the handlers share, as typed aiohttp app keys (one `GatewayState` per app)."""
+"""What the handlers share, as typed aiohttp app keys (one `GatewayState` per app).
+
+Built complete by the app's assembler (`walcast.app`): the registry with its history, the
+ticket store and the readiness conditions are chosen there, for the event source the node
+has. Only what needs a running loop to open (the database pool, and the session store that
+reads through it) is set by a cleanup context at start-up.
+"""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 from aiohttp import web
@@ -11,6 +16,7 @@ from aiohttp import web
 from gateway.config import RealtimeConfig, Settings
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
+from gateway.readiness import Readiness
 from gateway.sessions import SessionStore
 from gateway.tickets import JtiStore
 
@@ -24,12 +30,10 @@ class GatewayState:
     metrics: Metrics
     registry: HubRegistry
     jti_store: JtiStore
+    #: Whether sockets may attach and /readyz says 200, and if not, why.
+    readiness: Readiness
     sessions: SessionStore | None = None
     pool: asyncpg.Pool | None = None
-    #: Set once the node has caught up with the WAL: sockets may attach, /readyz says 200.
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Why the node is not ready, for /readyz.
-    not_ready_reason: str = "starting"
 
 
 STATE = web.AppKey("walcast_state", GatewayState)

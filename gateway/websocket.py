@@ -110,11 +110,12 @@ async def _open(
         return error_response(exc.status, "unavailable", exc.reason)
     if not claimed:
         return error_response(401, "unauthorized", "ticket already used")
-    if not state.ready.is_set():
+    readiness = state.readiness
+    if not readiness.ready:
         try:
-            await asyncio.wait_for(state.ready.wait(), READY_WAIT_SECONDS)
+            await asyncio.wait_for(readiness.wait(), READY_WAIT_SECONDS)
         except TimeoutError:
-            return error_response(503, "not ready", state.not_ready_reason)
+            return error_response(503, "not ready", readiness.reason)
 
     await ws.prepare(request)
     transport = request.transport
@@ -131,15 +132,15 @@ async def _open(
         on_slow=lambda _conn: state.metrics.slow_consumers.inc(),
         writes=state.registry.writes,
     )
-    hub = state.registry.hub(claims.organization_id)
-    hub.attach(conn, since)
+    registry = state.registry
     try:
+        await registry.attach(conn, since)
         async for message in ws:
             if message.type is WSMsgType.TEXT and message.data.strip() == "ping":
                 conn.write(_PONG)
             elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 conn.write(_UNSUPPORTED)
     finally:
-        hub.detach(conn)
+        registry.detach(conn)
         conn.closed = True
     return ws

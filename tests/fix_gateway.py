@@ -274,7 +274,7 @@ async def start_gateway(
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
-    await asyncio.wait_for(app[STATE].ready.wait(), 30)
+    await asyncio.wait_for(app[STATE].readiness.wait(), 30)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     return Gateway(f"http://127.0.0.1:{port}", dsn, app, http, cfg), runner
 

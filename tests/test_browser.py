@@ -56,7 +56,7 @@ async def page_gw(database_url: str) -> AsyncIterator[Gateway]:
     await web.TCPSite(runner, "127.0.0.1", port).start()
     http = aiohttp.ClientSession()
     try:
-        await asyncio.wait_for(app[STATE].ready.wait(), 30)
+        await asyncio.wait_for(app[STATE].readiness.wait(), 30)
         yield Gateway(f"http://127.0.0.1:{port}", database_url, app, http, settings)
     finally:
         await http.close()

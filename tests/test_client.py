@@ -93,7 +93,7 @@ async def _restart(gw: Gateway, runner: web.AppRunner, port: int) -> web.AppRunn
     new_runner = web.AppRunner(app, shutdown_timeout=2.0)
     await new_runner.setup()
     await web.TCPSite(new_runner, "127.0.0.1", port).start()
-    await asyncio.wait_for(app[STATE].ready.wait(), 30)
+    await asyncio.wait_for(app[STATE].readiness.wait(), 30)
     return new_runner
 
 

@@ -16,6 +16,7 @@ from cdc.cursors import format_cursor
 from gateway.config import TableConfig, parse_realtime_config
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
 from gateway.fanout import Connection, WriteScheduler
+from gateway.history import MemoryHistory
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
 from gateway.protocol import CloseCode
@@ -83,6 +84,7 @@ class Recording:
         *,
         writes: WriteScheduler,
         buffered: int = 0,
+        org: str = "o",
     ) -> None:
         self._writes = writes
         self.transport = RecordingTransport(buffered)
@@ -91,7 +93,7 @@ class Recording:
             self.socket,  # type: ignore[arg-type]
             self.transport,  # type: ignore[arg-type]
             user_id=user,
-            organization_id="o",
+            organization_id=org,
             roles=frozenset(roles),
             session_id=session,
             max_send_buffer=1024,
@@ -142,22 +144,28 @@ def _change(
     )
 
 
-def _registry(**options: Any) -> HubRegistry:
-    registry = HubRegistry(Metrics(), **options)
-    registry.complete_from = (0x10, 0)
-    registry.advance((0x10, 0))
-    return registry
+def _registry(writes: WriteScheduler | None = None, **history_options: Any) -> HubRegistry:
+    """A registry over a `MemoryHistory` that is complete from 0x10 on (streaming started)."""
+    history = MemoryHistory(**history_options)
+    history.complete_from = (0x10, 0)
+    history.advance((0x10, 0))
+    return HubRegistry(Metrics(), history, writes=writes)
+
+
+def _held(registry: HubRegistry, org: str | None) -> list[str]:
+    history = registry.history
+    assert isinstance(history, MemoryHistory)
+    return [event.new["id"] for event in history.held(org) if isinstance(event, ChangeEvent)]
 
 
 async def test_one_serialization_per_visibility_class() -> None:
     registry = _registry()
-    hub = registry.hub("o")
     owners = [Recording(f"own{i}", {"owner"}, writes=registry.writes) for i in range(50)]
     recruiters = [Recording(f"rec{i}", {"recruiter"}, writes=registry.writes) for i in range(50)]
     creator = Recording("u-creator", {"recruiter"}, writes=registry.writes)
     viewer = Recording("v", {"viewer"}, writes=registry.writes)
     for rec in [*owners, *recruiters, creator, viewer]:
-        hub.attach(rec.conn, None)
+        await registry.attach(rec.conn, None)
     registry.writes.flush_now()  # `ready` goes out in its own pass
     registry.publish(_change(0x20, "a"))
     assert registry.metrics.serializations._value.get() == 3  # owner, masked, creator
@@ -172,11 +180,10 @@ async def test_one_serialization_per_visibility_class() -> None:
 
 async def test_user_targeted_events_reach_only_that_user() -> None:
     registry = _registry()
-    hub = registry.hub("o")
     alice = Recording("alice", {"owner"}, writes=registry.writes)
     bob = Recording("bob", {"owner"}, writes=registry.writes)
     for rec in (alice, bob):
-        hub.attach(rec.conn, None)
+        await registry.attach(rec.conn, None)
     registry.publish(_change(0x20, "for-alice", user="alice"))
     registry.publish(
         BroadcastEvent(
@@ -193,16 +200,16 @@ async def test_replay_then_ready_then_live_and_the_resume_floor() -> None:
     registry.publish(_change(0x30, "two"))
     registry.publish(_change(0x40, "three"))  # evicts "one": history holds two and three
     resumed = Recording("r", {"owner"}, writes=registry.writes)
-    registry.hub("o").attach(resumed.conn, format_cursor(0x20, 1))
+    await registry.attach(resumed.conn, format_cursor(0x20, 1))
     registry.publish(_change(0x50, "four"))
     kinds = [m.get("event") or m["new"]["id"] for m in resumed.messages]
     assert kinds == ["two", "three", "ready", "four"]
 
     too_old = Recording("r2", {"owner"}, writes=registry.writes)
-    registry.hub("o").attach(too_old.conn, format_cursor(0x10, 1))
+    await registry.attach(too_old.conn, format_cursor(0x10, 1))
     assert [m["event"] for m in too_old.messages] == ["resync_required", "ready"]
     future = Recording("r3", {"owner"}, writes=registry.writes)
-    registry.hub("o").attach(future.conn, format_cursor(0x99, 1))
+    await registry.attach(future.conn, format_cursor(0x99, 1))
     assert [m["event"] for m in future.messages] == ["resync_required", "ready"]
 
 
@@ -212,43 +219,20 @@ async def test_the_node_wide_bound_evicts_the_oldest_events_of_any_hub() -> None
     registry.publish(_change(0x30, "b1", org="b"))
     registry.publish(_change(0x40, "a2", org="a"))
     registry.publish(_change(0x50, "b2", org="b"))  # four events: "a1", the oldest, goes
-    assert registry.history_size == 3
-    assert [e.new["id"] for _, _, e in registry.hub("a").history] == ["a2"]
-    assert [e.new["id"] for _, _, e in registry.hub("b").history] == ["b1", "b2"]
+    assert len(registry.history) == 3
+    assert _held(registry, "a") == ["a2"]
+    assert _held(registry, "b") == ["b1", "b2"]
 
     # "a" cannot replay from before a1 any more; "b" lost nothing and still can.
-    a = Recording("ra", {"owner"}, writes=registry.writes)
-    registry.hub("a").attach(a.conn, format_cursor(0x10, 1))
+    a = Recording("ra", {"owner"}, writes=registry.writes, org="a")
+    await registry.attach(a.conn, format_cursor(0x10, 1))
     assert [m.get("event") for m in a.messages] == ["resync_required", "ready"]
-    b = Recording("rb", {"owner"}, writes=registry.writes)
-    registry.hub("b").attach(b.conn, format_cursor(0x10, 1))
+    b = Recording("rb", {"owner"}, writes=registry.writes, org="b")
+    await registry.attach(b.conn, format_cursor(0x10, 1))
     assert [m.get("event") or m["new"]["id"] for m in b.messages] == ["b1", "b2", "ready"]
-    a_later = Recording("ra2", {"owner"}, writes=registry.writes)
-    registry.hub("a").attach(a_later.conn, format_cursor(0x20, 1))  # saw a1: a2 is all it needs
+    a_later = Recording("ra2", {"owner"}, writes=registry.writes, org="a")
+    await registry.attach(a_later.conn, format_cursor(0x20, 1))  # saw a1: a2 is all it needs
     assert [m.get("event") or m["new"]["id"] for m in a_later.messages] == ["a2", "ready"]
-
-
-async def test_the_node_wide_bound_counts_what_per_hub_and_time_trims_removed() -> None:
-    now = [0.0]
-    registry = _registry(max_events=5, max_total_events=40, clock=lambda: now[0])
-    lsn = 0x100
-    for round_ in range(200):
-        for org in ("busy", "busy", "busy", f"quiet{round_ % 7}"):
-            lsn += 0x10
-            registry.publish(_change(lsn, f"{org}-{lsn}", org=org))
-        now[0] += 1.0
-        held = sum(len(h.history) for h in [registry.global_history, *registry.hubs.values()])
-        assert registry.history_size == held <= 40
-    now[0] += 1000.0  # everything expires by time
-    registry.trim()
-    assert registry.history_size == 0 and not registry._remembered
-
-    # Per-hub trims alone leave stale entries behind; they are dropped before they pile up.
-    for _ in range(5000):
-        lsn += 0x10
-        registry.publish(_change(lsn, "x", org="busy"))
-    assert registry.history_size == 5
-    assert len(registry._remembered) <= 2 * 5 + 1024
 
 
 async def test_replay_applies_roles_and_masks_as_if_live() -> None:
@@ -257,7 +241,7 @@ async def test_replay_applies_roles_and_masks_as_if_live() -> None:
     recruiter = Recording("x", {"recruiter"}, writes=registry.writes)
     viewer = Recording("y", {"viewer"}, writes=registry.writes)
     for rec in (recruiter, viewer):
-        registry.hub("o").attach(rec.conn, format_cursor(0x10, 0))
+        await registry.attach(rec.conn, format_cursor(0x10, 0))
     assert recruiter.messages[0]["new"]["ssn"] == "*****6789"
     assert [m["event"] for m in viewer.messages] == ["ready"]
 
@@ -268,18 +252,17 @@ async def test_truncate_is_replayed_in_hubs_made_later() -> None:
         None, format_cursor(0x20, 1), 0x20, WHEN, TABLE, "TRUNCATE", None, None, (), None, None
     )
     registry.publish(truncate)
-    late = Recording("late", {"owner"}, writes=registry.writes)
-    registry.hub("new-org").attach(late.conn, format_cursor(0x10, 0))
+    late = Recording("late", {"owner"}, writes=registry.writes, org="new-org")
+    await registry.attach(late.conn, format_cursor(0x10, 0))
     assert late.messages[0]["eventType"] == "TRUNCATE"
 
 
 async def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() -> None:
     registry = _registry()
-    hub = registry.hub("o")
     gone = Recording("gone", {"owner"}, "s1", writes=registry.writes)
     other = Recording("other", {"owner"}, writes=registry.writes)
     for rec in (gone, other):
-        hub.attach(rec.conn, None)
+        await registry.attach(rec.conn, None)
     registry.revoke(AccessRevoked("role-changed", "o", "gone", None, 0x20, WHEN.timestamp()))
     registry.publish(_change(0x30, "after"))
     assert gone.messages[-1] == {
@@ -309,10 +292,10 @@ def _note(lsn: int, row_id: str, user: str | None = None) -> ChangeEvent:
     return _change(lsn, row_id, user=user, table=NOTES)
 
 
-def _owners(registry: HubRegistry, *users: str) -> list[Recording]:
+async def _owners(registry: HubRegistry, *users: str) -> list[Recording]:
     recs = [Recording(user, {"owner"}, writes=registry.writes) for user in users]
     for rec in recs:
-        registry.hub("o").attach(rec.conn, None)
+        await registry.attach(rec.conn, None)
     registry.writes.flush_now()
     return recs
 
@@ -323,7 +306,7 @@ def _ids(rec: Recording) -> list[str]:
 
 async def test_a_socket_s_own_frame_between_shared_ones_keeps_the_order() -> None:
     registry = _registry()
-    alice, bob = _owners(registry, "alice", "bob")
+    alice, bob = await _owners(registry, "alice", "bob")
     registry.publish(_note(0x20, "a"))
     registry.publish(_note(0x30, "for-alice", user="alice"))
     registry.publish(_note(0x40, "b"))
@@ -335,12 +318,12 @@ async def test_a_socket_s_own_frame_between_shared_ones_keeps_the_order() -> Non
 
 async def test_a_socket_attached_mid_pass_gets_what_follows_it_exactly_once() -> None:
     registry = _registry()
-    (alice,) = _owners(registry, "alice")
+    (alice,) = await _owners(registry, "alice")
     registry.publish(_note(0x20, "a"))
     late = Recording("late", {"owner"}, writes=registry.writes)
     resumed = Recording("resumed", {"owner"}, writes=registry.writes)
-    registry.hub("o").attach(late.conn, None)
-    registry.hub("o").attach(resumed.conn, format_cursor(0x10, 0))
+    await registry.attach(late.conn, None)
+    await registry.attach(resumed.conn, format_cursor(0x10, 0))
     registry.publish(_note(0x30, "b"))
     a, b = format_cursor(0x20, 1), format_cursor(0x30, 1)
     assert _ids(alice)[1:] == [a, b]
@@ -350,11 +333,11 @@ async def test_a_socket_attached_mid_pass_gets_what_follows_it_exactly_once() ->
 
 async def test_close_writes_what_is_queued_then_nothing_more() -> None:
     registry = _registry()
-    alice, bob = _owners(registry, "alice", "bob")
+    alice, bob = await _owners(registry, "alice", "bob")
     registry.publish(_note(0x20, "a"))
     alice.conn.write(b"\x81\x02{}")
     alice.conn.close(1000, "bye")
-    registry.hub("o").detach(alice.conn)
+    registry.detach(alice.conn)
     registry.publish(_note(0x30, "b"))
     await asyncio.sleep(0.01)
     assert alice.closed_with == 1000
@@ -365,7 +348,7 @@ async def test_close_writes_what_is_queued_then_nothing_more() -> None:
 
 async def test_a_slow_consumer_is_closed_after_the_pass_the_others_get_everything() -> None:
     registry = _registry()
-    fast, slow = _owners(registry, "fast", "slow")
+    fast, slow = await _owners(registry, "fast", "slow")
     slow.transport.buffered = 10**9  # its client stopped reading: the kernel buffer is full
     registry.publish(_note(0x20, "a"))
     registry.publish(_note(0x30, "b"))
@@ -381,7 +364,7 @@ async def test_writes_coalesce_right_after_a_pass_and_go_at_once_when_idle() -> 
     coalesce = 0.5  # long enough that a stalled CI machine cannot pass it by accident
     registry = _registry(writes=WriteScheduler(coalesce))
     alice = Recording("alice", {"owner"}, writes=registry.writes)
-    registry.hub("o").attach(alice.conn, None)
+    await registry.attach(alice.conn, None)
     await asyncio.sleep(coalesce * 1.5)  # `ready` went out; the gateway is idle again
     assert len(alice.transport.writes) == 1
     registry.publish(_note(0x20, "a"))

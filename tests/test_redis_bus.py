@@ -44,18 +44,18 @@ from tests.fix_gateway import (
     walcast_command,
 )
 from walcast.aio import cancel_and_wait
-from walcast.cli import apply_migrations
-from walcast.redisbus import (
+from walcast.bus import (
     BusKeys,
     HistoryLost,
     RedisSink,
+    complete_after,
     decode_events,
     encode_events,
     parse_stream_id,
     prefix_from_env,
     reader_lock_key,
 )
-from walcast.redisfeed import _complete_after
+from walcast.cli import apply_migrations
 
 pytestmark = pytest.mark.integration
 
@@ -837,20 +837,20 @@ async def test_trim_detection_from_stream_metadata(redis: aioredis.Redis, prefix
     stream = f"{prefix}s"
     for lsn in (10, 20, 30):
         await redis.xadd(stream, {"e": b"[]"}, id=f"{lsn}-1")
-    assert _complete_after(await redis.xinfo_stream(stream), (5, 1))  # nothing trimmed yet
+    assert complete_after(await redis.xinfo_stream(stream), (5, 1))  # nothing trimmed yet
     await redis.xtrim(stream, minid="20-0", approximate=False)
     info = await redis.xinfo_stream(stream)
-    assert not _complete_after(info, (5, 1))  # 10-1 is gone
+    assert not complete_after(info, (5, 1))  # 10-1 is gone
     # What was trimmed lies somewhere below the first entry left: conservatively, a cursor
     # must reach up to it.
-    assert not _complete_after(info, (19, 9))
-    assert _complete_after(info, (20, 0))
-    assert _complete_after(info, (25, 1))
+    assert not complete_after(info, (19, 9))
+    assert complete_after(info, (20, 0))
+    assert complete_after(info, (25, 1))
     await redis.xtrim(stream, minid="40-0", approximate=False)  # emptied: a quiet organization
     info = await redis.xinfo_stream(stream)
-    assert not _complete_after(info, (20, 1))
-    assert _complete_after(info, (30, 1))
-    assert _complete_after(info, (99, 1))
+    assert not complete_after(info, (20, 1))
+    assert complete_after(info, (30, 1))
+    assert complete_after(info, (99, 1))
 
 
 def test_prefix_from_env() -> None:

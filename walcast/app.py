@@ -1,53 +1,58 @@
-"""`make_app(settings, config) -> web.Application`: the gateway, and (unless disabled) the CDC
-pipeline feeding it, owned by the app's `cleanup_ctx` so they start and stop together.
+"""`make_app(settings, config) -> web.Application`: the gateway (`gateway.app`) assembled with
+its event source — the in-process CDC pipeline, or a feed from the Redis bus (`walcast.bus`).
 
-Shutdown (SIGTERM via aiohttp's runner): the site stops accepting, `on_shutdown` closes every
-socket with 1001 "going away" after flushing what was queued, then the pipeline is cancelled
-(it sends a last status update) and the pools close.
+The source decides the history behind resumes (`gateway.history.MemoryHistory`, or the
+Redis streams through `walcast.bus.feed.RedisFeed`), the ticket store (in memory, or in
+Redis, shared by every node) and the readiness conditions; the `GatewayState` is built with
+them, complete. Background work runs in `cleanup_ctx`, aiohttp's background-task idiom: one
+`web.AppKey` per resource, one context per task, cancelled and awaited on the way out, in
+reverse order (the pipeline stops, sending a last status update, before the pools close).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import asyncpg
 import psycopg
 from aiohttp import web
 
-from gateway import http, openapi, redact, websocket
-from gateway.accesslog import AccessLogger
+from gateway.app import make_gateway_app
 from gateway.config import RealtimeConfig, Settings
 from gateway.events import AccessRevoked, RoutedEvent
 from gateway.fanout import WriteScheduler
+from gateway.history import History, MemoryHistory
 from gateway.hubs import HubRegistry
-from gateway.masking import resolve_custom
 from gateway.metrics import Metrics
-from gateway.protocol import CloseCode
+from gateway.readiness import Condition, Readiness
 from gateway.sessions import BetterAuthSessionStore, JwtSessionStore, SessionStore
 from gateway.state import STATE, GatewayState
-from gateway.tickets import MemoryJtiStore, RedisJtiStore
+from gateway.tickets import JtiStore, MemoryJtiStore, RedisJtiStore
 from walcast.aio import cancel_and_wait
+from walcast.bus.app import bus_keys, install_node, make_feed
+from walcast.bus.client import redis_client
 from walcast.dsn import to_url
 from walcast.pipeline import Pipeline
-from walcast.redisbus import BUS_KEYS, redis_client
-from walcast.redisfeed import RedisHubRegistry, install_gateway
 
-__all__ = ["LocalSink", "make_app"]
+__all__ = ["PIPELINE", "LocalSink", "make_app"]
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0
 SLOT_METRICS_EVERY = 5  #: ticks between slot queries (retained WAL gauge)
 
+PIPELINE = web.AppKey("walcast_pipeline", Pipeline)
+
 
 class LocalSink:
-    """The in-process bus: events go straight to this node's hubs."""
+    """The in-process bus: events go straight to this node's hubs and history."""
 
-    def __init__(self, registry: HubRegistry) -> None:
+    def __init__(self, registry: HubRegistry, history: MemoryHistory) -> None:
         self._registry = registry
+        self._history = history
 
     async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
         registry = self._registry
@@ -58,7 +63,7 @@ class LocalSink:
                 registry.publish(event)
 
     def mark_position(self, commit_lsn: int) -> None:
-        self._registry.advance((commit_lsn, 0))
+        self._history.advance((commit_lsn, 0))
 
 
 def make_app(
@@ -70,68 +75,58 @@ def make_app(
     static_dir: Path | None = None,
     redis_prefix: str | None = None,
 ) -> web.Application:
-    """The gateway app; with `settings.redis_url`, a node on the Redis bus (`walcast.redisfeed`),
-    which also runs a reader candidate if `run_pipeline`. `redis_prefix` (default: env
-    ``WALCAST_REDIS_PREFIX`` or ``walcast:``) prefixes every Redis key."""
-    for table in config.tables.values():  # a custom mask that cannot be imported fails now
-        for rule in table.masking.values():
-            if rule.type == "custom":
-                resolve_custom(rule)
-    app = web.Application(
-        client_max_size=max(settings.max_broadcast_bytes, 64 * 1024),
-        # Whatever runner serves the app: the default access log would print ws_ticket.
-        handler_args={"access_log_class": AccessLogger},
-    )
+    """The gateway app; with `settings.redis_url`, a node on the Redis bus, which also runs a
+    reader candidate if `run_pipeline`. `redis_prefix` (default: env ``WALCAST_REDIS_PREFIX``
+    or ``walcast:``) prefixes every Redis key."""
     metrics = Metrics()
-    registry = (RedisHubRegistry if settings.redis_url else HubRegistry)(
-        metrics,
-        history_seconds=config.historySeconds,
-        max_events=config.historyMaxEvents,
-        max_total_events=config.historyMaxTotalEvents,
-        writes=WriteScheduler(settings.write_coalesce_ms / 1000, metrics.write_passes.observe),
-    )
-    app[STATE] = state = GatewayState(
+    writes = WriteScheduler(settings.write_coalesce_ms / 1000, metrics.write_passes.observe)
+    readiness = Readiness()
+    history: History
+    jti_store: JtiStore
+    if settings.redis_url:
+        keys = bus_keys(redis_prefix)
+        history = feed = make_feed(settings, config, keys, readiness)
+        tickets_redis = redis_client(settings)
+        jti_store = RedisJtiStore(tickets_redis, prefix=keys.jti)
+    else:
+        history = memory = MemoryHistory(
+            seconds=config.historySeconds,
+            max_events=config.historyMaxEvents,
+            max_total_events=config.historyMaxTotalEvents,
+        )
+        jti_store = MemoryJtiStore()
+    registry = HubRegistry(metrics, history, writes=writes)
+    state = GatewayState(
         settings=settings,
         config=config,
         metrics=metrics,
         registry=registry,
-        jti_store=MemoryJtiStore(),
+        jti_store=jti_store,
+        readiness=readiness,
         sessions=sessions,
     )
-    app.add_routes(http.routes)
-    app.add_routes(websocket.routes)
-    app.add_routes(openapi.routes)
-    app[websocket.LIMITS] = websocket.UpgradeLimits(settings)
-    redact.install()  # aiohttp's parse-error log quotes request lines: ?ws_ticket=...
-    if static_dir is not None:
-        app.router.add_get("/", _index(static_dir / "index.html"))
-        app.router.add_static("/static/", static_dir)
-    app.cleanup_ctx.append(_databases)
+    app = make_gateway_app(state, static_dir=static_dir)
+    app.cleanup_ctx.append(_database)
     if settings.redis_url:
-        install_gateway(app, with_reader=run_pipeline, prefix=redis_prefix)
+        install_node(app, keys=keys, feed=feed, redis=tickets_redis, with_reader=run_pipeline)
     elif run_pipeline:
+        readiness.fail(Condition.REPLICATION, "starting")
+
+        def on_ready(start_lsn: int) -> None:
+            memory.complete_from = (start_lsn, 0)
+            readiness.clear(Condition.REPLICATION)
+
+        sink = LocalSink(registry, memory)
+        app[PIPELINE] = Pipeline(settings, config, sink, metrics, on_ready=on_ready)
         app.cleanup_ctx.append(_pipeline)
-    else:
-        state.ready.set()
-    app.on_shutdown.append(_close_sockets)
+        app.cleanup_ctx.append(_ticker)
     return app
 
 
-def _index(path: Path) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    async def index(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(path)
-
-    return index
-
-
-async def _databases(app: web.Application) -> AsyncIterator[None]:
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    """The gateway's asyncpg pool (broadcasts, Better Auth sessions), and the session store."""
     state = app[STATE]
     settings = state.settings
-    redis = None
-    if settings.redis_url:
-        redis = redis_client(settings)
-        keys = app.get(BUS_KEYS)
-        state.jti_store = RedisJtiStore(redis, prefix=keys.jti) if keys else RedisJtiStore(redis)
     if settings.database_url:
         state.pool = await asyncpg.create_pool(
             to_url(settings.database_url), min_size=1, max_size=10
@@ -143,8 +138,6 @@ async def _databases(app: web.Application) -> AsyncIterator[None]:
     finally:
         if state.pool is not None:
             await state.pool.close()
-        if redis is not None:
-            await redis.aclose()
 
 
 def _session_store(settings: Settings, pool: asyncpg.Pool | None) -> SessionStore | None:
@@ -158,34 +151,32 @@ def _session_store(settings: Settings, pool: asyncpg.Pool | None) -> SessionStor
 
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    registry = state.registry
-
-    def on_ready(start_lsn: int) -> None:
-        registry.complete_from = (start_lsn, 0)
-        state.ready.set()
-
-    pipeline = Pipeline(
-        state.settings, state.config, LocalSink(registry), state.metrics, on_ready=on_ready
+    task = asyncio.create_task(
+        _supervise(app[PIPELINE], app[STATE].readiness), name="walcast-pipeline"
     )
-    task = asyncio.create_task(_supervise(pipeline, state), name="walcast-pipeline")
-    ticker = asyncio.create_task(_tick(pipeline, registry), name="walcast-tick")
     try:
         yield
     finally:
-        await cancel_and_wait(ticker, task)
+        await cancel_and_wait(task)
 
 
-async def _supervise(pipeline: Pipeline, state: GatewayState) -> None:
+async def _supervise(pipeline: Pipeline, readiness: Readiness) -> None:
     try:
         await pipeline.run()
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        state.not_ready_reason = f"replication stopped: {exc}"
-        state.ready.clear()
+        readiness.fail(Condition.REPLICATION, f"replication stopped: {exc}")
         log.exception("the CDC pipeline stopped")
         raise
+
+
+async def _ticker(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_tick(app[PIPELINE], app[STATE].registry), name="walcast-tick")
+    try:
+        yield
+    finally:
+        await cancel_and_wait(task)
 
 
 async def _tick(pipeline: Pipeline, registry: HubRegistry) -> None:
@@ -200,15 +191,3 @@ async def _tick(pipeline: Pipeline, registry: HubRegistry) -> None:
                 await pipeline.refresh_slot_metrics()
             except psycopg.Error as exc:
                 log.warning("could not read the slot's retained WAL: %s", exc)
-
-
-async def _close_sockets(app: web.Application) -> None:
-    state = app[STATE]
-    state.ready.clear()
-    state.not_ready_reason = "shutting down"
-    state.registry.writes.flush_now()  # what is queued goes out before the close frames
-    sockets = [conn.ws for conn in state.registry.connections()]
-    await asyncio.gather(
-        *(ws.close(code=CloseCode.GOING_AWAY, message=b"server shutdown") for ws in sockets),
-        return_exceptions=True,
-    )

@@ -110,7 +110,7 @@ async def serve(
     if gateway:
         app = make_app(settings, config, run_pipeline=cdc, static_dir=static_dir)
     else:
-        from walcast.redisbus import make_reader_app
+        from walcast.bus import make_reader_app
 
         app = make_reader_app(settings, config)
 

@@ -388,7 +388,7 @@ async def _write_forever(app: web.Application) -> None:
 
     writer = DemoWriter(demo.org, broadcast)
     await demo.listening.wait()
-    await state.ready.wait()
+    await state.readiness.wait()
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -447,7 +447,7 @@ async def _serve(
 
 async def _until_ready(app: web.Application, stop: asyncio.Event) -> None:
     state = app[STATE]
-    waiters = [asyncio.ensure_future(state.ready.wait()), asyncio.ensure_future(stop.wait())]
+    waiters = [asyncio.ensure_future(state.readiness.wait()), asyncio.ensure_future(stop.wait())]
     try:
         done, _ = await asyncio.wait(
             waiters, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED
@@ -456,7 +456,7 @@ async def _until_ready(app: web.Application, stop: asyncio.Event) -> None:
         for waiter in waiters:
             waiter.cancel()
     if not done:
-        raise UsageError(f"walcast did not become ready: {state.not_ready_reason}")
+        raise UsageError(f"walcast did not become ready: {state.readiness.reason}")
 
 
 def _drop_slot(dsn: str, slot: str) -> None:

@@ -1,6 +1,7 @@
-"""The Redis bus, gateway side: one blocking reader per node feeds the local hubs from the
-streams `walcast.redisbus` writes, and `since=` resumes are served from those streams, so a
-client may reconnect to any node.
+"""The Redis bus, gateway side: the node's feed. One blocking reader per node feeds the local
+hubs from the streams `walcast.bus.sink` writes, and the same streams are the node's `History`
+(`gateway.history`), so ``since=`` resumes are served from Redis and a client may reconnect to
+any node. The hubs need nothing Redis-specific: this is an event source, not a kind of hub.
 
 * **One XREAD per node** (blocking, no COUNT) on the streams of the organizations it has
   sockets for, plus ``all``, ``control`` and the node's wake stream (an XADD there restarts the
@@ -8,27 +9,22 @@ client may reconnect to any node.
   reply's entries are handled in cursor order, revocations first within a transaction.
   The reader stores one item at a time, so once the node has handled an entry with key *G*,
   it has handled every entry below *G* of every stream it follows: *G* is the node's position
-  and the cursor `ready` reports. When the streams are quiet for a whole blocking period, one
+  and the cursor ``ready`` reports. When the streams are quiet for a whole blocking period, one
   MULTI reads ``position`` and whatever arrived, so *G* follows an idle database too.
-* **Attach**, gapless and without duplicates, in three steps. (1) Synchronously: each stream
-  the socket needs (its organization's and ``all``) gets an end id, the last one the node has
-  handled (a stream not followed yet starts at *G*), and the socket goes on its hub's pending
-  list, which from then on collects every event and revocation the node handles for it.
-  (2) With awaits: one MULTI reads the entries after the client's cursor up to those end ids,
-  the streams' metadata, ``floor`` and ``position``; if the cursor is ahead of this node (it
-  came from a faster one), wait until the node has caught up. (3) Without an await: replay,
-  then the collected events above the cursor (a matching revocation closes the socket with
-  4403 instead), then registration and `ready`.
-* **resync_required** when the cursor is malformed, from the future (above ``position``),
-  below ``floor`` (before the history began, or Redis lost it), or when a stream was trimmed
-  past it (``entries-added`` > ``length`` with the first entry above the cursor; Redis 7.0+).
-  While the reader rebuilds a lost history (``floor`` missing, or ``position`` below *G*), a
-  resume waits up to `HISTORY_WAIT_SECONDS`.
+* **Resume** (`since`; the hub's attach collects live events meanwhile). Synchronously, each
+  stream the socket needs (its organization's and ``all``) gets an end id, the last one the
+  node has handled (a stream not followed yet starts at *G*). Then one MULTI reads the entries
+  after the client's cursor up to those end ids, the streams' metadata, ``floor`` and
+  ``position``; if the cursor is ahead of this node (it came from a faster one), wait until
+  the node has caught up.
+* **resync_required** when the cursor is from the future (above ``position``), below
+  ``floor`` (before the history began, or Redis lost it), or when a stream was trimmed past it
+  (``entries-added`` > ``length`` with the first entry above the cursor; Redis 7.0+). While the
+  reader rebuilds a lost history (``floor`` missing, or ``position`` below *G*), a resume
+  waits up to `HISTORY_WAIT_SECONDS`.
 * **Redis unavailable**: sockets stay open; `/readyz` says 503; the XREAD resumes from the last
-  ids handled, so the node catches up without a gap. A resume that cannot read the history is
-  closed with 1013 (try again), never answered with silence.
-
-Masking and serialization stay in `gateway.hubs`: once per visibility class per node.
+  ids handled, so the node catches up without a gap. A resume that cannot read the history
+  raises `HistoryUnavailable` (the hub closes the socket with 1013, try again), never silence.
 """
 
 from __future__ import annotations
@@ -38,39 +34,23 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
-from aiohttp import web
 from redis.exceptions import RedisError
 
 from cdc.backoff import full_jitter
 from cdc.cursors import CursorKey, parse_cursor
 from gateway.config import RealtimeConfig
 from gateway.events import AccessRevoked, RoutedEvent
-from gateway.fanout import Connection
-from gateway.hubs import Hub, HubRegistry
-from gateway.metrics import Metrics
-from gateway.protocol import CloseCode, revoked_frame, system_frame
-from walcast.aio import cancel_and_wait
-from walcast.redisbus import (
-    _TRANSIENT,
-    BUS_KEYS,
-    TICK_SECONDS,
-    BusKeys,
-    Event,
-    StatusCallback,
-    decode_events,
-    parse_stream_id,
-    prefix_from_env,
-    reader_context,
-    redis_client,
-    stream_id,
-)
+from gateway.history import HistoryUnavailable
+from gateway.hubs import HubRegistry
+from walcast.bus.client import TRANSIENT, StatusCallback
+from walcast.bus.codec import decode_events
+from walcast.bus.keys import BusKeys, parse_stream_id, stream_id
 
-__all__ = ["RedisFeed", "RedisHub", "RedisHubRegistry", "install_gateway"]
+__all__ = ["RedisFeed", "complete_after"]
 
 log = logging.getLogger(__name__)
 
@@ -79,110 +59,20 @@ BACKOFF_CAP = 2.0  #: seconds, at most, between attempts to reach Redis (full ji
 HISTORY_WAIT_SECONDS = 10.0  #: how long a resume waits for Redis or the node to catch up
 
 
-@dataclass(eq=False)
-class _Pending:
-    """A socket between attach and `ready`: collects what the node handles meanwhile."""
-
-    conn: Connection
-    hub: RedisHub
-    since: str | None
-    ends: dict[str, str]
-    buffer: list[Event] = field(default_factory=list)
-
-
-class RedisHub(Hub):
-    """A hub whose resume history lives in Redis; `attach` completes asynchronously."""
-
-    def __init__(self, organization_id: str, registry: RedisHubRegistry) -> None:
-        super().__init__(organization_id, registry)
-        self.feed_registry = registry
-        self.pending: list[_Pending] = []
-
-    def attach(self, conn: Connection, since: str | None) -> None:
-        feed = self.feed_registry.feed
-        assert feed is not None, "the Redis feed is not running"
-        feed.begin_attach(self, conn, since)
-
-    def register(self, conn: Connection) -> None:
-        """Register `conn` and send `ready` (no replay: the feed did it)."""
-        Hub.attach(self, conn, None)
-
-    def replay(self, conn: Connection, events: Iterable[RoutedEvent]) -> None:
-        audience = ((conn.roles, (conn,)),)
-        for event in events:
-            self._deliver(event, audience, replay=True)
-
-
-class RedisHubRegistry(HubRegistry):
-    """Hubs without local history: live events from the feed, resumes from Redis."""
-
-    def __init__(self, metrics: Metrics, **kwargs: Any) -> None:
-        super().__init__(metrics, **kwargs)
-        self.feed: RedisFeed | None = None
-
-    def hub(self, organization_id: str) -> Hub:
-        hub = self.hubs.get(organization_id)
-        if hub is None:
-            hub = self.hubs[organization_id] = RedisHub(organization_id, self)
-        return hub
-
-    def publish(self, event: RoutedEvent) -> None:
-        self.metrics.events.inc()
-        org = event.organization_id
-        hubs = list(self.hubs.values()) if org is None else [self.hubs.get(org)]
-        for hub in hubs:
-            if hub is None:
-                continue
-            hub.deliver_live(event)
-            if isinstance(hub, RedisHub):
-                for pending in hub.pending:
-                    pending.buffer.append(event)
-
-    def revoke(self, notice: AccessRevoked) -> None:
-        super().revoke(notice)
-        org = notice.organization_id
-        hubs = list(self.hubs.values()) if org is None else [self.hubs.get(org)]
-        for hub in hubs:
-            if isinstance(hub, RedisHub):
-                for pending in hub.pending:
-                    pending.buffer.append(notice)
-
-    def trim(self) -> None:
-        for org, hub in list(self.hubs.items()):
-            if not hub.by_roles and not (isinstance(hub, RedisHub) and hub.pending):
-                del self.hubs[org]
-        self.metrics.history_events.set(0)
-
-    def followed(self) -> list[str]:
-        return [
-            org
-            for org, hub in self.hubs.items()
-            if hub.by_roles or (isinstance(hub, RedisHub) and hub.pending)
-        ]
-
-
-def _applies(notice: AccessRevoked, conn: Connection) -> bool:
-    return (
-        notice.user_id == conn.user_id
-        and notice.organization_id in (None, conn.organization_id)
-        and notice.session_id in (None, conn.session_id)
-    )
-
-
 def _sort_key(stream: str, key: CursorKey, control: str) -> tuple[int, int, int]:
     # Within one transaction, revocations go first: nothing of it reaches a revoked socket.
     return (key[0], 0 if stream == control else 1, key[1])
 
 
 class RedisFeed:
-    """One per gateway node: a blocking XREAD loop feeding the local hubs."""
+    """One per gateway node: the live feed (a blocking XREAD loop into the node's hubs) and
+    the node's `History` (the streams in Redis, shared by every node)."""
 
     def __init__(
         self,
         redis: aioredis.Redis,
         blocking: aioredis.Redis,
         keys: BusKeys,
-        registry: RedisHubRegistry,
         config: RealtimeConfig,
         *,
         on_status: StatusCallback,
@@ -191,7 +81,6 @@ class RedisFeed:
         self._redis = redis
         self._blocking = blocking
         self._keys = keys
-        self._registry = registry
         self._config = config
         self._on_status = on_status
         self.node_id = node_id or uuid.uuid4().hex[:12]
@@ -199,13 +88,14 @@ class RedisFeed:
         self._last: dict[str, str] = {}  #: stream → the last id handled
         self._orgs: dict[str, str] = {}  #: followed organization → its stream key
         self.position: CursorKey = (0, 0)  #: G: every entry below it has been handled
+        self.complete_from: CursorKey | None = None  #: the floor, when last read
         self._waiters: list[tuple[CursorKey, asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        registry.feed = self
 
     # -- the read loop -------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, registry: HubRegistry) -> None:
+        """Feed `registry`'s hubs from the streams until cancelled."""
         await self._start()
         failures = 0
         while True:
@@ -215,8 +105,8 @@ class RedisFeed:
                     log.info("Redis is reachable again: catching up from the streams")
                     failures = 0
                     self._on_status(True, "")
-                reply = await self._blocking.xread(self._streams(), block=BLOCK_MS)
-            except _TRANSIENT as exc:
+                reply = await self._blocking.xread(self._streams(registry), block=BLOCK_MS)
+            except TRANSIENT as exc:
                 failures += 1
                 if failures == 1:
                     log.warning("lost Redis; retrying", extra={"error": type(exc).__name__})
@@ -224,20 +114,20 @@ class RedisFeed:
                 await asyncio.sleep(full_jitter(failures, 0.05, BACKOFF_CAP))
                 continue
             if reply:
-                self._handle(reply)
+                self._handle(registry, reply)
             else:
-                await self._sync_idle()
+                await self._sync_idle(registry)
 
-    async def _sync_idle(self) -> None:
+    async def _sync_idle(self, registry: HubRegistry) -> None:
         """Quiet streams: move G to ``position`` (read with whatever arrived, atomically)."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.get(self._keys.position)
-                pipe.xread(self._streams())
+                pipe.xread(self._streams(registry))
                 position, reply = await pipe.execute()
-        except _TRANSIENT:
+        except TRANSIENT:
             return  # the next XREAD notices
-        self._handle(reply or [], parse_cursor(position.decode()) if position else None)
+        self._handle(registry, reply or [], parse_cursor(position.decode()) if position else None)
 
     async def _start(self) -> None:
         keys = self._keys
@@ -250,14 +140,14 @@ class RedisFeed:
                 floor, position = await self._redis.mget(keys.floor, keys.position)
                 control = await self._redis.xrevrange(keys.control, count=1)
                 break
-            except _TRANSIENT as exc:
+            except TRANSIENT as exc:
                 failures += 1
                 self._on_status(False, f"Redis unavailable: {type(exc).__name__}")
                 await asyncio.sleep(full_jitter(failures, 0.05, BACKOFF_CAP))
         # Nothing below the floor can be resumed from, so the node may start above it.
+        self.complete_from = parse_cursor(floor.decode()) if floor else None
         known = [parse_cursor(raw.decode()) for raw in (floor, position) if raw]
         self.position = max((key for key in known if key is not None), default=(0, 0))
-        self._registry.advance(self.position)
         self._last = {
             keys.shared: stream_id(self.position),
             keys.control: control[0][0].decode() if control else "0-0",
@@ -265,14 +155,14 @@ class RedisFeed:
         }
         self._on_status(True, "")
 
-    def _streams(self) -> dict[Any, Any]:
+    def _streams(self, registry: HubRegistry) -> dict[Any, Any]:
         """What the next XREAD reads: followed organizations (start at G when new), and the rest."""
-        keep = set(self._registry.followed())
+        keep = set(registry.followed())
         for org in [org for org in self._orgs if org not in keep]:
             self._last.pop(self._orgs.pop(org), None)
         return dict(self._last)
 
-    def follow(self, organization_id: str) -> str:
+    def _follow(self, organization_id: str) -> str:
         """Follow an organization's stream; returns the last id the node has handled of it."""
         stream = self._orgs.get(organization_id)
         if stream is None:
@@ -288,7 +178,7 @@ class RedisFeed:
                 pipe.expire(self._wake_key, 3600)
                 await pipe.execute()
 
-    def _handle(self, reply: Any, position: CursorKey | None = None) -> None:
+    def _handle(self, registry: HubRegistry, reply: Any, position: CursorKey | None = None) -> None:
         """Dispatch one XREAD reply in cursor order (synchronous: no attach interleaves)."""
         control, wake = self._keys.control, self._wake_key
         entries: list[tuple[tuple[int, int, int], str, CursorKey, bytes]] = []
@@ -309,7 +199,7 @@ class RedisFeed:
                     (_sort_key(stream, key, control), stream, key, fields.get(b"e", b"[]"))
                 )
         entries.sort(key=lambda entry: entry[0])
-        registry, config = self._registry, self._config
+        config = self._config
         top = self.position
         for _, stream, key, data in entries:
             try:
@@ -328,66 +218,33 @@ class RedisFeed:
             top = position
         if top > self.position:
             self.position = top
-            registry.advance(top)
             self._release_waiters()
 
-    # -- attaching sockets ---------------------------------------------------------------------
+    # -- the History seam ------------------------------------------------------------------------
 
-    def begin_attach(self, hub: RedisHub, conn: Connection, since: str | None) -> None:
+    def __len__(self) -> int:
+        return 0  # the history is in Redis, not in this process
+
+    def follow(self, organization_id: str) -> None:
+        self._follow(organization_id)
+
+    def append(self, event: RoutedEvent) -> None:
+        """Nothing to keep: the reader already stored the event in its stream."""
+
+    def trim(self) -> None:
+        """Nothing to trim here: the reader trims the streams."""
+
+    async def since(self, organization_id: str, key: CursorKey) -> list[RoutedEvent] | None:
+        # Synchronously, before any await: each stream's end is the last id the node has
+        # handled (a stream not followed yet starts at G); the hub collects what comes after.
         ends = {
-            self._keys.org(hub.organization_id): self.follow(hub.organization_id),
+            self._keys.org(organization_id): self._follow(organization_id),
             self._keys.shared: self._last[self._keys.shared],
         }
-        pending = _Pending(conn, hub, since, ends)
-        hub.pending.append(pending)
-        self._spawn(self._complete(pending))
-
-    async def _complete(self, pending: _Pending) -> None:
-        conn, hub, since = pending.conn, pending.hub, pending.since
-        after: CursorKey | None = None
-        replay: list[RoutedEvent] = []
-        resync = False
         try:
-            if since is not None:
-                after = parse_cursor(since)
-                if after is None:
-                    resync = True
-                else:
-                    found = await self._history(after, pending.ends)
-                    resync = found is None
-                    replay = found or []
+            return await self._history(key, ends)
         except (RedisError, OSError, TimeoutError) as exc:
-            hub.pending.remove(pending)
-            log.warning("could not read the resume history", extra={"error": type(exc).__name__})
-            conn.close(CloseCode.TRY_AGAIN_LATER, "history unavailable, try again")
-            return
-        except BaseException:
-            hub.pending.remove(pending)
-            raise
-        # From here on, no await: replay, what arrived meanwhile, registration, ready.
-        hub.pending.remove(pending)
-        if conn.closed or conn.ws.closed:
-            return
-        metrics = self._registry.metrics
-        if resync:
-            metrics.resyncs.inc()
-            conn.write(system_frame("resync_required", {"cursor": since}))
-            after = None
-        hub.replay(conn, replay)
-        for item in pending.buffer:
-            if isinstance(item, AccessRevoked):
-                if _applies(item, conn):
-                    conn.write(revoked_frame(item.reason))
-                    conn.close(CloseCode.ACCESS_REVOKED, item.reason)
-                    metrics.revocations.labels(item.reason).inc()
-                    return
-                continue
-            if after is not None:
-                key = parse_cursor(item.cursor)
-                if key is not None and key <= after:
-                    continue  # the client saw it on another node
-            hub.replay(conn, (item,))
-        hub.register(conn)
+            raise HistoryUnavailable(type(exc).__name__) from exc
 
     async def _history(self, after: CursorKey, ends: dict[str, str]) -> list[RoutedEvent] | None:
         """The events after `after` up to `ends`, from Redis; None: the client must resync."""
@@ -404,6 +261,7 @@ class RedisFeed:
             floor_raw, position_raw = results[-1]
             floor = parse_cursor(floor_raw.decode()) if floor_raw else None
             position = parse_cursor(position_raw.decode()) if position_raw else None
+            self.complete_from = floor
             # Published up to here (nothing below the floor is ever replayed).
             known = max(floor or (0, 0), position or (0, 0))
             # No floor, or Redis behind this node: the reader is (re)building the history.
@@ -417,7 +275,7 @@ class RedisFeed:
         for info in results[len(streams) : 2 * len(streams)]:
             if isinstance(info, Exception):
                 continue  # no such stream: nothing was ever trimmed from it
-            if not _complete_after(info, after):
+            if not complete_after(info, after):
                 return None
         await self._caught_up(after, deadline)
         entries: list[tuple[CursorKey, bytes]] = []
@@ -460,6 +318,7 @@ class RedisFeed:
         task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
+        """Stop the background wakes, delete the wake stream, close both clients."""
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -467,13 +326,15 @@ class RedisFeed:
                 await task
         with contextlib.suppress(RedisError, OSError):
             await self._redis.delete(self._wake_key)
+        await self._blocking.aclose()
+        await self._redis.aclose()
 
 
 def _field(info: Mapping[Any, Any], name: str) -> Any:
     return info.get(name, info.get(name.encode()))
 
 
-def _complete_after(info: Mapping[Any, Any], after: CursorKey) -> bool:
+def complete_after(info: Mapping[Any, Any], after: CursorKey) -> bool:
     """Whether a stream still holds every entry it ever had above `after`."""
     added, length = _field(info, "entries-added"), _field(info, "length")
     if added is None or length is None:
@@ -487,50 +348,3 @@ def _complete_after(info: Mapping[Any, Any], after: CursorKey) -> bool:
         return (lsn, position) <= (after[0], after[1] + 1)  # trimmed entries are all ≤ after
     last = _field(info, "last-generated-id")
     return last is not None and parse_stream_id(last) <= after
-
-
-# -- aiohttp wiring ------------------------------------------------------------------------------
-
-
-def install_gateway(app: web.Application, *, with_reader: bool, prefix: str | None = None) -> None:
-    """Run `app` (made by `walcast.app.make_app` with a `RedisHubRegistry`) as a gateway node on
-    the Redis bus, and, if `with_reader`, as a reader candidate too (readiness is the node's)."""
-    app[BUS_KEYS] = BusKeys(prefix if prefix is not None else prefix_from_env())
-    app.cleanup_ctx.append(_feed_context)
-    if with_reader:
-        app.cleanup_ctx.append(reader_context(drives_readiness=False))
-
-
-async def _feed_context(app: web.Application) -> AsyncIterator[None]:
-    from gateway.state import STATE
-
-    state = app[STATE]
-    registry = state.registry
-    assert isinstance(registry, RedisHubRegistry)
-    redis = redis_client(state.settings)
-    blocking = redis_client(state.settings, socket_timeout=BLOCK_MS / 1000 + 10)
-
-    def status(ok: bool, reason: str) -> None:
-        if ok:
-            state.ready.set()
-        else:
-            state.not_ready_reason = reason
-            state.ready.clear()
-
-    state.not_ready_reason = "connecting to Redis"
-    feed = RedisFeed(redis, blocking, app[BUS_KEYS], registry, state.config, on_status=status)
-    task = asyncio.create_task(feed.run(), name="walcast-redis-feed")
-    ticker = asyncio.create_task(_trim(registry), name="walcast-redis-trim")
-    try:
-        yield
-    finally:
-        await cancel_and_wait(ticker, task)
-        await feed.aclose()
-        await blocking.aclose()
-        await redis.aclose()
-
-
-async def _trim(registry: HubRegistry) -> None:
-    while True:
-        await asyncio.sleep(TICK_SECONDS)
-        registry.trim()

@@ -1,0 +1,131 @@
+"""`MemoryHistory` as pure code: what a resume after a cursor gets, when a cursor is too old
+(or from elsewhere) to answer without a gap, and the three bounds (time, per organization,
+per node). No hubs, no sockets: the hubs' side of a resume is in tests/test_hubs.py."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from cdc.cursors import CursorKey, format_cursor
+from gateway.config import parse_realtime_config
+from gateway.events import ChangeEvent, RoutedEvent
+from gateway.history import MemoryHistory
+
+TABLE = parse_realtime_config({"tables": {"notes": {}}}).tables["public.notes"]
+WHEN = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def _event(lsn: int, org: str | None = "o") -> ChangeEvent:
+    kind = "INSERT" if org is not None else "TRUNCATE"
+    row = {"id": f"{org}-{lsn:x}"} if org is not None else None
+    return ChangeEvent(
+        org, format_cursor(lsn, 1), lsn, WHEN, TABLE, kind, row, None, (), None, None
+    )
+
+
+def _ids(events: Sequence[RoutedEvent] | None) -> list[str] | None:
+    if events is None:
+        return None
+    return [e.cursor for e in events]
+
+
+def _streaming(
+    seconds: float = 120.0, max_events: int = 100_000, max_total_events: int = 500_000
+) -> tuple[MemoryHistory, list[float]]:
+    """A history complete from 0x10 on, with a clock the test moves."""
+    now = [0.0]
+    history = MemoryHistory(
+        seconds=seconds,
+        max_events=max_events,
+        max_total_events=max_total_events,
+        clock=lambda: now[0],
+    )
+    history.complete_from = (0x10, 0)
+    history.advance((0x10, 0))
+    return history, now
+
+
+def _after(history: MemoryHistory, org: str, key: CursorKey) -> list[str] | None:
+    return _ids(history.events_after(org, key))
+
+
+def test_a_resume_gets_the_events_after_its_cursor_with_those_for_every_org_in_order() -> None:
+    history, _ = _streaming()
+    for event in (_event(0x20), _event(0x30, org="other"), _event(0x40, org=None), _event(0x50)):
+        history.append(event)
+    assert history.position == (0x50, 1)
+    assert _after(history, "o", (0x20, 1)) == [format_cursor(0x40, 1), format_cursor(0x50, 1)]
+    assert _after(history, "o", (0x10, 0)) == [format_cursor(lsn, 1) for lsn in (0x20, 0x40, 0x50)]
+    assert _after(history, "o", (0x50, 1)) == []  # the `ready` cursor: nothing missed
+    assert _after(history, "never-seen", (0x30, 1)) == [format_cursor(0x40, 1)]
+
+
+def test_a_cursor_history_cannot_vouch_for_gets_none() -> None:
+    history = MemoryHistory()
+    history.append(_event(0x20))
+    assert history.events_after("o", (0x20, 1)) is None  # not streaming yet: not complete
+    history.complete_from = (0x18, 0)
+    assert _after(history, "o", (0x18, 0)) == [format_cursor(0x20, 1)]
+    assert history.events_after("o", (0x10, 0)) is None  # before history began
+    assert history.events_after("o", (0x99, 1)) is None  # from the future: another database
+    history.advance((0x99, 1))  # an idle database's commits move the position on
+    assert _after(history, "o", (0x99, 1)) == []
+
+
+def test_time_trims_and_a_resume_below_what_was_trimmed_must_resync() -> None:
+    history, now = _streaming(seconds=10)
+    history.append(_event(0x20))
+    now[0] = 5.0
+    history.append(_event(0x30))
+    now[0] = 12.0
+    history.trim()  # 0x20 is older than 10 s
+    assert len(history) == 1
+    assert history.events_after("o", (0x10, 0)) is None
+    assert _after(history, "o", (0x20, 1)) == [format_cursor(0x30, 1)]
+    assert _after(history, "other", (0x10, 0)) == []  # nothing of "other" was lost
+    now[0] = 100.0
+    history.trim()
+    assert len(history) == 0 and history.order_length == 0
+    assert _after(history, "o", (0x30, 1)) == []
+
+
+def test_the_per_org_bound_evicts_that_org_s_oldest() -> None:
+    history, _ = _streaming(max_events=2)
+    for lsn in (0x20, 0x30, 0x40):
+        history.append(_event(lsn))
+    history.append(_event(0x50, org="b"))
+    assert [e.cursor for e in history.held("o")] == [format_cursor(lsn, 1) for lsn in (0x30, 0x40)]
+    assert history.events_after("o", (0x10, 0)) is None
+    assert _after(history, "o", (0x20, 1)) == [format_cursor(0x30, 1), format_cursor(0x40, 1)]
+    assert _after(history, "b", (0x10, 0)) == [format_cursor(0x50, 1)]
+
+
+def test_the_node_wide_bound_counts_what_per_org_and_time_trims_removed() -> None:
+    history, now = _streaming(max_events=5, max_total_events=40)
+    orgs = ["busy", *(f"quiet{i}" for i in range(7))]
+    lsn = 0x100
+    for round_ in range(200):
+        for org in ("busy", "busy", "busy", f"quiet{round_ % 7}"):
+            lsn += 0x10
+            history.append(_event(lsn, org=org))
+        now[0] += 1.0
+        held = sum(len(history.held(org)) for org in [None, *orgs])
+        assert len(history) == held <= 40
+    now[0] += 1000.0  # everything expires by time
+    history.trim()
+    assert len(history) == 0 and history.order_length == 0
+
+    # Per-org trims alone leave stale entries in the node-wide order; they are dropped before
+    # they pile up.
+    for _ in range(5000):
+        lsn += 0x10
+        history.append(_event(lsn, org="busy"))
+    assert len(history) == 5
+    assert history.order_length <= 2 * 5 + 1024
+
+
+async def test_since_is_events_after_without_a_pause() -> None:
+    history, _ = _streaming()
+    history.append(_event(0x20))
+    assert _ids(await history.since("o", (0x10, 0))) == [format_cursor(0x20, 1)]
