@@ -184,6 +184,12 @@ class Settings(BaseModel):
     max_connections_per_org: int = Field(default=10_000, ge=0)
     handshake_rate: float = Field(default=50.0, ge=0)
     handshake_burst: int = Field(default=500, ge=0)
+    #: Connection limits (gateway.server): over the per-address cap, 429 and close; 0 disables
+    #: it. Keep-alive outlasts common client pools and load balancers (60 s), like nginx's 75 s.
+    max_connections_per_address: int = Field(default=512, ge=0)
+    idle_timeout_seconds: float = Field(default=10.0, gt=0)
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    keepalive_timeout_seconds: float = Field(default=75.0, gt=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
 
@@ -217,6 +223,10 @@ class Settings(BaseModel):
             "max_connections_per_org",
             "handshake_rate",
             "handshake_burst",
+            "max_connections_per_address",
+            "idle_timeout_seconds",
+            "header_timeout_seconds",
+            "keepalive_timeout_seconds",
         ):
             raw = env.get(f"WALCAST_{key.upper()}")
             if raw:

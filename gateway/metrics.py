@@ -67,6 +67,18 @@ class Metrics:
         self.resyncs = Counter(
             "walcast_resyncs", "Resume requests answered with resync_required", registry=registry
         )
+        self.accept_errors = Counter(
+            "walcast_accept_errors",
+            "Failed accept() calls: out of file descriptors or kernel memory",
+            ["reason"],
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "walcast_connections_refused",
+            "Connections refused or closed before their first request",
+            ["reason"],
+            registry=registry,
+        )
         self.write_passes = Histogram(
             "walcast_write_pass_seconds",
             "Time of one write pass: everything queued, one write per socket (the latency floor)",

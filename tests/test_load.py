@@ -513,6 +513,7 @@ async def walcast_process(
         WALCAST_SLOT=f"load_{uuid.uuid4().hex[:12]}",
         WALCAST_PUBLICATION=f"load_{uuid.uuid4().hex[:12]}",
         WALCAST_HANDSHAKE_RATE="0",  # every socket comes from 127.0.0.1
+        WALCAST_MAX_CONNECTIONS_PER_ADDRESS="0",  # likewise
         WALCAST_MAX_CONNECTIONS_PER_ORG=str(10 * shape.sockets),
         WALCAST_MAX_CONNECTIONS_PER_USER=str(10 * shape.sockets),
     )

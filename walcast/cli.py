@@ -139,7 +139,10 @@ async def run_until_stopped(
 
     `started(url, stop)` runs once the port is bound (`url` has the real port when `port` is 0).
     """
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
+    from gateway.server import ConnectionGuard
+
+    guard = ConnectionGuard.for_app(app)  # timeouts, per-address cap, fd exhaustion
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **guard.handler_args)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in signals:
@@ -147,7 +150,7 @@ async def run_until_stopped(
     await runner.setup()
     try:
         try:
-            await web.TCPSite(runner, host, port).start()
+            await guard.site(runner, host, port).start()
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise UsageError(
