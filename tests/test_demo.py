@@ -23,9 +23,9 @@ import aiohttp
 import psycopg
 import pytest
 
+import migrations
 from tests.browser.cdp import CHROMIUM, Chromium, Page
 from tests.fix_gateway import Socket, free_port
-from walcast.cli import apply_migrations
 from walcast.demo import DemoWriter, load_demo_config, seed_demo
 from walcast.embedded import (
     INSTALL_HINT,
@@ -155,7 +155,7 @@ def test_demo_without_postgres_exits_2_with_the_hint(tmp_path: Path) -> None:
 
 
 async def test_writer_covers_every_kind_of_change(database_url: str) -> None:
-    apply_migrations(database_url, demo=True)
+    migrations.apply(database_url, demo=True)
     org = seed_demo(database_url)
     assert {user.roles for user in org.users} == {"owner", "recruiter", "hiring-manager"}
     broadcasts: list[dict[str, Any]] = []

@@ -1,6 +1,6 @@
-"""The `walcast` command: serve, demo, migrate, check, ticket, broadcast (spec §9).
+"""The `walcast` command: serve, demo, migrate, check, ticket, broadcast.
 
-Each subcommand reads the environment of spec §9 (`DATABASE_URL`, `ACCESS_TOKEN`,
+Each subcommand reads its settings from the environment (`DATABASE_URL`, `ACCESS_TOKEN`,
 `WALCAST_CONFIG`, ...) and takes flags that override it. Common mistakes end with a one-line
 explanation of how to fix them and exit status 2, never a traceback.
 """
@@ -9,31 +9,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import gc
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import psycopg
-from aiohttp import web
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc import catalog
 from cdc.errors import ReplicationError
 from gateway.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
+from migrations import apply as apply_migrations
 from walcast.logs import setup_logging
+from walcast.serve import UsageError, run_until_stopped
 
 __all__ = ["main"]
 
 log = logging.getLogger("walcast")
-
-
-class UsageError(Exception):
-    """A mistake the user can fix; printed without a traceback."""
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -79,9 +73,8 @@ async def serve(
     *,
     cdc: bool,
     gateway: bool,
-    static_dir: Any = None,
-    banner: str | None = None,
 ) -> None:
+    """The `walcast serve` command: check the database, then run until SIGTERM or SIGINT."""
     from walcast.app import make_app
     from walcast.pipeline import DropSink, Pipeline
 
@@ -108,7 +101,7 @@ async def serve(
         raise UsageError(str(exc)) from None
 
     if gateway:
-        app = make_app(settings, config, run_pipeline=cdc, static_dir=static_dir)
+        app = make_app(settings, config, run_pipeline=cdc)
     else:
         from walcast.redisbus import make_reader_app
 
@@ -121,59 +114,8 @@ async def serve(
             settings.slot,
             settings.publication,
         )
-        if banner:
-            print(banner.format(url=url), flush=True)
 
     await run_until_stopped(app, settings.host, settings.port, started)
-
-
-async def run_until_stopped(
-    app: web.Application,
-    host: str,
-    port: int,
-    started: Callable[[str, asyncio.Event], Awaitable[None]],
-    *,
-    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
-) -> None:
-    """Serve `app` until one of `signals`, then shut down gracefully (sockets closed with 1001).
-
-    `started(url, stop)` runs once the port is bound (`url` has the real port when `port` is 0).
-    """
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    await runner.setup()
-    try:
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UsageError(
-                    f"port {port} on {host} is in use: pass --port or set WALCAST_PORT"
-                ) from None
-            raise
-        freeze_startup_objects()
-        bound = runner.addresses[0][1] if port == 0 else port
-        url_host = f"[{host}]" if ":" in host else host
-        await started(f"http://{url_host}:{bound}", stop)
-        if not stop.is_set():
-            await stop.wait()
-        log.info("shutting down: closing sockets with 1001")
-    finally:
-        await runner.cleanup()
-
-
-def freeze_startup_objects() -> None:
-    """Take what start-up made (modules, config, the app) out of the cyclic collector's sight.
-
-    Those objects live as long as the process, yet each full collection would walk them all:
-    a pause of tens of ms in the middle of fan-out (docs/benchmarks.md §3). Frozen, they are
-    still freed by reference counting; only cycles among them would stay.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def _check_redis_url(url: str) -> None:
@@ -192,16 +134,6 @@ def _metrics() -> Any:
 
 
 # -- migrate / check -------------------------------------------------------------------------
-
-
-def apply_migrations(dsn: str, *, demo: bool = False) -> list[str]:
-    import migrations
-
-    names = migrations.schema_scripts() + ([migrations.DEMO_SCRIPT] if demo else [])
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for name in names:
-            conn.execute(migrations.read_script(name).encode())
-    return names
 
 
 async def check(settings: Settings, config: RealtimeConfig) -> list[str]:
@@ -280,32 +212,18 @@ async def broadcast(
     roles: list[str] | None,
     user: str | None,
 ) -> dict[str, Any]:
-    import aiohttp
+    """The `walcast broadcast` command: walcast's answer, or a `UsageError` saying what failed."""
+    from walcast.client import BroadcastError, Realtime, UnreachableError, broadcast_body
 
-    body: dict[str, Any] = {"organizationId": org, "event": event, "payload": payload}
-    if roles:
-        body["targetRoles"] = roles
-    if user:
-        body["targetUserId"] = user
-    secret = settings.signing_secret
+    body = broadcast_body(org, event, payload, roles or None, user)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            async with session.post(
-                f"{url.rstrip('/')}/realtime/v1/broadcast",
-                data=orjson.dumps(body),
-                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
-            ) as response:
-                try:
-                    answer: dict[str, Any] = await response.json(content_type=None)
-                except ValueError:
-                    answer = {"error": (await response.text())[:200]}
-                if response.status != 202:
-                    raise UsageError(f"broadcast refused ({response.status}): {answer}")
-                return answer
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        async with Realtime(url, settings.signing_secret) as realtime:
+            return await realtime.post(body)
+    except BroadcastError as exc:
+        raise UsageError(str(exc)) from None
+    except UnreachableError as exc:
         raise UsageError(
-            f"cannot reach walcast at {url} ({type(exc).__name__}):"
-            " is `walcast serve` running there? pass --url or set WALCAST_HOST/WALCAST_PORT"
+            f"{exc}: is `walcast serve` running there? pass --url or set WALCAST_HOST/WALCAST_PORT"
         ) from None
 
 
