@@ -23,7 +23,7 @@ from cdc.errors import ReplicationError
 from gateway.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
 from migrations import apply as apply_migrations
 from walcast.logs import setup_logging
-from walcast.serve import UsageError, run_until_stopped
+from walcast.serve import UsageError, add_index, endpoints, run_until_stopped
 
 __all__ = ["main"]
 
@@ -106,6 +106,7 @@ async def serve(
         from walcast.redisbus import make_reader_app
 
         app = make_reader_app(settings, config)
+    add_index(app)
 
     async def started(url: str, stop: asyncio.Event) -> None:
         log.info(
@@ -114,6 +115,7 @@ async def serve(
             settings.slot,
             settings.publication,
         )
+        log.info("endpoints: %s (GET / lists them)", ", ".join(endpoints(app)))
 
     await run_until_stopped(app, settings.host, settings.port, started)
 
@@ -230,51 +232,134 @@ async def broadcast(
 # -- argument parsing --------------------------------------------------------------------------
 
 
+DESCRIPTION = """\
+walcast streams PostgreSQL changes to WebSocket clients: each user receives only the rows
+their organization and roles allow, with sensitive columns masked, and applications can push
+custom events to the same sockets."""
+
+ENVIRONMENT = """\
+environment (flags override it):
+  DATABASE_URL         PostgreSQL connection string; the server needs wal_level=logical
+  ACCESS_TOKEN         secret that signs tickets and guards the broadcast API (several,
+                       comma-separated, to rotate: the first signs, any is accepted)
+  WALCAST_CONFIG       realtime config (TOML): which tables, who sees them, what is masked
+  WALCAST_HOST         listen address (default 127.0.0.1)
+  WALCAST_PORT         listen port (default 4000)
+  WALCAST_SLOT         replication slot (default walcast)
+  WALCAST_PUBLICATION  publication (default walcast)
+  REDIS_URL            Redis, to run the reader and several gateway nodes apart
+
+for a first look, run `walcast demo`: it starts a throwaway PostgreSQL of its own."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="walcast", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", choices=("json", "text"), default="json")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="walcast",
+        description=DESCRIPTION,
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="one JSON object per line (default), or plain text for reading",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--database-url", help="PostgreSQL (env DATABASE_URL)")
-        p.add_argument("--config", help="realtime config TOML (env WALCAST_CONFIG)")
+        p.add_argument("--database-url", help="PostgreSQL connection string (env DATABASE_URL)")
+        p.add_argument("--config", help="realtime config file, TOML (env WALCAST_CONFIG)")
         p.add_argument("--slot", help="replication slot (env WALCAST_SLOT, default walcast)")
-        p.add_argument("--publication", help="publication (env WALCAST_PUBLICATION)")
+        p.add_argument(
+            "--publication", help="publication (env WALCAST_PUBLICATION, default walcast)"
+        )
 
-    p = sub.add_parser("serve", help="run the CDC reader and the gateway")
+    p = command(
+        "serve",
+        "run the change reader and the WebSocket gateway",
+        "Check the database, create the publication and the replication slot if missing, then"
+        " read changes and serve them over WebSocket until SIGTERM or Ctrl-C. GET / lists the"
+        " endpoints.",
+    )
     common(p)
     p.add_argument("--host", help="listen address (env WALCAST_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (env WALCAST_PORT, default 4000)")
-    p.add_argument("--redis-url", help="Redis for the multi-node bus (env REDIS_URL)")
-    p.add_argument("--no-cdc", action="store_true", help="gateway node only (Redis bus)")
-    p.add_argument("--no-gateway", action="store_true", help="reader only (Redis bus)")
+    p.add_argument("--redis-url", help="Redis for running several nodes (env REDIS_URL)")
+    p.add_argument(
+        "--no-cdc", action="store_true", help="gateway only; events come from Redis (REDIS_URL)"
+    )
+    p.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="change reader only; events go to Redis (REDIS_URL)",
+    )
 
-    p = sub.add_parser("demo", help="one-command demo on an embedded PostgreSQL")
+    p = command(
+        "demo",
+        "try walcast on a throwaway database, with a live page",
+        "Start a temporary PostgreSQL (or use --database-url), fill it with a small recruiting"
+        " app whose rows change every --interval seconds, and open a page where you watch the"
+        " events as each demo user sees them. Ctrl-C stops it and deletes the temporary data.",
+    )
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 4000)")
-    p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    p.add_argument("--database-url", help="use this PostgreSQL instead of a temporary one")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between demo writes")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every HTTP request (off by default)"
+    )
 
-    p = sub.add_parser("migrate", help="create the session store tables if missing")
-    p.add_argument("--database-url")
-    p.add_argument("--demo", action="store_true", help="also create the demo schema")
+    p = command(
+        "migrate",
+        "create the session tables walcast reads, if missing",
+        "Create the Better Auth tables (user, organization, member, session) that tickets are"
+        " checked against, where they do not exist yet. Safe to run again.",
+    )
+    p.add_argument("--database-url", help="PostgreSQL connection string (env DATABASE_URL)")
+    p.add_argument("--demo", action="store_true", help="also create the demo app's tables")
 
-    p = sub.add_parser("check", help="check the config against the database")
+    p = command(
+        "check",
+        "check the realtime config against the database",
+        "Report wal_level, the configured tables, their replica identity, the publication and"
+        " the slot, without changing anything. Exit status 1 if a problem was found.",
+    )
     common(p)
 
-    p = sub.add_parser("ticket", help="mint a WebSocket ticket (debugging)")
-    p.add_argument("--user", required=True)
-    p.add_argument("--org", required=True)
-    p.add_argument("--roles", default="")
+    p = command(
+        "ticket",
+        "mint a WebSocket ticket, for debugging",
+        "Print a ticket (valid 60 s, usable once) for connecting to"
+        " /realtime/v1/websocket as the given user, signed with ACCESS_TOKEN.",
+    )
+    p.add_argument("--user", required=True, help="the user id the ticket is for")
+    p.add_argument("--org", required=True, help="the organization id the ticket is for")
+    p.add_argument("--roles", default="", help="comma-separated roles, e.g. owner,recruiter")
 
-    p = sub.add_parser("broadcast", help="send a custom event through a running walcast")
-    p.add_argument("--org", required=True)
-    p.add_argument("--event", required=True)
-    p.add_argument("--payload", default="{}", help="JSON")
-    p.add_argument("--roles", default="", help="comma-separated targetRoles")
-    p.add_argument("--user", help="targetUserId")
-    p.add_argument("--url", help="walcast base URL (default from WALCAST_HOST/WALCAST_PORT)")
+    p = command(
+        "broadcast",
+        "send a custom event through a running walcast",
+        "Send a custom event to an organization's sockets through the broadcast API of a"
+        " running walcast, authenticated with ACCESS_TOKEN. Prints the answer, with the"
+        " event's position in the WAL.",
+    )
+    p.add_argument("--org", required=True, help="the organization id to send to")
+    p.add_argument(
+        "--event", required=True, help="event name, e.g. announcement or screening:started"
+    )
+    p.add_argument("--payload", default="{}", help="the event's payload, JSON (default {})")
+    p.add_argument(
+        "--roles", default="", help="only members with one of these roles (comma-separated)"
+    )
+    p.add_argument("--user", help="only this user id")
+    p.add_argument("--url", help="walcast's base URL (default http://WALCAST_HOST:WALCAST_PORT)")
     return parser
 
 

@@ -10,6 +10,9 @@ commits demo rows every `--interval` seconds and, like an application would, pus
 `/` (gateway/static) lets you pick a user, watch the events arrive with that user's roles and
 masks, and fire a broadcast of your own.
 
+The terminal shows what matters to a first run (the URL, warnings); the per-request access log
+is off unless `--access-log` is given.
+
 Two demo-only endpoints back the page; nothing but `walcast demo` mounts them:
 
 - `GET /demo/api/users`: the demo organization, its users **with their session tokens** (so the
@@ -47,6 +50,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import migrations
+from gateway.accesslog import ACCESS_LOGGER
 from gateway.config import RealtimeConfig, Settings, parse_realtime_config
 from gateway.state import STATE
 from walcast.app import make_app
@@ -516,6 +520,8 @@ def run_demo(args: argparse.Namespace) -> None:
             publication=DEMO_SLOT,
         )
         config = load_demo_config()
+        if not args.access_log:  # one line per request drowns the demo's own messages
+            ACCESS_LOGGER.setLevel(logging.WARNING)
         asyncio.run(_serve(settings, config, org, args.interval, embedded=embedded is not None))
     finally:
         # A second Ctrl-C must not interrupt the clean-up and leave the data directory behind.

@@ -25,6 +25,8 @@ from cdc.errors import WalcastError
 
 __all__ = [
     "UsageError",
+    "add_index",
+    "endpoints",
     "freeze_startup_objects",
     "run_until_stopped",
     "start_site",
@@ -98,3 +100,23 @@ def freeze_startup_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def endpoints(app: web.Application) -> list[str]:
+    """`METHOD /path` of every route `app` serves, in the order they were added."""
+    found: dict[str, None] = {}
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource is not None else ""
+        if route.method in ("HEAD", "*") or path in ("", "/"):
+            continue
+        found[f"{route.method} {path}"] = None
+    return list(found)
+
+
+def add_index(app: web.Application) -> None:
+    """`GET /`: what this walcast serves, so a browser pointed at it finds something to read."""
+
+    async def index(request: web.Request) -> web.Response:
+        return web.json_response({"service": "walcast", "endpoints": endpoints(request.app)})
+
+    app.router.add_get("/", index)
