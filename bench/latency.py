@@ -47,7 +47,7 @@ from gateway.config import parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, start_gateway
-from walcast.cli import freeze_startup_objects
+from walcast.serve import freeze_startup_objects
 
 ORG = "org_latency"
 BARE_GIVE_UP_SECONDS = 5.0  #: the baseline stops once it is this far behind its schedule

@@ -1,4 +1,4 @@
-"""Configuration: the realtime config (TOML, spec §7) and the process settings (env, spec §9).
+"""Configuration: the realtime config (a TOML file) and the process settings (the environment).
 
 Both are validated with pydantic at the edge, then handed inward as plain, frozen objects. Errors
 name the file, the table and the key, because the person reading them is editing that file.
@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gateway.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "MaskRule",
@@ -26,10 +28,6 @@ __all__ = [
 ]
 
 MaskType = Literal["email", "phone", "ssn", "creditCard", "name", "redact", "custom"]
-
-
-class ConfigError(ValueError):
-    """The realtime config or the settings are invalid; the message says where and why."""
 
 
 class _Strict(BaseModel):
@@ -58,7 +56,7 @@ class MaskRule(_Strict):
 
 
 class TableConfig(_Strict):
-    """How one table's changes are routed, filtered and masked (spec §7)."""
+    """How one table's changes are routed, filtered and masked."""
 
     schema_name: str = Field(default="public", exclude=True)
     table_name: str = Field(default="", exclude=True)
@@ -161,7 +159,7 @@ def load_realtime_config(path: str | os.PathLike[str] | None) -> RealtimeConfig:
 
 
 class Settings(BaseModel):
-    """Process settings; `from_env` reads the environment variables of spec §9."""
+    """Process settings; `from_env` reads them from the environment (`DATABASE_URL`, ...)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

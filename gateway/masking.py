@@ -37,7 +37,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from gateway.config import ConfigError, MaskRule
+from gateway.config import MaskRule
+from gateway.errors import MaskError
 
 __all__ = [
     "REDACTED",
@@ -53,10 +54,6 @@ _STAR = "*"
 _KEEP_DIGITS = 4
 
 _custom_cache: dict[str, Callable[[Any], Any]] = {}
-
-
-class MaskError(ConfigError):
-    """A custom mask's `fn` cannot be imported or is not callable."""
 
 
 def _text(value: Any) -> str:

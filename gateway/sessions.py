@@ -40,9 +40,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import aiohttp
 import jwt
 
-from gateway.config import ConfigError
+from gateway.errors import ConfigError, SessionStoreError
 from gateway.tickets import AUDIENCE as TICKET_AUDIENCE
-from gateway.tickets import GatewayError
 
 if TYPE_CHECKING:
     import asyncpg
@@ -63,12 +62,6 @@ logger = logging.getLogger(__name__)
 MAX_TOKEN_LENGTH = 8192
 #: Earliest refetch of a JWKS URL after the previous one, when a token names an unknown kid.
 JWKS_MIN_REFRESH_SECONDS = 30.0
-
-
-class SessionStoreError(GatewayError):
-    """The session store cannot answer right now (e.g. the JWKS URL is unreachable)."""
-
-    status = 503
 
 
 @dataclass(frozen=True, slots=True)

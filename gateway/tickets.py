@@ -1,4 +1,4 @@
-"""WebSocket tickets (spec §5): short-lived HS256 JWTs, verified at upgrade time, used once.
+"""WebSocket tickets: short-lived HS256 JWTs, verified at upgrade time, used once.
 
 A ticket is what `POST /realtime/v1/ws-ticket` hands out and `GET /realtime/v1/websocket`
 accepts. It is a plain JWT so that any application holding `ACCESS_TOKEN` can mint one in any
@@ -40,7 +40,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import jwt
 
-from cdc.errors import WalcastError
+from gateway.errors import (
+    GatewayError,
+    JtiStoreFullError,
+    JtiStoreUnavailableError,
+    TicketError,
+)
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -89,38 +94,6 @@ _DECODE_OPTIONS: Any = {
     "verify_jti": False,
     "require": [],
 }
-
-
-class GatewayError(WalcastError):
-    """An error the gateway answers with an HTTP status (or turns into a close code).
-
-    Args:
-        reason: short, fixed text safe to send to the client: never a token, secret or value.
-    """
-
-    status: int = 500
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class TicketError(GatewayError):
-    """The ticket is missing, malformed, forged, expired, for another audience, or reused."""
-
-    status = 401
-
-
-class JtiStoreUnavailableError(GatewayError):
-    """The shared jti store (Redis) cannot be reached: refuse rather than risk a replay."""
-
-    status = 503
-
-
-class JtiStoreFullError(GatewayError):
-    """The in-memory jti store holds its maximum of unexpired tickets; refuse rather than forget."""
-
-    status = 503
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,17 @@
 """SQL the database needs, shipped as package data so an installed walcast can apply it.
 
 `schema_scripts()` are the migrations every deployment runs (`walcast migrate`); `DEMO_SCRIPT` is
-the demo schema that only `walcast demo` applies.
+the demo schema that only `walcast demo` applies. `apply` runs them; every script is written to
+be run again (`IF NOT EXISTS`), so applying twice is harmless.
 """
 
 from __future__ import annotations
 
 from importlib import resources
 
-__all__ = ["DEMO_SCRIPT", "read_script", "schema_scripts"]
+import psycopg
+
+__all__ = ["DEMO_SCRIPT", "apply", "read_script", "schema_scripts"]
 
 DEMO_SCRIPT = "demo.sql"
 
@@ -25,3 +28,12 @@ def schema_scripts() -> list[str]:
 
 def read_script(name: str) -> str:
     return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
+
+
+def apply(dsn: str, *, demo: bool = False) -> list[str]:
+    """Run the schema scripts (and the demo schema when `demo`) in order; returns their names."""
+    names = schema_scripts() + ([DEMO_SCRIPT] if demo else [])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in names:
+            conn.execute(read_script(name).encode())
+    return names

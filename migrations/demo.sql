@@ -1,4 +1,4 @@
--- The demo schema: a small recruiting app like the one in the seed page. Applied by `walcast demo`.
+-- The demo schema: a small recruiting app. Applied by `walcast demo`.
 CREATE TABLE IF NOT EXISTS candidates (
     id text PRIMARY KEY,
     "organizationId" text NOT NULL,

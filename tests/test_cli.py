@@ -2,13 +2,15 @@
 
 End to end: `migrate`, `check`, `serve` (ticket, socket, a committed INSERT, `walcast broadcast`,
 SIGTERM → sockets closed with 1001, exit 0), `ticket`. Then the common mistakes, each of which
-must end with exit status 2 and a message that says what to fix, never a traceback.
+must end with exit status 2 and a message that says what to fix, never a traceback; and the help,
+which explains itself without pointing at documents the user does not have.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +28,7 @@ import pytest
 
 from gateway.tickets import verify_ticket
 from tests.fix_gateway import add_member, clean_env, free_port, walcast_command
+from walcast.cli import main
 
 pytestmark = pytest.mark.integration
 
@@ -47,6 +50,9 @@ ALTER TABLE applications REPLICA IDENTITY FULL;
 CREATE TABLE plain (id int PRIMARY KEY, "organizationId" text);
 """
 
+#: What user-facing text must not lean on: sections of a document users do not have.
+UNEXPLAINED = re.compile(r"§|\bspec\b|\bseed\b|SPEC\.md", re.IGNORECASE)
+
 #: The machine's own PostgreSQL (wal_level=replica); used read-only, for the wal_level message.
 SYSTEM_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres?connect_timeout=3"
 
@@ -67,6 +73,7 @@ def walcast(
 def _fails_cleanly(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
+    assert not UNEXPLAINED.search(result.stderr), result.stderr
     for needle in needles:
         assert needle in result.stderr, (needle, result.stderr)
 
@@ -202,6 +209,21 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
         await serve.wait_ready(http)
         ready_after = time.monotonic() - started
 
+        # The URL the log announces answers with what is there, instead of a 404.
+        async with http.get(f"{serve.url}/") as response:
+            assert response.status == 200
+            index = await response.json()
+        assert index["service"] == "walcast"
+        for endpoint in (
+            "POST /realtime/v1/ws-ticket",
+            "GET /realtime/v1/websocket",
+            "POST /realtime/v1/broadcast",
+            "GET /readyz",
+            "GET /openapi.json",
+        ):
+            assert endpoint in index["endpoints"]
+        assert not any(endpoint.startswith(("HEAD ", "GET / ")) for endpoint in index["endpoints"])
+
         async with http.post(
             f"{serve.url}/realtime/v1/ws-ticket",
             headers={"Authorization": f"Bearer {recruiter}"},
@@ -237,6 +259,12 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
         assert answer["accepted"] is True and "/" in answer["lsn"]
         message = await _next(ws, lambda m: m["type"] == "broadcast")
         assert (message["event"], message["payload"]) == ("hello", {"n": 1})
+        # A refusal is walcast's own answer, said once, with its status.
+        code, out, err = await _run(
+            "broadcast", "--org", ORG, "--event", "hello", env=env | {"ACCESS_TOKEN": "wrong"}
+        )
+        assert (code, out) == (2, ""), err
+        assert "broadcast refused (401)" in err and "Traceback" not in err
 
         # check against the live setup: slot and publication exist now.
         code, out, err = await _run("check", env=env)
@@ -259,6 +287,11 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
     assert "ws_ticket" not in log_text
     assert "slot=walcast" in log_text and "public.applications" in log_text
     assert f":{port}" in log_text
+    # serve sets up once before it opens its port, then streams: one set-up to report.
+    assert log_text.count("replication set up") == 1, log_text
+    endpoints_line = next(line for line in serve.lines if "endpoints:" in line)
+    assert "POST /realtime/v1/ws-ticket" in endpoints_line
+    assert "GET /realtime/v1/websocket" in endpoints_line
     print(f"serve ready after {ready_after:.2f}s; SIGTERM to exit {stopped_after:.2f}s")
 
 
@@ -412,6 +445,32 @@ def test_broadcast_without_a_server_and_bad_payload() -> None:
         walcast("broadcast", "--org", "o", "--event", "e", "--payload", "{nope", env=env),
         "--payload is not valid JSON",
     )
+
+
+def _help(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*args, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+COMMANDS = ("serve", "demo", "migrate", "check", "ticket", "broadcast")
+
+
+def test_help_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    top = _help(capsys)
+    assert not UNEXPLAINED.search(top), top
+    for name in ("DATABASE_URL", "ACCESS_TOKEN", "WALCAST_CONFIG", "WALCAST_PORT", "REDIS_URL"):
+        assert name in top
+    for command in COMMANDS:
+        assert command in top
+        text = _help(capsys, command)
+        assert not UNEXPLAINED.search(text), text
+        # Every option says what it is for: a bare `--org ORG` is followed by another option.
+        lines = text.split("options:", 1)[1].splitlines()
+        for line, after in zip(lines, [*lines[1:], ""], strict=True):
+            if re.fullmatch(r"  -\S+(?:,? \S+)*", line):  # the flag alone: help on the next line
+                assert re.match(r" {8,}\S", after), f"{command}: {line.strip()} has no help"
 
 
 def test_console_script_is_installed() -> None:

@@ -1,5 +1,6 @@
 """walcast.client against a real walcast: events, restarts with a fresh ticket and `since`,
-resync, permanent refusals, and `Realtime.broadcast`."""
+resync, permanent refusals, and `Realtime.broadcast` (the one broadcast client: refused,
+unreachable)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from gateway.config import parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import verify_ticket
-from tests.fix_gateway import ACCESS_TOKEN, TEST_CONFIG, Gateway, _toml, start_gateway
+from tests.fix_gateway import ACCESS_TOKEN, TEST_CONFIG, Gateway, _toml, free_port, start_gateway
 from walcast import mint_ticket
 from walcast.app import make_app
 from walcast.client import (
@@ -22,6 +24,9 @@ from walcast.client import (
     BroadcastError,
     Realtime,
     RealtimeClient,
+    RealtimeError,
+    UnreachableError,
+    broadcast_body,
 )
 
 pytestmark = pytest.mark.integration
@@ -277,3 +282,38 @@ def test_mint_ticket_is_exported_from_walcast() -> None:
     ticket = mint_ticket(ACCESS_TOKEN, user_id="u", organization_id="o", roles=["a"])
     claims = verify_ticket(ticket, [ACCESS_TOKEN], now=time.time())
     assert (claims.user_id, claims.organization_id, claims.roles) == ("u", "o", frozenset({"a"}))
+
+
+async def test_realtime_says_when_walcast_cannot_be_reached() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    async with Realtime(url, ACCESS_TOKEN) as realtime:
+        with pytest.raises(UnreachableError) as unreachable:
+            await realtime.broadcast(ORG, "hello")
+    assert isinstance(unreachable.value, RealtimeError)
+    assert str(unreachable.value).startswith(f"cannot reach walcast at {url} (")
+
+
+async def test_a_refusal_that_is_not_json_keeps_its_status_and_text() -> None:
+    """A proxy in front of walcast may answer in HTML; the error still says what came back."""
+
+    async def bad_gateway(request: web.Request) -> web.Response:
+        return web.Response(status=502, text="<html>" + "x" * 1000 + "</html>")
+
+    app = web.Application()
+    app.router.add_post("/realtime/v1/broadcast", bad_gateway)
+    async with TestServer(app) as server, Realtime(str(server.make_url("/")), "t") as realtime:
+        with pytest.raises(BroadcastError) as refused:
+            await realtime.post(broadcast_body(ORG, "hello", target_roles=["a"]))
+    assert refused.value.status == 502
+    assert refused.value.body.startswith("<html>") and len(refused.value.body) == 200
+
+
+def test_broadcast_body_leaves_unset_targets_out() -> None:
+    assert broadcast_body("o", "e") == {"organizationId": "o", "event": "e", "payload": {}}
+    assert broadcast_body("o", "e", {"n": 1}, ["a"], "u") == {
+        "organizationId": "o",
+        "event": "e",
+        "payload": {"n": 1},
+        "targetRoles": ["a"],
+        "targetUserId": "u",
+    }

@@ -1,6 +1,7 @@
 """`walcast demo`: the embedded PostgreSQL, the demo writer, and the command end to end as a
 subprocess (page at `/`, demo events on a WebSocket with each user's masks, the demo broadcast
-endpoint, SIGINT stops it and deletes its temporary data).
+endpoint, a quiet terminal unless `--access-log`, SIGINT stops it and deletes its temporary
+data), and the live page in a real browser.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import aiohttp
 import psycopg
 import pytest
 
+import migrations
 from tests.browser.cdp import CHROMIUM, Chromium, Page
 from tests.fix_gateway import Socket, free_port
-from walcast.cli import apply_migrations
 from walcast.demo import DemoWriter, load_demo_config, seed_demo
 from walcast.embedded import (
     INSTALL_HINT,
@@ -155,7 +156,7 @@ def test_demo_without_postgres_exits_2_with_the_hint(tmp_path: Path) -> None:
 
 
 async def test_writer_covers_every_kind_of_change(database_url: str) -> None:
-    apply_migrations(database_url, demo=True)
+    migrations.apply(database_url, demo=True)
     org = seed_demo(database_url)
     assert {user.roles for user in org.users} == {"owner", "recruiter", "hiring-manager"}
     broadcasts: list[dict[str, Any]] = []
@@ -238,7 +239,9 @@ class Demo:
 
 
 @pytest.fixture
-async def demo(tmpdir_for_postgres: Path) -> AsyncIterator[Demo]:
+async def demo(request: pytest.FixtureRequest, tmpdir_for_postgres: Path) -> AsyncIterator[Demo]:
+    """`walcast demo` as a subprocess; extra flags through indirect parametrization."""
+    extra: tuple[str, ...] = getattr(request, "param", ())
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -251,6 +254,7 @@ async def demo(tmpdir_for_postgres: Path) -> AsyncIterator[Demo]:
         str(port),
         "--interval",
         "0.1",
+        *extra,
         env=_demo_env(tmpdir_for_postgres),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -343,8 +347,16 @@ async def test_demo_serves_the_page_and_masked_events(demo: Demo) -> None:
             assert message["new"]["userId"] == users["hiring-manager"]["id"]
     assert not any(m.get("table") == "notifications" for m in owner.events())
 
+    # All those requests, and the terminal shows none of them: no access log by default.
+    assert _access_lines(demo) == [], demo.stderr
+
+
+def _access_lines(demo: Demo) -> list[str]:
+    return [line for line in demo.stderr if "walcast.access" in line]
+
 
 @needs_binaries
+@pytest.mark.parametrize("demo", [("--access-log",)], indirect=True)
 async def test_sigint_stops_the_demo_and_deletes_its_data(demo: Demo) -> None:
     listing = await demo.users()
     sock = await demo.connect(listing["users"][0], listing["organization"]["id"])
@@ -358,6 +370,10 @@ async def test_sigint_stops_the_demo_and_deletes_its_data(demo: Demo) -> None:
     with pytest.raises(aiohttp.ClientConnectionError):
         async with demo.http.get(demo.url):
             pass
+    # --access-log brings the request lines back (path only, never the ticket).
+    logged = "".join(_access_lines(demo))
+    assert "GET /demo/api/users 200" in logged and "GET /realtime/v1/websocket 101" in logged
+    assert "ws_ticket" not in logged
 
 
 # -- the live page, in a real browser ------------------------------------------------------------
@@ -393,6 +409,17 @@ _SSN_CELL = """[...document.querySelectorAll('.ev-insert')].some((item) =>
 
 _STATUS = "$('status').dataset.state === 'live' && $('status-text').textContent"
 
+#: A JS expression: a masked email is on the page (long enough to wrap in a narrow column).
+_MASKED_EMAIL = """[...document.querySelectorAll('dt')].some((dt) => dt.textContent === 'email'
+    && dt.nextElementSibling.querySelector('.value.masked'))"""
+
+#: A JS expression: every MASKED/RAW badge sits whole beside its value's first line.
+_BADGES_BESIDE = """[...document.querySelectorAll('.value .lock')].every((lock) => {
+    const rects = lock.getClientRects();
+    const value = lock.parentElement.getBoundingClientRect();
+    return rects.length === 1 && rects[0].top - value.top < rects[0].height;
+})"""
+
 
 async def _until(page: Page, condition: str, timeout: float = 20.0) -> Any:
     """Resolve when the JS expression `condition` is truthy, re-checked on every DOM change."""
@@ -407,10 +434,13 @@ async def _until(page: Page, condition: str, timeout: float = 20.0) -> Any:
 async def test_live_page_shows_masked_events_and_sends_broadcasts(
     demo: Demo, browser: Chromium
 ) -> None:
-    page = await browser.new_page()
+    # 1100 px: four field columns per event, so a masked email fills its column and wraps.
+    page = await browser.new_page(width=1100)
     await page.navigate(f"{demo.url}#u_harper")
     assert await _until(page, _STATUS) == "live as Harper Hale (hiring-manager)"
     assert await _until(page, _SSN_CELL % ("masked", r"/^\*{5}\d{4}/"))
+    await _until(page, _MASKED_EMAIL)
+    assert await page.evaluate(_BADGES_BESIDE), "a MASKED/RAW badge wrapped below its value"
 
     await page.evaluate(
         """(() => {

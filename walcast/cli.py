@@ -1,6 +1,6 @@
-"""The `walcast` command: serve, demo, migrate, check, ticket, broadcast (spec §9).
+"""The `walcast` command: serve, demo, migrate, check, ticket, broadcast.
 
-Each subcommand reads the environment of spec §9 (`DATABASE_URL`, `ACCESS_TOKEN`,
+Each subcommand reads its settings from the environment (`DATABASE_URL`, `ACCESS_TOKEN`,
 `WALCAST_CONFIG`, ...) and takes flags that override it. Common mistakes end with a one-line
 explanation of how to fix them and exit status 2, never a traceback.
 """
@@ -9,31 +9,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
-import gc
 import logging
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 import psycopg
-from aiohttp import web
 from psycopg.conninfo import conninfo_to_dict
 
 from cdc import catalog
 from cdc.errors import ReplicationError
 from gateway.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
+from migrations import apply as apply_migrations
 from walcast.logs import setup_logging
+from walcast.serve import UsageError, add_index, endpoints, run_until_stopped
 
 __all__ = ["main"]
 
 log = logging.getLogger("walcast")
-
-
-class UsageError(Exception):
-    """A mistake the user can fix; printed without a traceback."""
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -79,9 +73,8 @@ async def serve(
     *,
     cdc: bool,
     gateway: bool,
-    static_dir: Any = None,
-    banner: str | None = None,
 ) -> None:
+    """The `walcast serve` command: check the database, then run until SIGTERM or SIGINT."""
     from walcast.app import make_app
     from walcast.pipeline import DropSink, Pipeline
 
@@ -108,11 +101,12 @@ async def serve(
         raise UsageError(str(exc)) from None
 
     if gateway:
-        app = make_app(settings, config, run_pipeline=cdc, static_dir=static_dir)
+        app = make_app(settings, config, run_pipeline=cdc)
     else:
         from walcast.bus import make_reader_app
 
         app = make_reader_app(settings, config)
+    add_index(app)
 
     async def started(url: str, stop: asyncio.Event) -> None:
         log.info(
@@ -121,62 +115,9 @@ async def serve(
             settings.slot,
             settings.publication,
         )
-        if banner:
-            print(banner.format(url=url), flush=True)
+        log.info("endpoints: %s (GET / lists them)", ", ".join(endpoints(app)))
 
     await run_until_stopped(app, settings.host, settings.port, started)
-
-
-async def run_until_stopped(
-    app: web.Application,
-    host: str,
-    port: int,
-    started: Callable[[str, asyncio.Event], Awaitable[None]],
-    *,
-    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
-) -> None:
-    """Serve `app` until one of `signals`, then shut down gracefully (sockets closed with 1001).
-
-    `started(url, stop)` runs once the port is bound (`url` has the real port when `port` is 0).
-    """
-    from gateway.server import ConnectionGuard
-
-    guard = ConnectionGuard.for_app(app)  # timeouts, per-address cap, fd exhaustion
-    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=5.0, **guard.handler_args)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
-    await runner.setup()
-    try:
-        try:
-            await guard.site(runner, host, port).start()
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise UsageError(
-                    f"port {port} on {host} is in use: pass --port or set WALCAST_PORT"
-                ) from None
-            raise
-        freeze_startup_objects()
-        bound = runner.addresses[0][1] if port == 0 else port
-        url_host = f"[{host}]" if ":" in host else host
-        await started(f"http://{url_host}:{bound}", stop)
-        if not stop.is_set():
-            await stop.wait()
-        log.info("shutting down: closing sockets with 1001")
-    finally:
-        await runner.cleanup()
-
-
-def freeze_startup_objects() -> None:
-    """Take what start-up made (modules, config, the app) out of the cyclic collector's sight.
-
-    Those objects live as long as the process, yet each full collection would walk them all:
-    a pause of tens of ms in the middle of fan-out (docs/benchmarks.md §3). Frozen, they are
-    still freed by reference counting; only cycles among them would stay.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def _check_redis_url(url: str) -> None:
@@ -195,16 +136,6 @@ def _metrics() -> Any:
 
 
 # -- migrate / check -------------------------------------------------------------------------
-
-
-def apply_migrations(dsn: str, *, demo: bool = False) -> list[str]:
-    import migrations
-
-    names = migrations.schema_scripts() + ([migrations.DEMO_SCRIPT] if demo else [])
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for name in names:
-            conn.execute(migrations.read_script(name).encode())
-    return names
 
 
 async def check(settings: Settings, config: RealtimeConfig) -> list[str]:
@@ -283,83 +214,152 @@ async def broadcast(
     roles: list[str] | None,
     user: str | None,
 ) -> dict[str, Any]:
-    import aiohttp
+    """The `walcast broadcast` command: walcast's answer, or a `UsageError` saying what failed."""
+    from walcast.client import BroadcastError, Realtime, UnreachableError, broadcast_body
 
-    body: dict[str, Any] = {"organizationId": org, "event": event, "payload": payload}
-    if roles:
-        body["targetRoles"] = roles
-    if user:
-        body["targetUserId"] = user
-    secret = settings.signing_secret
+    body = broadcast_body(org, event, payload, roles or None, user)
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            async with session.post(
-                f"{url.rstrip('/')}/realtime/v1/broadcast",
-                data=orjson.dumps(body),
-                headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
-            ) as response:
-                try:
-                    answer: dict[str, Any] = await response.json(content_type=None)
-                except ValueError:
-                    answer = {"error": (await response.text())[:200]}
-                if response.status != 202:
-                    raise UsageError(f"broadcast refused ({response.status}): {answer}")
-                return answer
-    except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+        async with Realtime(url, settings.signing_secret) as realtime:
+            return await realtime.post(body)
+    except BroadcastError as exc:
+        raise UsageError(str(exc)) from None
+    except UnreachableError as exc:
         raise UsageError(
-            f"cannot reach walcast at {url} ({type(exc).__name__}):"
-            " is `walcast serve` running there? pass --url or set WALCAST_HOST/WALCAST_PORT"
+            f"{exc}: is `walcast serve` running there? pass --url or set WALCAST_HOST/WALCAST_PORT"
         ) from None
 
 
 # -- argument parsing --------------------------------------------------------------------------
 
 
+DESCRIPTION = """\
+walcast streams PostgreSQL changes to WebSocket clients: each user receives only the rows
+their organization and roles allow, with sensitive columns masked, and applications can push
+custom events to the same sockets."""
+
+ENVIRONMENT = """\
+environment (flags override it):
+  DATABASE_URL         PostgreSQL connection string; the server needs wal_level=logical
+  ACCESS_TOKEN         secret that signs tickets and guards the broadcast API (several,
+                       comma-separated, to rotate: the first signs, any is accepted)
+  WALCAST_CONFIG       realtime config (TOML): which tables, who sees them, what is masked
+  WALCAST_HOST         listen address (default 127.0.0.1)
+  WALCAST_PORT         listen port (default 4000)
+  WALCAST_SLOT         replication slot (default walcast)
+  WALCAST_PUBLICATION  publication (default walcast)
+  REDIS_URL            Redis, to run the reader and several gateway nodes apart
+
+for a first look, run `walcast demo`: it starts a throwaway PostgreSQL of its own."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="walcast", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO")
-    parser.add_argument("--log-format", choices=("json", "text"), default="json")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="walcast",
+        description=DESCRIPTION,
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default="json",
+        help="one JSON object per line (default), or plain text for reading",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--database-url", help="PostgreSQL (env DATABASE_URL)")
-        p.add_argument("--config", help="realtime config TOML (env WALCAST_CONFIG)")
+        p.add_argument("--database-url", help="PostgreSQL connection string (env DATABASE_URL)")
+        p.add_argument("--config", help="realtime config file, TOML (env WALCAST_CONFIG)")
         p.add_argument("--slot", help="replication slot (env WALCAST_SLOT, default walcast)")
-        p.add_argument("--publication", help="publication (env WALCAST_PUBLICATION)")
+        p.add_argument(
+            "--publication", help="publication (env WALCAST_PUBLICATION, default walcast)"
+        )
 
-    p = sub.add_parser("serve", help="run the CDC reader and the gateway")
+    p = command(
+        "serve",
+        "run the change reader and the WebSocket gateway",
+        "Check the database, create the publication and the replication slot if missing, then"
+        " read changes and serve them over WebSocket until SIGTERM or Ctrl-C. GET / lists the"
+        " endpoints.",
+    )
     common(p)
     p.add_argument("--host", help="listen address (env WALCAST_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (env WALCAST_PORT, default 4000)")
-    p.add_argument("--redis-url", help="Redis for the multi-node bus (env REDIS_URL)")
-    p.add_argument("--no-cdc", action="store_true", help="gateway node only (Redis bus)")
-    p.add_argument("--no-gateway", action="store_true", help="reader only (Redis bus)")
+    p.add_argument("--redis-url", help="Redis for running several nodes (env REDIS_URL)")
+    p.add_argument(
+        "--no-cdc", action="store_true", help="gateway only; events come from Redis (REDIS_URL)"
+    )
+    p.add_argument(
+        "--no-gateway",
+        action="store_true",
+        help="change reader only; events go to Redis (REDIS_URL)",
+    )
 
-    p = sub.add_parser("demo", help="one-command demo on an embedded PostgreSQL")
+    p = command(
+        "demo",
+        "try walcast on a throwaway database, with a live page",
+        "Start a temporary PostgreSQL (or use --database-url), fill it with a small recruiting"
+        " app whose rows change every --interval seconds, and open a page where you watch the"
+        " events as each demo user sees them. Ctrl-C stops it and deletes the temporary data.",
+    )
     p.add_argument("--host", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (default 4000)")
-    p.add_argument("--database-url", help="use this PostgreSQL instead of an embedded one")
+    p.add_argument("--database-url", help="use this PostgreSQL instead of a temporary one")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between demo writes")
+    p.add_argument(
+        "--access-log", action="store_true", help="log every HTTP request (off by default)"
+    )
 
-    p = sub.add_parser("migrate", help="create the session store tables if missing")
-    p.add_argument("--database-url")
-    p.add_argument("--demo", action="store_true", help="also create the demo schema")
+    p = command(
+        "migrate",
+        "create the session tables walcast reads, if missing",
+        "Create the Better Auth tables (user, organization, member, session) that tickets are"
+        " checked against, where they do not exist yet. Safe to run again.",
+    )
+    p.add_argument("--database-url", help="PostgreSQL connection string (env DATABASE_URL)")
+    p.add_argument("--demo", action="store_true", help="also create the demo app's tables")
 
-    p = sub.add_parser("check", help="check the config against the database")
+    p = command(
+        "check",
+        "check the realtime config against the database",
+        "Report wal_level, the configured tables, their replica identity, the publication and"
+        " the slot, without changing anything. Exit status 1 if a problem was found.",
+    )
     common(p)
 
-    p = sub.add_parser("ticket", help="mint a WebSocket ticket (debugging)")
-    p.add_argument("--user", required=True)
-    p.add_argument("--org", required=True)
-    p.add_argument("--roles", default="")
+    p = command(
+        "ticket",
+        "mint a WebSocket ticket, for debugging",
+        "Print a ticket (valid 60 s, usable once) for connecting to"
+        " /realtime/v1/websocket as the given user, signed with ACCESS_TOKEN.",
+    )
+    p.add_argument("--user", required=True, help="the user id the ticket is for")
+    p.add_argument("--org", required=True, help="the organization id the ticket is for")
+    p.add_argument("--roles", default="", help="comma-separated roles, e.g. owner,recruiter")
 
-    p = sub.add_parser("broadcast", help="send a custom event through a running walcast")
-    p.add_argument("--org", required=True)
-    p.add_argument("--event", required=True)
-    p.add_argument("--payload", default="{}", help="JSON")
-    p.add_argument("--roles", default="", help="comma-separated targetRoles")
-    p.add_argument("--user", help="targetUserId")
-    p.add_argument("--url", help="walcast base URL (default from WALCAST_HOST/WALCAST_PORT)")
+    p = command(
+        "broadcast",
+        "send a custom event through a running walcast",
+        "Send a custom event to an organization's sockets through the broadcast API of a"
+        " running walcast, authenticated with ACCESS_TOKEN. Prints the answer, with the"
+        " event's position in the WAL.",
+    )
+    p.add_argument("--org", required=True, help="the organization id to send to")
+    p.add_argument(
+        "--event", required=True, help="event name, e.g. announcement or screening:started"
+    )
+    p.add_argument("--payload", default="{}", help="the event's payload, JSON (default {})")
+    p.add_argument(
+        "--roles", default="", help="only members with one of these roles (comma-separated)"
+    )
+    p.add_argument("--user", help="only this user id")
+    p.add_argument("--url", help="walcast's base URL (default http://WALCAST_HOST:WALCAST_PORT)")
     return parser
 
 

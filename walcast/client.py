@@ -1,6 +1,7 @@
-"""A Python asyncio client for walcast, for services and scripts (browsers use the seed's snippet).
+"""A Python asyncio client for walcast, for services and scripts (browsers speak the same
+protocol with a few lines of JavaScript: ask for a ticket, open the socket, resume with `since`).
 
-Two halves, matching the two sides of the seed's protocol:
+Two halves, matching the two sides of the protocol:
 
 * `RealtimeClient` subscribes, as a user: it asks `POST /realtime/v1/ws-ticket` for a ticket
   with the user's session token, opens `GET /realtime/v1/websocket?ws_ticket=..&organizationId=..`
@@ -8,9 +9,10 @@ Two halves, matching the two sides of the seed's protocol:
   exponential back-off and full jitter, with a **fresh ticket every time** (tickets live 60 s and
   are single use), and resumes with `since=<last id>` so nothing is lost or repeated.
 * `Realtime` publishes, as the application: `Realtime(REALTIME_URL, ACCESS_TOKEN).broadcast(...)`
-  is the seed's "call the broadcast worker" step, answered once the event is durable in the WAL.
+  sends a custom event through `POST /realtime/v1/broadcast` and returns once the event is
+  durable in the WAL. It is the one broadcast client: `walcast broadcast` and the demo use it.
 
-Resume rules the client follows (spec §3):
+Resume rules the client follows:
 
 * the cursor to resume from is the `id` of the last `postgres_changes`/`broadcast` message
   handled, or the `cursor` of the last `ready`, whichever is later (after `ready`, every event
@@ -43,6 +45,7 @@ import aiohttp
 import orjson
 
 from cdc.backoff import full_jitter
+from cdc.errors import WalcastError
 from gateway.config import split_secrets
 from gateway.protocol import CloseCode
 from gateway.tickets import mint_ticket
@@ -54,6 +57,8 @@ __all__ = [
     "Realtime",
     "RealtimeClient",
     "RealtimeError",
+    "UnreachableError",
+    "broadcast_body",
     "mint_ticket",
 ]
 
@@ -68,10 +73,11 @@ BROADCAST_PATH = "/realtime/v1/broadcast"
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=10)
 #: Bounds a whole ticket or broadcast request.
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
-#: The server closed the socket because the user's access changed (spec §6).
+#: Longest part of a non-JSON error answer kept in a `BroadcastError`.
+MAX_ERROR_TEXT = 200
 
 
-class RealtimeError(Exception):
+class RealtimeError(WalcastError):
     """Base class of the client's errors."""
 
 
@@ -85,12 +91,26 @@ class AuthenticationError(RealtimeError):
 
 
 class BroadcastError(RealtimeError):
-    """`POST /realtime/v1/broadcast` did not answer 202."""
+    """`POST /realtime/v1/broadcast` did not answer 202.
+
+    Attributes:
+        status: the HTTP status walcast answered with.
+        body: its JSON answer (usually `{"error": ..., "detail": ...}`), or the start of the
+            text when the answer was not JSON.
+    """
 
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(f"broadcast refused ({status}): {body}")
         self.status = status
         self.body = body
+
+
+class UnreachableError(RealtimeError):
+    """walcast could not be reached, or the connection failed before its answer was read."""
+
+    def __init__(self, url: str, cause: BaseException) -> None:
+        super().__init__(f"cannot reach walcast at {url} ({type(cause).__name__})")
+        self.url = url
 
 
 class _Transient(Exception):
@@ -356,8 +376,31 @@ class RealtimeClient:
             self._cursor = cursor
 
 
+def broadcast_body(
+    organization_id: str,
+    event: str,
+    payload: Any = None,
+    target_roles: list[str] | None = None,
+    target_user_id: str | None = None,
+) -> dict[str, Any]:
+    """The JSON body of `POST /realtime/v1/broadcast`; unset targets are left out."""
+    body: dict[str, Any] = {
+        "organizationId": organization_id,
+        "event": event,
+        "payload": {} if payload is None else payload,
+    }
+    if target_roles is not None:
+        body["targetRoles"] = list(target_roles)
+    if target_user_id is not None:
+        body["targetUserId"] = target_user_id
+    return body
+
+
 class Realtime:
-    """The application's side: push custom events (the seed's `REALTIME_URL` + `ACCESS_TOKEN`).
+    """The application's side: push custom events with `REALTIME_URL` and `ACCESS_TOKEN`.
+
+    Every failure is a `RealtimeError`: `BroadcastError` when walcast answered but refused,
+    `UnreachableError` when it could not be reached.
 
     Args:
         url: walcast's base URL (`REALTIME_URL`).
@@ -413,31 +456,37 @@ class Realtime:
         Raises:
             BroadcastError: walcast answered anything but 202 (wrong token, undeclared
                 namespace event, payload too large, ...).
+            UnreachableError: walcast could not be reached.
         """
-        body: dict[str, Any] = {
-            "organizationId": organization_id,
-            "event": event,
-            "payload": {} if payload is None else payload,
-        }
-        if target_roles is not None:
-            body["targetRoles"] = list(target_roles)
-        if target_user_id is not None:
-            body["targetUserId"] = target_user_id
+        body = broadcast_body(organization_id, event, payload, target_roles, target_user_id)
+        return str((await self.post(body))["lsn"])
+
+    async def post(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST `body` (see `broadcast_body`) to the broadcast API; returns the 202 answer,
+        `{"accepted": true, "lsn": "0/16B3748"}`.
+
+        Raises:
+            BroadcastError: any other answer.
+            UnreachableError: walcast could not be reached.
+        """
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
-        async with self._session.post(
-            self.url + BROADCAST_PATH,
-            data=orjson.dumps(body),
-            timeout=REQUEST_TIMEOUT,
-            headers={
-                "Authorization": f"Bearer {self._secret}",
-                "Content-Type": "application/json",
-            },
-        ) as response:
-            try:
-                answer = await response.json(content_type=None)
-            except ValueError:
-                answer = None
-            if response.status != 202 or not isinstance(answer, dict):
-                raise BroadcastError(response.status, answer)
-            return str(answer["lsn"])
+        try:
+            async with self._session.post(
+                self.url + BROADCAST_PATH,
+                data=orjson.dumps(body),
+                timeout=REQUEST_TIMEOUT,
+                headers={
+                    "Authorization": f"Bearer {self._secret}",
+                    "Content-Type": "application/json",
+                },
+            ) as response:
+                try:
+                    answer = await response.json(content_type=None)
+                except ValueError:
+                    answer = (await response.text(errors="replace"))[:MAX_ERROR_TEXT]
+                if response.status != 202 or not isinstance(answer, dict):
+                    raise BroadcastError(response.status, answer)
+                return answer
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UnreachableError(self.url, exc) from None

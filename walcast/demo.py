@@ -1,13 +1,17 @@
-"""`walcast demo`: the one-command first run (spec §9).
+"""`walcast demo`: the one-command first run.
 
 With no `DATABASE_URL` (or `--database-url`), it starts an embedded PostgreSQL
-(`walcast.embedded`), applies the migrations and the demo schema (a small recruiting app like the
-seed system's), creates one organization with three users (owner, recruiter, hiring manager) and
-their Better Auth sessions, and runs walcast with the demo realtime config
-(`walcast/demo_config.toml`) and a random `ACCESS_TOKEN`. A background writer commits demo rows
-every `--interval` seconds and, like an application would, pushes `screening:*` broadcasts
-through the broadcast API. The live page at `/` (gateway/static) lets you pick a user, watch the
-events arrive with that user's roles and masks, and fire a broadcast of your own.
+(`walcast.embedded`), applies the migrations and the demo schema (a small recruiting app:
+candidates, applications, notifications), creates one organization with three users (owner,
+recruiter, hiring manager) and their Better Auth sessions, and runs walcast with the demo
+realtime config (`walcast/demo_config.toml`) and a random `ACCESS_TOKEN`. A background writer
+commits demo rows every `--interval` seconds and, like an application would, pushes
+`screening:*` broadcasts through the broadcast API (`walcast.client.Realtime`). The live page at
+`/` (gateway/static) lets you pick a user, watch the events arrive with that user's roles and
+masks, and fire a broadcast of your own.
+
+The terminal shows what matters to a first run (the URL, warnings); the per-request access log
+is off unless `--access-log` is given.
 
 Two demo-only endpoints back the page; nothing but `walcast demo` mounts them:
 
@@ -40,17 +44,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import aiohttp
 import orjson
 import psycopg
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+import migrations
+from gateway.accesslog import ACCESS_LOGGER
 from gateway.config import RealtimeConfig, Settings, parse_realtime_config
 from gateway.state import STATE
 from walcast.app import make_app
-from walcast.cli import UsageError, apply_migrations, run_until_stopped
+from walcast.client import BroadcastError, Realtime, RealtimeError, UnreachableError
 from walcast.embedded import EmbeddedPostgres, EmbeddedUnavailable, start_embedded
+from walcast.serve import UsageError, run_until_stopped
 
 __all__ = ["DEMO_SLOT", "DemoOrg", "DemoUser", "DemoWriter", "load_demo_config", "run_demo"]
 
@@ -273,19 +279,31 @@ class DemoWriter:
 class DemoState:
     org: DemoOrg
     interval: float
+    access_token: str  #: stays server-side: the page never sees it
     url: str = ""
     #: Set once the site listens (the writer's broadcasts go through the public API).
     listening: asyncio.Event = field(default_factory=asyncio.Event)
-    http: aiohttp.ClientSession | None = None
+    realtime: Realtime | None = None
 
-    async def broadcast(self, access_token: str, body: dict[str, Any]) -> tuple[int, Any]:
-        assert self.http is not None
-        async with self.http.post(
-            f"{self.url}realtime/v1/broadcast",
-            data=orjson.dumps({"organizationId": self.org.id, **body}),
-            headers={"Authorization": f"Bearer {access_token}"},
-        ) as response:
-            return response.status, await response.json(content_type=None)
+    def listen(self, url: str) -> None:
+        """The site listens at `url`: broadcasts may go through its public API from now on."""
+        self.url = url
+        self.realtime = Realtime(url, self.access_token)
+        self.listening.set()
+
+    async def broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Send `body` (event, payload, targets) to the demo organization; walcast's answer.
+
+        Raises:
+            RealtimeError: refused (`BroadcastError`) or not reached (`UnreachableError`).
+        """
+        await self.listening.wait()
+        assert self.realtime is not None
+        return await self.realtime.post({"organizationId": self.org.id, **body})
+
+    async def close(self) -> None:
+        if self.realtime is not None:
+            await self.realtime.close()
 
 
 DEMO = web.AppKey("walcast_demo", DemoState)
@@ -354,17 +372,18 @@ async def demo_broadcast(request: web.Request) -> web.Response:
     except ValidationError as exc:
         detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         return web.json_response({"error": "invalid body", "detail": detail}, status=400)
-    state = request.app[STATE]
-    status, answer = await request.app[DEMO].broadcast(
-        state.settings.signing_secret, ask.model_dump(exclude_none=True)
-    )
-    return web.json_response(answer, status=status)
+    try:
+        answer = await request.app[DEMO].broadcast(ask.model_dump(exclude_none=True))
+    except BroadcastError as exc:  # the real API's refusal, relayed as it is
+        return web.json_response(exc.body, status=exc.status)
+    except UnreachableError as exc:
+        return web.json_response({"error": "bad gateway", "detail": str(exc)}, status=502)
+    return web.json_response(answer, status=202)
 
 
 async def _demo_context(app: web.Application) -> AsyncIterator[None]:
-    """Owns the demo's HTTP client and the writer task (cancelled, then awaited, on shutdown)."""
+    """Owns the demo's broadcast client and the writer task (cancelled, then awaited)."""
     demo = app[DEMO]
-    demo.http = aiohttp.ClientSession()
     writer = asyncio.create_task(_write_forever(app), name="walcast-demo-writer")
     try:
         yield
@@ -372,19 +391,19 @@ async def _demo_context(app: web.Application) -> AsyncIterator[None]:
         writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await writer
-        await demo.http.close()
+        await demo.close()
 
 
 async def _write_forever(app: web.Application) -> None:
     demo, state = app[DEMO], app[STATE]
-    secret = state.settings.signing_secret
     dsn = state.settings.database_url
     assert dsn is not None
 
     async def broadcast(body: dict[str, Any]) -> None:
-        status, _ = await demo.broadcast(secret, body)
-        if status != 202:
-            log.warning("demo broadcast refused with status %d", status)
+        try:
+            await demo.broadcast(body)
+        except RealtimeError as exc:
+            log.warning("demo broadcast failed: %s", exc)
 
     writer = DemoWriter(demo.org, broadcast)
     await demo.listening.wait()
@@ -396,7 +415,7 @@ async def _write_forever(app: web.Application) -> None:
                     action = await writer.step(conn)
                     log.debug("demo write: %s", action)
                     await asyncio.sleep(demo.interval)  # pacing, not synchronization
-        except (psycopg.Error, aiohttp.ClientError, OSError) as exc:
+        except (psycopg.Error, OSError) as exc:
             log.warning("demo writer: %s; retrying", type(exc).__name__)
             await asyncio.sleep(max(demo.interval, 1.0))
 
@@ -427,13 +446,12 @@ async def _serve(
     settings: Settings, config: RealtimeConfig, org: DemoOrg, interval: float, *, embedded: bool
 ) -> None:
     app = make_app(settings, config, static_dir=static_dir())
-    app[DEMO] = demo = DemoState(org, interval)
+    app[DEMO] = demo = DemoState(org, interval, settings.signing_secret)
     app.add_routes(routes)
     app.cleanup_ctx.append(_demo_context)
 
     async def started(url: str, stop: asyncio.Event) -> None:
-        demo.url = _page_url(settings.host, int(url.rsplit(":", 1)[1]))
-        demo.listening.set()
+        demo.listen(_page_url(settings.host, int(url.rsplit(":", 1)[1])))
         await _until_ready(app, stop)
         if stop.is_set():
             return
@@ -491,7 +509,7 @@ def run_demo(args: argparse.Namespace) -> None:
             dsn = embedded.dsn
         else:
             log.info("demo: using the PostgreSQL from DATABASE_URL/--database-url")
-        apply_migrations(dsn, demo=True)
+        migrations.apply(dsn, demo=True)
         org = seed_demo(dsn)
         settings = Settings(
             database_url=dsn,
@@ -502,6 +520,8 @@ def run_demo(args: argparse.Namespace) -> None:
             publication=DEMO_SLOT,
         )
         config = load_demo_config()
+        if not args.access_log:  # one line per request drowns the demo's own messages
+            ACCESS_LOGGER.setLevel(logging.WARNING)
         asyncio.run(_serve(settings, config, org, args.interval, embedded=embedded is not None))
     finally:
         # A second Ctrl-C must not interrupt the clean-up and leave the data directory behind.

@@ -35,6 +35,8 @@ from types import TracebackType
 
 import psycopg
 
+from cdc.errors import WalcastError
+
 __all__ = [
     "EmbeddedPostgres",
     "EmbeddedUnavailable",
@@ -73,7 +75,7 @@ _TOOLS = ("initdb", "pg_ctl")
 OWNER_FILE = "walcast.pid"
 
 
-class EmbeddedUnavailable(RuntimeError):
+class EmbeddedUnavailable(WalcastError, RuntimeError):
     """No usable PostgreSQL binaries, or they could not start a cluster; the message says why."""
 
 

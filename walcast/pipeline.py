@@ -107,6 +107,8 @@ class Pipeline:
         self.router = Router(config)
         self.reader: ReplicationReader | None = None
         self.retention: RetentionWindow | None = None
+        #: The tables the publication covers, once `prepare()` has run.
+        self.tables: tuple[str, ...] = ()
 
     async def prepare(self) -> int:
         """Check and set up the database; returns the slot's confirmed position."""
@@ -146,18 +148,21 @@ class Pipeline:
             )
             status = await catalog.slot_status(conn, settings.slot)
             assert status is not None
-            log.info(
-                "replication set up: slot=%s publication=%s tables=%s",
-                settings.slot,
-                settings.publication,
-                ",".join(watched) or "(none)",
-            )
+            self.tables = tuple(watched)
             return status.confirmed_flush_lsn or 0
 
     async def run(self, start_lsn: int | None = None) -> None:
         """Stream until cancelled; `start_lsn` is `prepare()`'s answer when the caller ran it."""
         if start_lsn is None:
             start_lsn = await self.prepare()
+        # Logged here, not in prepare(): `walcast serve` also prepares once before it opens
+        # its port, to fail fast, and the set-up is one event to the reader of the log.
+        log.info(
+            "replication set up: slot=%s publication=%s tables=%s",
+            self._settings.slot,
+            self._settings.publication,
+            ",".join(self.tables) or "(none)",
+        )
         self.retention = retention = RetentionWindow(
             self._config.historySeconds, start_lsn, self._clock
         )

@@ -1,5 +1,5 @@
 // The live event page of `walcast demo`: pick a demo user, connect as that user with the
-// seed's ticket flow, show every event as it arrives, and fire custom broadcasts.
+// ticket flow (session → ticket → socket), show every event as it arrives, and fire custom broadcasts.
 // Data from the server is only ever inserted as text (textContent), never as HTML.
 "use strict";
 
@@ -99,7 +99,7 @@ async function connect(generation) {
   setStatus("connecting", `connecting as ${user.name}…`);
   let wsTicket;
   try {
-    // Step 1 of the seed's flow: a fresh 60 s ticket for every connection attempt.
+    // Step 1 of the ticket flow: a fresh 60 s ticket for every connection attempt.
     const response = await fetch("/realtime/v1/ws-ticket", {
       method: "POST",
       headers: { Authorization: `Bearer ${user.sessionToken}`, "Content-Type": "application/json" },
