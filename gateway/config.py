@@ -184,6 +184,14 @@ class Settings(BaseModel):
     max_connections_per_org: int = Field(default=10_000, ge=0)
     handshake_rate: float = Field(default=50.0, ge=0)
     handshake_burst: int = Field(default=500, ge=0)
+    #: Token buckets on the HTTP API, 0 disables: `WALCAST_TICKET_RATE` requests per second
+    #: (`WALCAST_TICKET_BURST` saved up) per client address on POST ws-ticket, and
+    #: `WALCAST_BROADCAST_RATE` (`WALCAST_BROADCAST_BURST`) per client address and per access
+    #: token on the broadcast API. Over a limit, the request gets 429 with Retry-After.
+    ticket_rate: float = Field(default=20.0, ge=0)
+    ticket_burst: int = Field(default=200, ge=0)
+    broadcast_rate: float = Field(default=200.0, ge=0)
+    broadcast_burst: int = Field(default=2000, ge=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
 
@@ -217,6 +225,10 @@ class Settings(BaseModel):
             "max_connections_per_org",
             "handshake_rate",
             "handshake_burst",
+            "ticket_rate",
+            "ticket_burst",
+            "broadcast_rate",
+            "broadcast_burst",
         ):
             raw = env.get(f"WALCAST_{key.upper()}")
             if raw:
