@@ -21,6 +21,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.config import Settings
+from gateway.http import target_roles
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, Gateway, add_member, running_gateway
 
@@ -192,34 +194,32 @@ def _upgrade_headers() -> dict[str, str]:
 # -- payload limits ----------------------------------------------------------------------------
 
 
-def _nested(depth: int) -> Any:
-    payload: Any = 1
-    for _ in range(depth):
-        payload = [payload]
-    return payload
+def _nested(depth: int) -> bytes:
+    """A broadcast body whose payload is `depth` arrays deep, written by hand: orjson refuses
+    to write one past 254 levels."""
+    payload = b"[" * depth + b"1" + b"]" * depth
+    return b'{"organizationId": "o", "event": "e", "payload": ' + payload + b"}"
+
+
+async def _post_broadcast(gw: Gateway, body: bytes) -> tuple[int, Any]:
+    async with gw.http.post(f"{gw.url}{BROADCAST_URL}", data=body, headers=AUTH) as response:
+        body = await response.read()
+        assert response.status < 500, (response.status, body[:200])
+        return response.status, orjson.loads(body)
 
 
 async def test_deeply_nested_broadcast_payload_gets_400_naming_the_limit(gw: Gateway) -> None:
-    for depth in (254, 1000):  # 254: past orjson's dump limit; 1000: still parses
-        response = await gw.broadcast(
-            {"organizationId": "o", "event": "e", "payload": _nested(depth)}
-        )
-        assert response.status == 400, depth
-    async with gw.http.post(
-        f"{gw.url}{BROADCAST_URL}",
-        data=orjson.dumps({"organizationId": "o", "event": "e", "payload": _nested(65)}),
-        headers=AUTH,
-    ) as response:
-        assert response.status == 400
-        error = await response.json()
-    assert "64 levels" in str(error["detail"])
-    assert (
-        await gw.broadcast({"organizationId": "o", "event": "e", "payload": _nested(64)})
-    ).status == 202
+    for depth in (254, 1000, 65):  # 254: past orjson's own limit; 1000: still parses
+        status, error = await _post_broadcast(gw, _nested(depth))
+        assert status == 400, (depth, error)
+        assert "payload nests deeper than 64 levels" in str(error["detail"])
+    status, _ = await _post_broadcast(gw, _nested(64))
+    assert status == 202
+    status, error = await _post_broadcast(gw, _nested(2000))  # past orjson's parse limit
+    assert status == 400 and error["error"] == "invalid JSON"
     big = {"organizationId": "o", "event": "e", "payload": "x" * (300 * 1024)}
-    async with gw.http.post(f"{gw.url}{BROADCAST_URL}", json=big, headers=AUTH) as response:
-        assert response.status == 413
-        assert str(256 * 1024) in str((await response.json())["detail"])
+    status, error = await _post_broadcast(gw, orjson.dumps(big))
+    assert status == 413 and str(256 * 1024) in error["detail"]
 
 
 # -- error bodies ------------------------------------------------------------------------------
@@ -268,6 +268,17 @@ async def test_malformed_requests_never_echo_tickets_or_tokens(gw: Gateway) -> N
 # -- targetRoles and a namespace's requiredRoles -----------------------------------------------
 
 
+def test_target_roles_are_bounded_by_the_namespace() -> None:
+    required = ("recruiter", "hiring-manager")
+    assert target_roles("ns", required, None) == required
+    assert target_roles("ns", required, []) == required  # never "every member"
+    assert target_roles("ns", required, ["owner", "recruiter", "recruiter"]) == ("recruiter",)
+    refused = target_roles("ns", required, ["owner"])
+    assert isinstance(refused, str) and "nobody" in refused
+    assert target_roles("", (), []) == ()  # no namespace: no roles means every member
+    assert target_roles("", (), ["owner"]) == ("owner",)
+
+
 def _got(event: str) -> Any:
     return lambda message: message.get("type") == "broadcast" and message.get("event") == event
 
@@ -297,6 +308,22 @@ async def test_empty_target_roles_never_widen_a_namespace(gw: Gateway) -> None:
 
 
 # -- rate limits -------------------------------------------------------------------------------
+
+
+def test_settings_read_the_api_limits_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "WALCAST_TICKET_RATE": "2.5",
+            "WALCAST_TICKET_BURST": "9",
+            "WALCAST_BROADCAST_RATE": "0",
+            "WALCAST_BROADCAST_BURST": "7",
+        }
+    )
+    assert (settings.ticket_rate, settings.ticket_burst) == (2.5, 9)
+    assert (settings.broadcast_rate, settings.broadcast_burst) == (0, 7)
+    defaults = Settings()
+    assert (defaults.ticket_rate, defaults.ticket_burst) == (20.0, 200)
+    assert (defaults.broadcast_rate, defaults.broadcast_burst) == (200.0, 2000)
 
 
 @contextlib.asynccontextmanager

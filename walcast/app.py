@@ -98,7 +98,7 @@ def make_app(
         jti_store=MemoryJtiStore(),
         sessions=sessions,
     )
-    app.add_routes(http.routes)
+    http.install(app)  # its routes, their rate limits, and dependency errors as 503
     app.add_routes(websocket.routes)
     app.add_routes(openapi.routes)
     app[websocket.LIMITS] = websocket.UpgradeLimits(settings)
