@@ -49,7 +49,7 @@ def make_gateway_app(state: GatewayState, *, static_dir: Path | None = None) -> 
     )
     app[STATE] = state
     app[websocket.LIMITS] = websocket.UpgradeLimits(settings)
-    app.add_routes(http.routes)
+    http.install(app)  # its routes, their rate limits, and dependency errors as 503
     app.add_routes(websocket.routes)
     app.add_routes(openapi.routes)
     redact.install()  # aiohttp's parse-error log quotes request lines: ?ws_ticket=...

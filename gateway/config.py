@@ -188,6 +188,14 @@ class Settings(BaseModel):
     idle_timeout_seconds: float = Field(default=10.0, gt=0)
     header_timeout_seconds: float = Field(default=10.0, gt=0)
     keepalive_timeout_seconds: float = Field(default=75.0, gt=0)
+    #: Token buckets on the HTTP API, 0 disables: `WALCAST_TICKET_RATE` requests per second
+    #: (`WALCAST_TICKET_BURST` saved up) per client address on POST ws-ticket, and
+    #: `WALCAST_BROADCAST_RATE` (`WALCAST_BROADCAST_BURST`) per client address and per access
+    #: token on the broadcast API. Over a limit, the request gets 429 with Retry-After.
+    ticket_rate: float = Field(default=20.0, ge=0)
+    ticket_burst: int = Field(default=200, ge=0)
+    broadcast_rate: float = Field(default=200.0, ge=0)
+    broadcast_burst: int = Field(default=2000, ge=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
 
@@ -225,6 +233,10 @@ class Settings(BaseModel):
             "idle_timeout_seconds",
             "header_timeout_seconds",
             "keepalive_timeout_seconds",
+            "ticket_rate",
+            "ticket_burst",
+            "broadcast_rate",
+            "broadcast_burst",
         ):
             raw = env.get(f"WALCAST_{key.upper()}")
             if raw:

@@ -2,34 +2,134 @@
 
 Every body is validated with pydantic; every failure is a JSON `{"error", "detail"}` with a 4xx
 status that says what was wrong. Secrets are compared in constant time and never echoed.
+
+`install(app)` adds the routes, the rate limits of ws-ticket and broadcast (token buckets per
+client address, and per access token for broadcast: 429 with `Retry-After`), and one middleware,
+`unavailable_as_503`: the single place where "a dependency is down" (PostgreSQL, Redis, the
+network to them) becomes 503 with `Retry-After` and a JSON body, for every route, instead of a
+500 and a traceback. Handlers do not catch those errors themselves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import asyncpg
 import orjson
+import redis.exceptions
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdc.lsn import format_lsn, parse_lsn
-from gateway.config import RealtimeConfig
+from gateway.config import RealtimeConfig, Settings
 from gateway.events import BROADCAST_PREFIX
+from gateway.limits import LimitExceeded, RateLimiter
 from gateway.state import STATE, GatewayState
-from gateway.tickets import DEFAULT_TTL, mint_ticket
+from gateway.tickets import DEFAULT_TTL, JtiStoreUnavailableError, mint_ticket
 
-__all__ = ["BroadcastRequest", "error_response", "routes"]
+__all__ = [
+    "API_LIMITS",
+    "MAX_PAYLOAD_DEPTH",
+    "RETRY_AFTER_SECONDS",
+    "ApiLimits",
+    "BroadcastRequest",
+    "error_response",
+    "install",
+    "too_many_requests",
+    "unavailable_as_503",
+]
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
+#: Deepest nesting of arrays and objects accepted in a broadcast payload.
+MAX_PAYLOAD_DEPTH = 64
+#: What a 503 tells the client to wait, in seconds.
+RETRY_AFTER_SECONDS = 5
+
+#: A dependency that is down, by the errors its clients raise, and the name a 503 gives it.
+_UNAVAILABLE: tuple[tuple[tuple[type[BaseException], ...], str], ...] = (
+    (
+        (
+            asyncpg.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up
+            asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
+        ),
+        "PostgreSQL",
+    ),
+    ((redis.exceptions.ConnectionError, redis.exceptions.TimeoutError), "Redis"),
+    ((JtiStoreUnavailableError,), "the ticket store"),
+    ((OSError,), "a service walcast depends on"),  # refused, reset, unreachable, timed out
+)
+_UNAVAILABLE_TYPES = tuple(kind for kinds, _ in _UNAVAILABLE for kind in kinds)
+
 
 def error_response(status: int, error: str, detail: Any = None) -> web.Response:
     return web.json_response({"error": error, "detail": detail}, status=status, dumps=_dumps)
+
+
+def too_many_requests(refused: LimitExceeded) -> web.Response:
+    response = error_response(429, "too many requests", refused.reason)
+    response.headers["Retry-After"] = str(refused.retry_after)
+    return response
+
+
+class ApiLimits:
+    """The token buckets of ws-ticket and broadcast (see gateway.limits); 0 disables one."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.tickets = RateLimiter(settings.ticket_rate, settings.ticket_burst)
+        self.broadcasts = RateLimiter(settings.broadcast_rate, settings.broadcast_burst)
+        self.broadcast_tokens = RateLimiter(
+            settings.broadcast_rate,
+            settings.broadcast_burst,
+            reason="too many broadcasts with this access token",
+        )
+
+
+API_LIMITS = web.AppKey("walcast_api_limits", ApiLimits)
+
+
+def install(app: web.Application) -> None:
+    """Serve the endpoints of this module on `app`, with their limits and error mapping."""
+    app[API_LIMITS] = ApiLimits(app[STATE].settings)
+    app.middlewares.append(unavailable_as_503)
+    app.add_routes(routes)
+
+
+@web.middleware
+async def unavailable_as_503(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A dependency that is down becomes 503 + `Retry-After` + JSON; every 503 gets the header."""
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 503:
+            exc.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+        raise
+    except _UNAVAILABLE_TYPES as exc:
+        if request.writer.output_size:  # an answer (a 101, say) has started: too late for one
+            raise
+        name = next(name for kinds, name in _UNAVAILABLE if isinstance(exc, kinds))
+        log.warning(
+            "%s %s: %s unavailable (%s: %s); answered 503",
+            request.method,
+            request.rel_url.path,  # never the query string: it may hold a ticket
+            name,
+            type(exc).__name__,
+            exc,
+        )
+        response = error_response(503, "unavailable", f"{name} is unavailable; try again later")
+    if response.status == 503 and not response.prepared:
+        response.headers.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+    return response
 
 
 def _dumps(value: Any) -> str:
@@ -49,7 +149,8 @@ async def _json_body(request: web.Request, *, optional: bool = False) -> Any:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise _http(413, "payload too large", "the body exceeds the configured limit") from None
+        limit = f"the body exceeds the limit of {request.client_max_size} bytes"
+        raise _http(413, "payload too large", limit) from None
     if not raw and optional:
         return None
     if not raw.strip():  # present but blank: not JSON, and not "no body" either
@@ -99,6 +200,9 @@ class TicketRequest(BaseModel):
 @routes.post("/realtime/v1/ws-ticket")
 async def ws_ticket(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    refused = request.app[API_LIMITS].tickets.allow(request.remote or "")
+    if refused is not None:  # before any work: a flood of bad tokens costs no query
+        return too_many_requests(refused)
     token = _bearer(request)
     if token is None:
         return error_response(401, "unauthorized", "missing bearer session token")
@@ -147,17 +251,43 @@ class BroadcastRequest(BaseModel):
     targetUserId: str | None = Field(default=None, min_length=1, max_length=256)
     userId: str | None = Field(default=None, min_length=1, max_length=256)
 
+    @field_validator("payload")
+    @classmethod
+    def _not_too_deep(cls, payload: Any) -> Any:
+        if _nests_deeper(payload, MAX_PAYLOAD_DEPTH):
+            raise ValueError(f"payload nests deeper than {MAX_PAYLOAD_DEPTH} levels")
+        return payload
 
-def _authorized_internal(request: web.Request, state: GatewayState) -> bool:
+
+def _nests_deeper(value: Any, limit: int) -> bool:
+    """True if arrays and objects in `value` nest more than `limit` levels (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _access_token(request: web.Request, state: GatewayState) -> str | None:
+    """The presented access token if it is one of the configured secrets, else None."""
     presented = _bearer(request) or request.headers.get("X-Internal-Secret", "")
     if not presented:
-        return False
+        return None
     supplied = presented.encode()
     # Check every secret, without stopping early, so timing says nothing about which matched.
     matched = False
     for secret in state.settings.access_tokens:
         matched |= hmac.compare_digest(supplied, secret.encode())
-    return matched
+    return presented if matched else None
 
 
 def check_namespace(config: RealtimeConfig, event: str) -> tuple[str, ...] | str:
@@ -173,12 +303,43 @@ def check_namespace(config: RealtimeConfig, event: str) -> tuple[str, ...] | str
     return declared.requiredRoles
 
 
+def target_roles(
+    namespace: str, required: tuple[str, ...], asked: list[str] | None
+) -> tuple[str, ...] | str:
+    """Who a broadcast reaches: the namespace's `requiredRoles` bound `targetRoles`.
+
+    No roles means every member, so the rule is written here once: absent or empty
+    `targetRoles` mean the namespace's roles (an empty list never widens them); otherwise the
+    intersection, and an intersection that is empty (nobody) is an error message, not "everyone".
+    """
+    if not asked:
+        return required
+    if not required:
+        return tuple(dict.fromkeys(asked))
+    both = tuple(role for role in dict.fromkeys(asked) if role in required)
+    if not both:
+        return (
+            f"targetRoles share no role with the requiredRoles of namespace {namespace!r} "
+            f"({', '.join(required)}): nobody would receive it"
+        )
+    return both
+
+
 async def broadcast(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if not _authorized_internal(request, state):
+    limits = request.app[API_LIMITS]
+    refused = limits.broadcasts.allow(request.remote or "")
+    if refused is not None:
+        return too_many_requests(refused)
+    token = _access_token(request, state)
+    if token is None:
         return error_response(401, "unauthorized", "wrong or missing access token")
+    refused = limits.broadcast_tokens.allow(hashlib.sha256(token.encode()).hexdigest())
+    if refused is not None:
+        return too_many_requests(refused)
+    too_large = f"the broadcast exceeds the limit of {state.settings.max_broadcast_bytes} bytes"
     if (request.content_length or 0) > state.settings.max_broadcast_bytes:
-        return error_response(413, "payload too large", state.settings.max_broadcast_bytes)
+        return error_response(413, "payload too large", too_large)
     try:
         ask = BroadcastRequest.model_validate(await _json_body(request))
     except ValidationError as exc:
@@ -189,18 +350,20 @@ async def broadcast(request: web.Request) -> web.Response:
     namespace_roles = check_namespace(state.config, ask.event)
     if isinstance(namespace_roles, str):
         return error_response(400, "undeclared event", namespace_roles)
-    roles = ask.targetRoles if ask.targetRoles is not None else list(namespace_roles)
+    roles = target_roles(ask.event.partition(":")[0], namespace_roles, ask.targetRoles)
+    if isinstance(roles, str):
+        return error_response(400, "invalid body", roles)
     message = orjson.dumps(
         {
             "organizationId": organization,
             "event": ask.event,
             "payload": ask.payload,
-            "targetRoles": roles,
+            "targetRoles": list(roles),
             "targetUserId": ask.targetUserId or ask.userId,
         }
     )
     if len(message) > state.settings.max_broadcast_bytes:
-        return error_response(413, "payload too large", state.settings.max_broadcast_bytes)
+        return error_response(413, "payload too large", too_large)
     if state.pool is None:
         return error_response(503, "unavailable", "no database connection")
     lsn_text = await state.pool.fetchval(

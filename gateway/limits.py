@@ -1,14 +1,16 @@
-"""Denial-of-service limits on the WebSocket upgrade: how fast one address may handshake, and how
-many sockets one user, and one organization, may hold open at once.
+"""Denial-of-service limits: how fast one client may call an endpoint (the WebSocket upgrade,
+ws-ticket, broadcast), and how many sockets one user, and one organization, may hold open at once.
 
-Both are checked before the upgrade, and a refusal is an HTTP 429 (with `Retry-After`), so a
-refused client never costs a socket, a hub slot or a ticket: the ticket is claimed only after the
-connection slot is reserved, and a refused ticket stays usable until it expires.
+Every limit is checked before the work it protects, and a refusal is an HTTP 429 (with
+`Retry-After`), so a refused client never costs a database query, a socket, a hub slot or a
+ticket: the ticket is claimed only after the connection slot is reserved, and a refused ticket
+stays usable until it expires.
 
-- `HandshakeRateLimiter`: one token bucket per client address (the TCP peer, never a header a
-  client could forge): `rate` tokens per second, at most `burst` saved up. Memory is bounded: at
-  most `max_keys` buckets, the least recently seen dropped first (a dropped address starts again
-  with a full bucket, so the bound fails open, never closed, for real clients).
+- `RateLimiter`: one token bucket per key: a client address (the TCP peer, never a header a
+  client could forge) or a credential's digest: `rate` tokens per second, at most `burst` saved
+  up. Memory is bounded: at most `max_keys` buckets, the least recently seen dropped first (a
+  dropped key starts again with a full bucket, so the bound fails open, never closed, for real
+  clients). `HandshakeRateLimiter` is the one on the upgrade.
 - `ConnectionLimiter`: counts of open (or opening) sockets per (organization, user) and per
   organization. `reserve` counts the socket in before the handshake's first await, so concurrent
   handshakes cannot overshoot; `release` (in the handler's `finally`) counts it out.
@@ -21,8 +23,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ConnectionLimiter", "HandshakeRateLimiter", "LimitExceeded"]
+__all__ = ["ConnectionLimiter", "HandshakeRateLimiter", "LimitExceeded", "RateLimiter"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,19 +36,21 @@ class LimitExceeded:
     retry_after: int
 
 
-class HandshakeRateLimiter:
-    """A token bucket per client address; `allow(address)` spends one token."""
+class RateLimiter:
+    """A token bucket per key; `allow(key)` spends one token. `reason` is what a refusal says."""
 
     def __init__(
         self,
         rate: float,
         burst: int,
         *,
+        reason: str = "too many requests from this address",
         max_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate < 0 or burst < 0 or max_keys <= 0:
             raise ValueError("rate and burst must be >= 0, max_keys > 0")
+        self.reason = reason
         self.rate = rate
         self.burst = max(burst, 1) if rate else burst
         self._max_keys = max_keys
@@ -60,23 +65,30 @@ class HandshakeRateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def allow(self, address: str) -> LimitExceeded | None:
-        """None if `address` may handshake now, else how long it should wait."""
+    def allow(self, key: str) -> LimitExceeded | None:
+        """None if `key` may go ahead now, else how long it should wait."""
         if not self.rate:
             return None
         now = self._clock()
-        tokens, last = self._buckets.pop(address, (float(self.burst), now))
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - last) * self.rate)
         if tokens >= 1.0:
-            self._buckets[address] = (tokens - 1.0, now)
+            self._buckets[key] = (tokens - 1.0, now)
             refused = None
         else:
-            self._buckets[address] = (tokens, now)
-            wait = (1.0 - tokens) / self.rate
-            refused = LimitExceeded("too many handshakes from this address", _ceil(wait))
+            self._buckets[key] = (tokens, now)
+            refused = LimitExceeded(self.reason, _ceil((1.0 - tokens) / self.rate))
         while len(self._buckets) > self._max_keys:
             del self._buckets[next(iter(self._buckets))]
         return refused
+
+
+class HandshakeRateLimiter(RateLimiter):
+    """The WebSocket upgrade's bucket per client address."""
+
+    def __init__(self, rate: float, burst: int, **options: Any) -> None:
+        options.setdefault("reason", "too many handshakes from this address")
+        super().__init__(rate, burst, **options)
 
 
 class ConnectionLimiter:

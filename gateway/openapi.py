@@ -32,14 +32,19 @@ def _error(description: str) -> dict[str, Any]:
 
 
 def _limited(description: str) -> dict[str, Any]:
+    """A 429 or 503: the error body, and `Retry-After`, which such an answer always carries."""
     response = _error(description)
     response["headers"] = {
         "Retry-After": {
             "description": "seconds to wait before trying again",
+            "required": True,
             "schema": {"type": "integer", "minimum": 1},
         }
     }
     return response
+
+
+_UNAVAILABLE = "PostgreSQL or Redis is down or unreachable"
 
 
 _IDENTIFIER = {"type": "string", "minLength": 1, "maxLength": 256}
@@ -86,8 +91,17 @@ _SCHEMAS: dict[str, Any] = {
                 **_IDENTIFIER,
                 "description": "`namespace:event` names must be declared in the realtime config",
             },
-            "payload": {"description": "any JSON value; default {}"},
-            "targetRoles": {"type": "array", "items": {"type": "string"}, "nullable": True},
+            "payload": {
+                "description": "any JSON value, arrays and objects nested at most 64 levels; "
+                "default {}"
+            },
+            "targetRoles": {
+                "type": "array",
+                "items": {"type": "string"},
+                "nullable": True,
+                "description": "only members with one of these roles; within a namespace, "
+                "bounded by its requiredRoles (absent or empty: the namespace's roles)",
+            },
             "targetUserId": _OPTIONAL_IDENTIFIER,
             "userId": {**_OPTIONAL_IDENTIFIER, "description": "alias of targetUserId"},
         },
@@ -138,7 +152,8 @@ _TICKET_OPERATION = {
         "401": _error("no, invalid or expired session"),
         "403": _error("the user is not a member of the organization"),
         "413": _error("body over the size limit"),
-        "503": _error("no session store configured"),
+        "429": _limited("too many ws-ticket requests from this address"),
+        "503": _limited(f"{_UNAVAILABLE}, or no session store is configured"),
     },
 }
 
@@ -186,7 +201,10 @@ _WEBSOCKET_OPERATION = {
             "too many handshakes from this address, or too many open sockets for this user "
             "in this organization, or for this organization"
         ),
-        "503": _error("the node is not streaming from PostgreSQL yet (or is shutting down)"),
+        "503": _limited(
+            "the node is not streaming from PostgreSQL yet (or is shutting down), or the "
+            "ticket store (Redis) is unreachable"
+        ),
     },
 }
 
@@ -208,10 +226,14 @@ _BROADCAST_OPERATION = {
             "description": "durably written (pg_logical_emit_message committed) at `lsn`",
             "content": {_JSON: {"schema": _ref("BroadcastAccepted")}},
         },
-        "400": _error("invalid body, no organization, or an undeclared namespace event"),
+        "400": _error(
+            "invalid body (a payload nested deeper than 64 levels included), no organization, "
+            "an undeclared namespace event, or targetRoles outside the namespace's requiredRoles"
+        ),
         "401": _error("wrong or missing access token"),
         "413": _error("body (or the message built from it) over the size limit"),
-        "503": _error("no database connection"),
+        "429": _limited("too many broadcasts from this address, or with this access token"),
+        "503": _limited(f"{_UNAVAILABLE}, or no database is configured"),
     },
 }
 
