@@ -26,8 +26,8 @@ test: $(STAMP)
 PG_BINDIR ?=
 PG ?= $(if $(PG_BINDIR),,18)
 PG_TESTS := $(wildcard $(addprefix tests/test_,$(addsuffix .py,\
-	harness transport reader setup progress changes typematrix resume revocation gateway \
-	redis_bus sessions)))
+	harness transport reader setup progress pipeline changes typematrix resume revocation \
+	gateway redis_bus sessions)))
 
 test-pg: $(STAMP)
 	WALCAST_TEST_PG=$(PG) WALCAST_TEST_PG_BINDIR=$(PG_BINDIR) $(BIN)/python -m pytest -q $(PG_TESTS)

@@ -37,7 +37,7 @@ def test_restart_keeps_data(pg_server: PostgresServer, database_url: str, mode: 
         assert conn.execute("SELECT count(*) FROM t").fetchone() == (1,)
 
 
-def test_fast_restart_names_a_shutdown_that_hangs(pg_server: PostgresServer) -> None:
+def test_restart_names_a_shutdown_that_hangs(pg_server: PostgresServer) -> None:
     """A connection that never ends (like a walsender waiting for its client) holds a smart
     shutdown; the harness says so within its timeout instead of hanging the test run."""
     if not pg_server.can_restart or not pg_server.kind.startswith("local"):
