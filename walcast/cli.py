@@ -22,7 +22,7 @@ import psycopg
 from aiohttp import web
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc import catalog
+from cdc import setup
 from cdc.errors import ReplicationError
 from gateway.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
 from walcast.logs import setup_logging
@@ -96,10 +96,11 @@ async def serve(
     if settings.redis_url:
         _check_redis_url(settings.redis_url)
     try:
-        # Fail fast, with the fix in the message, before opening a port.
+        # Fail fast, with the fix in the message, before opening a port. A single node must
+        # not share its slot; on the Redis bus a second reader stands by for the reader lock.
         if cdc:
             pipeline = Pipeline(settings, config, DropSink(), _metrics(), on_ready=lambda _: None)
-            await pipeline.prepare()
+            await pipeline.prepare(exclusive=not settings.redis_url)
         else:  # a gateway node: the slot is the reader's business, but sessions need the database
             await (await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)).close()
     except psycopg.OperationalError as exc:
@@ -205,61 +206,20 @@ def apply_migrations(dsn: str, *, demo: bool = False) -> list[str]:
 
 
 async def check(settings: Settings, config: RealtimeConfig) -> list[str]:
-    """Config vs database; returns the problems found (and prints a report)."""
+    """Config vs database, changing nothing: prints what each set-up step found (the same steps
+    `serve` runs) and returns the problems."""
+    from walcast.pipeline import setup_requirements
+
     dsn = _need_database(settings)
-    problems: list[str] = []
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        try:
-            await catalog.check_wal_level(conn)
-            print("wal_level: logical")
-        except ReplicationError as exc:
-            problems.append(str(exc))
-        tables = list(config.tables)
-        present = await catalog.existing_tables(conn, tables)
-        for name in tables:
-            if name not in present:
-                problems.append(f"table {name} does not exist")
-        print(f"tables: {len(present)} of {len(tables)} configured tables exist")
-        for fix in await catalog.replica_identity_problems(conn, present):
-            problems.append(f"replica identity is not FULL; run: {fix}")
-        # serve creates the publication and keeps its tables in step with the config at
-        # start-up, so a gap here is news, not a problem.
-        published = await _published_tables(conn, settings.publication)
-        if published is None:
-            print(f"publication {settings.publication}: not created yet (serve creates it)")
-        else:
-            behind = [name for name in present if name not in published]
-            print(
-                f"publication {settings.publication}: covers {len(present) - len(behind)}"
-                f" of {len(present)} configured tables"
-                + (f" (serve adds {', '.join(behind)} at start-up)" if behind else "")
-            )
-        status = await catalog.slot_status(conn, settings.slot)
-        if status is None:
-            print(f"slot {settings.slot}: not created yet (serve creates it)")
-        else:
-            print(
-                f"slot {settings.slot}: active={status.active} "
-                f"retained_wal_bytes={status.retained_wal_bytes} "
-                f"lag_bytes={status.lag_bytes}"
-            )
+        report = await setup.check(conn, setup_requirements(settings, config))
+    for finding in report.findings:
+        print(finding.summary)
+    problems = report.problems
     for problem in problems:
         print(f"problem: {problem}")
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return problems
-
-
-async def _published_tables(
-    conn: psycopg.AsyncConnection[Any], publication: str
-) -> set[str] | None:
-    cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
-    if await cur.fetchone() is None:
-        return None
-    cur = await conn.execute(
-        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
-        (publication,),
-    )
-    return {row[0] for row in await cur.fetchall()}
 
 
 # -- ticket / broadcast ------------------------------------------------------------------------
@@ -324,7 +284,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--slot", help="replication slot (env WALCAST_SLOT, default walcast)")
         p.add_argument("--publication", help="publication (env WALCAST_PUBLICATION)")
 
-    p = sub.add_parser("serve", help="run the CDC reader and the gateway")
+    p = sub.add_parser(
+        "serve",
+        help="run the CDC reader and the gateway",
+        description="Run the CDC reader and the gateway. Exit status 2 when it cannot start:"
+        " the database is not ready (wal_level, privileges, tables, columns, replica identity,"
+        " a slot another process streams from) or a setting is wrong; stderr names the fix.",
+    )
     common(p)
     p.add_argument("--host", help="listen address (env WALCAST_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="listen port (env WALCAST_PORT, default 4000)")
@@ -342,7 +308,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url")
     p.add_argument("--demo", action="store_true", help="also create the demo schema")
 
-    p = sub.add_parser("check", help="check the config against the database")
+    p = sub.add_parser(
+        "check",
+        help="check the config against the database",
+        description="Check the config against the database, changing nothing: the same steps"
+        " serve runs at start-up. Exit status 0: ready; 1: problems found (each listed with"
+        " the statement that fixes it); 2: cannot check (connection, config file).",
+    )
     common(p)
 
     p = sub.add_parser("ticket", help="mint a WebSocket ticket (debugging)")
