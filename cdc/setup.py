@@ -386,6 +386,11 @@ async def _check_slot(ctx: _Context) -> Finding:
 async def _released(ctx: _Context) -> SlotStatus | None:
     """The slot once no process streams from it, or as it is after `SLOT_RELEASE_GRACE`."""
     status = ctx.slot
+    logger.info(
+        "replication slot %s is active; waiting up to %.0fs for it to be released",
+        ctx.req.slot,
+        SLOT_RELEASE_GRACE,
+    )
     with suppress(TimeoutError):
         async with asyncio.timeout(SLOT_RELEASE_GRACE):
             while status is not None and status.active:
