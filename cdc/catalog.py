@@ -3,9 +3,9 @@
 Why it exists: the replication stream needs a publication, a slot, `wal_level = logical` and
 (for routing deletes) `REPLICA IDENTITY FULL`; pgoutput names column types only by OID, so the
 types it does not know are looked up here; and the slot's position and retained WAL are what the
-metrics and `walcast check` report. Everything except `ensure_slot` runs on a
-`psycopg.AsyncConnection` (a regular session); slots are made on the replication connection,
-where `CREATE_REPLICATION_SLOT` is a walsender command.
+metrics and `walcast check` report. These are the queries; `cdc.setup` decides, in one ordered
+list of steps, which of them set-up runs and words every fix. Everything runs on a
+`psycopg.AsyncConnection` (a regular session).
 
 The functions expect an autocommit connection: what they change is committed before they return.
 Table names are qualified text, `"schema.table"` (a bare name means `public`); every identifier
@@ -24,37 +24,39 @@ from psycopg import sql
 from psycopg.abc import Params
 
 from cdc.changes import TypeDescription
-from cdc.errors import ReplicationError
 from cdc.lsn import parse_lsn
-from cdc.transport import ReplicationConnection, ServerError
 
 __all__ = [
     "SESSION_TABLES",
+    "Publication",
+    "Role",
     "SlotStatus",
-    "check_wal_level",
+    "application_name",
+    "create_slot",
     "current_wal_lsn",
     "ensure_publication",
-    "ensure_slot",
     "existing_tables",
     "fetch_types",
+    "not_owned",
+    "publication",
     "replica_identity_problems",
+    "role",
     "set_replica_identity_full",
     "slot_status",
     "split_name",
+    "table_columns",
+    "table_sql",
+    "wal_level",
 ]
 
 logger = logging.getLogger(__name__)
 
 SESSION_TABLES = ("public.member", "public.session")
-"""The session store's tables (spec §2, §6): always published when they exist."""
+"""The session store's tables: always published when they exist (walcast watches them for
+access changes and never delivers them to clients)."""
 
 _FIRST_NORMAL_OID = 16384  # FirstNormalObjectId: OIDs below it are built into PostgreSQL
-_DUPLICATE_OBJECT = "42710"
 _PUBLISH = "insert, update, delete, truncate"
-_PUBLICATION_QUERY = (
-    "SELECT puballtables, pubinsert AND pubupdate AND pubdelete AND pubtruncate"
-    " FROM pg_publication WHERE pubname = %s"
-)
 
 AsyncConn = psycopg.AsyncConnection[Any]
 
@@ -65,7 +67,8 @@ def split_name(qualified: str) -> tuple[str, str]:
     return schema or "public", table
 
 
-def _table_sql(qualified: str) -> sql.Identifier:
+def table_sql(qualified: str) -> sql.Identifier:
+    """A qualified table name as a quoted SQL identifier (`"public"."orders"`)."""
     return sql.Identifier(*split_name(qualified))
 
 
@@ -80,14 +83,32 @@ async def _rows(
 # -- prerequisites -----------------------------------------------------------------------------
 
 
-async def check_wal_level(conn: AsyncConn) -> None:
-    """Raise `ReplicationError`, saying how to fix it, unless `wal_level` is `logical`."""
+async def wal_level(conn: AsyncConn) -> str:
+    """The server's `wal_level` (logical replication needs `logical`)."""
     ((level,),) = await _rows(conn, "SHOW wal_level")
-    if level != "logical":
-        raise ReplicationError(
-            f"PostgreSQL runs with wal_level = {level}; logical replication needs 'logical'. "
-            "Run `ALTER SYSTEM SET wal_level = logical;` as a superuser, then restart PostgreSQL."
-        )
+    return str(level)
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    """The connected role and what it may do in the connected database."""
+
+    name: str
+    database: str
+    superuser: bool
+    replication: bool  #: the REPLICATION attribute: create slots, stream from them
+    create_in_database: bool  #: CREATE on the database: create publications
+
+
+async def role(conn: AsyncConn) -> Role:
+    """Who walcast connects as, and the privileges set-up needs."""
+    ((name, database, superuser, replication, create),) = await _rows(
+        conn,
+        "SELECT current_user, current_database(), r.rolsuper, r.rolreplication,"
+        " has_database_privilege(current_database(), 'CREATE')"
+        " FROM pg_roles r WHERE r.rolname = current_user",
+    )
+    return Role(name, database, bool(superuser), bool(replication), bool(create))
 
 
 async def existing_tables(conn: AsyncConn, tables: Iterable[str]) -> list[str]:
@@ -106,6 +127,38 @@ async def existing_tables(conn: AsyncConn, tables: Iterable[str]) -> list[str]:
     return found
 
 
+async def table_columns(conn: AsyncConn, table: str) -> list[str]:
+    """The columns of `table` (qualified name), in their order; empty when there is no table."""
+    schema, name = split_name(table)
+    rows = await _rows(
+        conn,
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s AND a.attnum > 0 AND NOT a.attisdropped"
+        " ORDER BY a.attnum",
+        (schema, name),
+    )
+    return [row[0] for row in rows]
+
+
+async def not_owned(conn: AsyncConn, tables: Iterable[str]) -> list[str]:
+    """The tables the connected role may not alter: it neither owns them nor has their owner's
+    privileges (superusers own everything)."""
+    refused = []
+    for name in tables:
+        schema, table = split_name(name)
+        rows = await _rows(
+            conn,
+            "SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = %s AND c.relname = %s",
+            (schema, table),
+        )
+        if rows and not rows[0][0]:
+            refused.append(name)
+    return refused
+
+
 async def replica_identity_problems(conn: AsyncConn, tables: Iterable[str]) -> list[str]:
     """For each existing table not `REPLICA IDENTITY FULL`, the exact statement that fixes it.
 
@@ -122,7 +175,7 @@ async def replica_identity_problems(conn: AsyncConn, tables: Iterable[str]) -> l
             (schema, table),
         )
         if rows and rows[0][0] != "f":
-            statement = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL;").format(_table_sql(name))
+            statement = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL;").format(table_sql(name))
             fixes.append(statement.as_string(conn))
     return fixes
 
@@ -134,7 +187,7 @@ async def set_replica_identity_full(conn: AsyncConn, tables: Iterable[str]) -> l
         if await replica_identity_problems(conn, [name]):
             async with conn.transaction():
                 await conn.execute(
-                    sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(_table_sql(name))
+                    sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table_sql(name))
                 )
             logger.warning("set REPLICA IDENTITY FULL", extra={"table": name})
             changed.append(name)
@@ -144,35 +197,58 @@ async def set_replica_identity_full(conn: AsyncConn, tables: Iterable[str]) -> l
 # -- publication and slot ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """An existing publication, as set-up sees it."""
+
+    all_tables: bool  #: FOR ALL TABLES
+    publishes_everything: bool  #: insert, update, delete and truncate
+    tables: frozenset[str]  #: the qualified tables it covers (when not FOR ALL TABLES)
+    owned: bool  #: the connected role may alter it
+
+
+async def publication(conn: AsyncConn, name: str) -> Publication | None:
+    """The publication `name`, or None when there is none."""
+    rows = await _rows(
+        conn,
+        "SELECT puballtables, pubinsert AND pubupdate AND pubdelete AND pubtruncate,"
+        " pg_has_role(current_user, pubowner, 'USAGE')"
+        " FROM pg_publication WHERE pubname = %s",
+        (name,),
+    )
+    if not rows:
+        return None
+    all_tables, everything, owned = rows[0]
+    current = await _rows(
+        conn,
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
+        (name,),
+    )
+    tables = frozenset(f"{schema}.{table}" for schema, table in current)
+    return Publication(bool(all_tables), bool(everything), tables, bool(owned))
+
+
 async def ensure_publication(conn: AsyncConn, name: str, tables: Sequence[str]) -> list[str]:
     """Create the publication, or bring its table list in step with `tables`.
 
     The session store's tables (`SESSION_TABLES`) are added when they exist. A publication
-    `FOR ALL TABLES` is left as it is. Tables that do not exist are an error: they come from
-    the realtime config, and a typo there must not go unnoticed.
+    `FOR ALL TABLES` is left as it is. The tables must exist (`cdc.setup` checks that first).
 
     Returns:
         The qualified names the publication now covers.
-
-    Raises:
-        ReplicationError: a configured table does not exist.
     """
     wanted = list(dict.fromkeys(f"{s}.{t}" for s, t in map(split_name, tables)))
-    present = await existing_tables(conn, wanted)
-    missing = [table for table in wanted if table not in present]
-    if missing:
-        raise ReplicationError(f"tables in the realtime config do not exist: {', '.join(missing)}")
     for table in await existing_tables(conn, SESSION_TABLES):
         if table not in wanted:
             wanted.append(table)
 
     pub = sql.Identifier(name)
-    rows = await _rows(conn, _PUBLICATION_QUERY, (name,))
-    if not rows:
+    found = await publication(conn, name)
+    if found is None:
         query = sql.SQL("CREATE PUBLICATION {}").format(pub)
         if wanted:
             query += sql.SQL(" FOR TABLE {}").format(
-                sql.SQL(", ").join(_table_sql(t) for t in wanted)
+                sql.SQL(", ").join(table_sql(t) for t in wanted)
             )
         try:
             async with conn.transaction():
@@ -180,30 +256,25 @@ async def ensure_publication(conn: AsyncConn, name: str, tables: Sequence[str]) 
             logger.info("created publication", extra={"publication": name, "tables": wanted})
             return wanted
         except psycopg.errors.DuplicateObject:
-            rows = await _rows(conn, _PUBLICATION_QUERY, (name,))
-    all_tables, publishes_everything = rows[0]
-    if all_tables:
+            found = await publication(conn, name)
+            assert found is not None
+    if found.all_tables:
         logger.info("publication is FOR ALL TABLES; left as it is", extra={"publication": name})
         return wanted
 
-    current_rows = await _rows(
-        conn,
-        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s",
-        (name,),
-    )
-    current = {f"{schema}.{table}" for schema, table in current_rows}
+    current = found.tables
     async with conn.transaction():
         if set(wanted) != current:
             if wanted:
                 await conn.execute(
                     sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
-                        pub, sql.SQL(", ").join(_table_sql(t) for t in wanted)
+                        pub, sql.SQL(", ").join(table_sql(t) for t in wanted)
                     )
                 )
             else:
                 await conn.execute(
                     sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                        pub, sql.SQL(", ").join(_table_sql(t) for t in sorted(current))
+                        pub, sql.SQL(", ").join(table_sql(t) for t in sorted(current))
                     )
                 )
             logger.info(
@@ -214,7 +285,7 @@ async def ensure_publication(conn: AsyncConn, name: str, tables: Sequence[str]) 
                     "removed": sorted(current - set(wanted)),
                 },
             )
-        if not publishes_everything:
+        if not found.publishes_everything:
             await conn.execute(
                 sql.SQL("ALTER PUBLICATION {} SET (publish = {})").format(
                     pub, sql.Literal(_PUBLISH)
@@ -223,24 +294,20 @@ async def ensure_publication(conn: AsyncConn, name: str, tables: Sequence[str]) 
     return wanted
 
 
-async def ensure_slot(repl: ReplicationConnection, name: str) -> bool:
-    """Create the logical slot (pgoutput) over a replication connection, unless it exists.
+async def create_slot(conn: AsyncConn, name: str) -> bool:
+    """Create the logical slot (pgoutput), unless it exists; True when it was created now.
 
-    Returns:
-        True when the slot was created now.
+    The one way walcast makes its slot: `pg_create_logical_replication_slot`, on a regular
+    session (the role needs the REPLICATION attribute).
     """
     try:
-        await repl.simple_query(f"CREATE_REPLICATION_SLOT {_quote(name)} LOGICAL pgoutput")
-    except ServerError as exc:
-        if exc.sqlstate == _DUPLICATE_OBJECT:
-            return False
-        raise
+        await _rows(
+            conn, "SELECT 1 FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (name,)
+        )
+    except psycopg.errors.DuplicateObject:
+        return False
     logger.info("created replication slot", extra={"slot": name})
     return True
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 # -- types ---------------------------------------------------------------------------------------
@@ -312,7 +379,9 @@ class SlotStatus:
     retained_wal_bytes: int | None  #: pg_current_wal_lsn() - restart_lsn
     lag_bytes: int | None  #: pg_current_wal_lsn() - confirmed_flush_lsn
     active: bool
-    active_pid: int | None
+    active_pid: int | None  #: the walsender streaming from it, while active
+    plugin: str | None = None  #: the output plugin; None for a physical slot
+    database: str | None = None  #: the database a logical slot belongs to
 
 
 def _lsn(text: str | None) -> int | None:
@@ -326,14 +395,22 @@ async def slot_status(conn: AsyncConn, slot: str) -> SlotStatus | None:
         "SELECT confirmed_flush_lsn::text, restart_lsn::text,"
         " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,"
         " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,"
-        " active, active_pid"
+        " active, active_pid, plugin, database"
         " FROM pg_replication_slots WHERE slot_name = %s",
         (slot,),
     )
     if not rows:
         return None
-    confirmed, restart, retained, lag, active, pid = rows[0]
-    return SlotStatus(_lsn(confirmed), _lsn(restart), retained, lag, bool(active), pid)
+    confirmed, restart, retained, lag, active, pid, plugin, database = rows[0]
+    return SlotStatus(
+        _lsn(confirmed), _lsn(restart), retained, lag, bool(active), pid, plugin, database
+    )
+
+
+async def application_name(conn: AsyncConn, pid: int) -> str | None:
+    """The `application_name` of the server process `pid` (None: gone, or not visible)."""
+    rows = await _rows(conn, "SELECT application_name FROM pg_stat_activity WHERE pid = %s", (pid,))
+    return rows[0][0] if rows else None
 
 
 async def current_wal_lsn(conn: AsyncConn) -> int:

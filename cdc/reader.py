@@ -1,33 +1,23 @@
 """The replication reader: committed changes from a logical slot, as a pull-based async iterator.
 
-Why it exists: this is where the sans-IO pieces (`replication`, `decoder`, `changes`) meet the
-I/O ones (`transport`, `catalog`), and where the rules that make "nothing lost, nothing twice"
-true are kept in one place:
+Why it exists: this is where the sans-IO pieces (`replication`, `decoder`, `changes`,
+`progress`) meet the I/O ones (`transport`, `catalog`, `setup`). It is the I/O loop only; the
+rules that make "nothing lost, nothing twice" true (the flush target, the keepalive rule, the
+duplicate skip after a reconnect, read-ahead accounting) are `cdc.progress`'s, and what the
+database must provide is `cdc.setup`'s.
 
 * **Pull-based.** `items()` reads the socket only when the consumer asks for the next item, so
-  an item the consumer has asked past has been handled. Items are yielded as their messages
-  arrive; a transaction is never buffered (proto_version 1: the server sends it at commit).
-* **Flush position** (what the slot may forget). The candidate is the end LSN of the last
-  `TransactionEnd` the consumer has handled, or, between transactions, the WAL end of the
-  latest keepalive (so an idle database does not pin WAL). The position reported is
-  `min(candidate, retained)`, where `retained` is what the consumer last passed to
-  `retain_from()` (the oldest commit LSN it still needs; None: nothing). It never moves back,
-  and never lands inside a transaction the consumer has not fully handled.
-* **Status updates**: at once for a keepalive that asks for a reply, and every
-  `status_interval` seconds while streaming (a timeout on the read, no timer task).
-* **Exactly once within a process.** After a reconnect the server re-sends from the slot's
-  confirmed position; items at or before the last one yielded (by `(commit_lsn, position)`,
-  and whole transactions already completed) are skipped. The stream is in strictly increasing
-  key order, so once an item past the last one yielded arrives, the check stops until the
-  next reconnect.
+  an item the consumer has asked past has been handled (`Progress.handed_out`). Items are
+  yielded as their messages arrive; a transaction is never buffered (proto_version 1: the
+  server sends it at commit).
 * **Read-ahead.** One read takes a message, then whatever messages have already arrived in
-  libpq's buffer (at most `_READ_AHEAD` items' worth), across transactions: items are handed
-  out from memory, but the flush bookkeeping of a transaction moves only once the consumer
-  has asked past its `TransactionEnd`, and a keepalive moves it only while no transaction is
-  read and not yet handled.
-* **Reconnects** on connection loss, server restart or "slot is active" (another reader holds
-  it), with capped exponential back-off and full jitter, reset once a stream has started.
-  Configuration problems (wal_level, replica identity, missing tables, permissions) raise.
+  libpq's buffer (at most `_READ_AHEAD` items' worth), across transactions.
+* **Status updates**: at once for a keepalive that asks for a reply (`Progress.reply`), and
+  every `status_interval` seconds while streaming (a timeout on the read, no timer task).
+* **Reconnects** on connection loss, server restart or "slot is active" (another process holds
+  it; the log names it), with capped exponential back-off and full jitter, reset once a stream
+  has started. Set-up problems (wal_level, privileges, tables, replica identity) raise
+  `SetupError`.
 """
 
 from __future__ import annotations
@@ -39,33 +29,29 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 
-from cdc import catalog
+from cdc import catalog, setup
 from cdc.backoff import full_jitter
-from cdc.changes import (
-    ChangeBuilder,
-    Item,
-    LogicalMessage,
-    RowChange,
-    TransactionEnd,
-    TransactionStart,
-    TypeDescription,
-)
+from cdc.changes import ChangeBuilder, Item, TypeDescription
 from cdc.decoder import Decoder
-from cdc.errors import ReplicationError
 from cdc.lsn import format_lsn
 from cdc.messages import Begin, PgOutputMessage, Relation, UnknownMessage
-from cdc.replication import Keepalive, ReplicationProtocol
+from cdc.progress import Progress
+from cdc.replication import (
+    Keepalive,
+    ReplicationProtocol,
+    build_status_update,
+    datetime_to_pg_time,
+)
+from cdc.setup import ReplicaIdentityMode, Requirements
 from cdc.transport import ConnectionLost, ReplicationConnection, ServerError
 
 __all__ = ["ReplicationReader"]
 
 logger = logging.getLogger(__name__)
-
-ReplicaIdentityMode = Literal["ignore", "check", "manage"]
 
 _BOOKKEEPING = frozenset({Begin, UnknownMessage})
 """Decoder messages that move the reader's transaction state or are skipped."""
@@ -74,7 +60,12 @@ _READ_AHEAD = 256
 """Most items one read makes from messages that have already arrived (see the docstring)."""
 
 # SQLSTATE classes/codes that mean "try again later", not "fix your setup".
-_RETRY_SQLSTATES = ("08", "53", "57P", "40001", "40P01", "55006", "55P03")
+_OBJECT_IN_USE = "55006"  # e.g. the slot is active for another process
+_RETRY_SQLSTATES = ("08", "53", "57P", "40001", "40P01", _OBJECT_IN_USE, "55P03")
+
+
+class SlotInUse(ServerError):
+    """`START_REPLICATION` found the slot streaming to another process (retried)."""
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -88,15 +79,6 @@ def _retryable(exc: BaseException) -> bool:
             return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
         return sqlstate.startswith(_RETRY_SQLSTATES)
     return False
-
-
-def _key(item: Item) -> tuple[int, int]:
-    """Where an item stands in commit order: (commit LSN, position); a start is position 0."""
-    if isinstance(item, RowChange | LogicalMessage):
-        return item.commit_lsn, item.position
-    if isinstance(item, TransactionStart):
-        return item.commit_lsn, 0
-    return item.commit_lsn, 1 << 62
 
 
 class ReplicationReader:
@@ -140,6 +122,12 @@ class ReplicationReader:
         self.backoff_cap = backoff_cap
         self.replica_identity = replica_identity
         self.connect_timeout = connect_timeout
+        self._requirements = Requirements(
+            slot=slot,
+            publication=publication,
+            tables=self.tables,
+            replica_identity=replica_identity,
+        )
 
         self._conn: ReplicationConnection | None = None
         self._catalog: psycopg.AsyncConnection[Any] | None = None
@@ -150,17 +138,7 @@ class ReplicationReader:
         self._streaming = False
         self._status_sent_at = 0.0
 
-        # Flush bookkeeping (see the module docstring).
-        self._candidate = 0  # end of the last handled transaction, or an idle keepalive's end
-        self._retain: int | None = None
-        self._open = 0  # transactions whose Begin was read and whose TransactionEnd is unhandled
-        self._flushed = 0  # the highest position ever reported
-
-        # Duplicate suppression across reconnects.
-        self._last_item: Item | None = None  # last item yielded (its key is taken on resume)
-        self._resuming = False  # since the last connect, no item past `_last_item` seen yet
-        self._done_commit = -1  # commit LSN of the last transaction yielded whole
-
+        self._progress = Progress()  # what may be acknowledged, and what to skip
         self._unknown_kinds: set[int] = set()
         self._gen: AsyncGenerator[Item, None] | None = None
         self._closing = False
@@ -176,7 +154,7 @@ class ReplicationReader:
 
     @property
     def flushed_lsn(self) -> int:
-        return max(self._flushed, self._protocol.flush_lsn)
+        return self._progress.flushed
 
     @property
     def server_wal_end(self) -> int:
@@ -186,7 +164,7 @@ class ReplicationReader:
     def handled_lsn(self) -> int:
         """Everything committed before this position has been handed out and handled: the end of
         the last handled transaction or, between transactions, the last keepalive's WAL end."""
-        return self._candidate
+        return self._progress.handled
 
     @property
     def connected(self) -> bool:
@@ -198,7 +176,7 @@ class ReplicationReader:
 
     def retain_from(self, lsn: int | None) -> None:
         """Say the oldest commit LSN still needed (None: nothing); caps the flush position."""
-        self._retain = lsn
+        self._progress.retain_from(lsn)
 
     def items(self) -> AsyncIterator[Item]:
         """Connect, set up, and yield items in commit order until `aclose()` or cancellation.
@@ -206,7 +184,7 @@ class ReplicationReader:
         Use as `async for item in reader.items()`. One iteration at a time per reader.
 
         Raises:
-            ReplicationError: a setup problem retrying cannot fix (its message says what to do).
+            SetupError: a set-up problem retrying cannot fix (its message says what to do).
             ProtocolError: the stream is malformed.
         """
         if self._gen is not None:
@@ -243,6 +221,7 @@ class ReplicationReader:
     async def _items(self) -> AsyncGenerator[Item, None]:
         failures = 0
         pending: deque[Item] = deque()
+        progress = self._progress
         try:
             while not self._closing:
                 self._stream_ok = False
@@ -253,14 +232,10 @@ class ReplicationReader:
                         while not pending:
                             pending.extend(await self._next_items())
                         item = pending.popleft()
-                        if self._resuming and self._already_yielded(item):
-                            if type(item) is TransactionEnd:
-                                self._handled(item)  # handled before the reconnect
-                            continue
+                        if progress.skip(item):
+                            continue  # handed out before a reconnect
                         yield item
-                        self._last_item = item  # the consumer asked past it: handled
-                        if type(item) is TransactionEnd:
-                            self._handled(item)
+                        progress.handed_out(item)  # the consumer asked past it: handled
                 except Exception as exc:
                     if self._closing:
                         return
@@ -274,7 +249,9 @@ class ReplicationReader:
                     delay = full_jitter(failures, self.backoff_base, self.backoff_cap)
                     failures += 1
                     logger.warning(
-                        "replication stream interrupted; reconnecting",
+                        "replication slot in use; retrying"
+                        if isinstance(exc, SlotInUse)
+                        else "replication stream interrupted; reconnecting",
                         extra={
                             "slot": self.slot,
                             "attempt": failures,
@@ -294,46 +271,25 @@ class ReplicationReader:
                 self._gen = None
 
     async def _connect(self) -> None:
-        """Open both connections, set up publication and slot, and start streaming."""
+        """Open both connections, check and set up (`cdc.setup`), and start streaming."""
         self._catalog = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
-        await catalog.check_wal_level(self._catalog)
-        if self.tables is not None:
-            if self.replica_identity == "manage":
-                await catalog.set_replica_identity_full(self._catalog, self.tables)
-            elif self.replica_identity == "check":
-                fixes = await catalog.replica_identity_problems(self._catalog, self.tables)
-                if fixes:
-                    raise ReplicationError(
-                        "tables need REPLICA IDENTITY FULL (old rows for updates and deletes);"
-                        " run:\n"
-                        + "\n".join(fixes)
-                        + "\nor set manageReplicaIdentity = true in the realtime config"
-                    )
-            await catalog.ensure_publication(self._catalog, self.publication, self.tables)
+        report = await setup.ensure(self._catalog, self._requirements)
+        confirmed = report.slot.confirmed_flush_lsn if report.slot else None
 
         self._conn = conn = await ReplicationConnection.connect(self.dsn)
-        await catalog.ensure_slot(conn, self.slot)
-        status = await catalog.slot_status(self._catalog, self.slot)
-        confirmed = status.confirmed_flush_lsn if status and status.confirmed_flush_lsn else 0
-
-        start = max(self._flushed, confirmed)
-        self._flushed = start
+        start = self._progress.start(confirmed or 0)
         self._protocol = ReplicationProtocol(start)
-        self._resuming = True
-        self._open = 0  # a new stream: nothing read from it yet
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
         if self._types:
             self._builder.register_types(list(self._types.values()))
-        await conn.start_replication(
-            self.slot,
-            0,
-            {
-                "proto_version": "1",
-                "publication_names": self.publication,
-                "messages": "true",
-            },
-        )
+        try:
+            await conn.start_replication(self.slot, 0, setup.start_options(self.publication))
+        except ServerError as exc:
+            if exc.sqlstate != _OBJECT_IN_USE:
+                raise
+            message = await setup.slot_in_use(self._catalog, self.slot)
+            raise SlotInUse(message, sqlstate=exc.sqlstate) from None
         self._streaming = True
         self._status_sent_at = 0.0
         logger.info(
@@ -371,14 +327,13 @@ class ReplicationReader:
         message = self._protocol.receive(data)
         self._stream_ok = True
         if isinstance(message, Keepalive):
-            if not self._open:  # everything read so far has been handled
-                self._candidate = max(self._candidate, message.wal_end)
+            self._progress.keepalive(message.wal_end)
             return None
         decoded = self._decoder.decode(message.payload, message.data_start)
         if type(decoded) not in _BOOKKEEPING:
             return decoded  # a row change: the common case, no bookkeeping
         if isinstance(decoded, Begin):
-            self._open += 1
+            self._progress.began()
         elif isinstance(decoded, UnknownMessage):
             if decoded.kind not in self._unknown_kinds:
                 self._unknown_kinds.add(decoded.kind)
@@ -417,46 +372,37 @@ class ReplicationReader:
             if not {d.oid for d in found} & set(missing):
                 break  # unknown to the catalog (dropped meanwhile): it loads as text
 
-    # -- exactly once, flush position ------------------------------------------------------------
-
-    def _handled(self, end: TransactionEnd) -> None:
-        """The consumer has handled a whole transaction: the slot may forget it."""
-        self._done_commit = max(self._done_commit, end.commit_lsn)
-        self._candidate = max(self._candidate, end.end_lsn)
-        self._open -= 1
-
-    def _already_yielded(self, item: Item) -> bool:
-        """Whether a re-sent item was yielded before the reconnect (only while resuming)."""
-        last = self._last_item
-        if item.commit_lsn <= self._done_commit or (last is not None and _key(item) <= _key(last)):
-            return True
-        self._resuming = False  # keys only grow from here on: no more duplicates this stream
-        return False
-
-    def _flush_target(self) -> int:
-        target = self._candidate
-        if self._retain is not None:
-            target = min(target, self._retain)
-        return target
+    # -- status updates (what they say is `Progress`'s) ----------------------------------------
 
     async def _send_status(self) -> None:
         conn = self._conn
         if conn is None:
             return
-        self._protocol.confirm(self._flush_target())
-        self._flushed = max(self._flushed, self._protocol.flush_lsn)
+        protocol = self._protocol
+        if protocol.reply_pending:
+            regular, received = self._progress.reply(protocol.received_lsn)
+        else:
+            regular, received = self._progress.status(protocol.received_lsn), None
+        protocol.confirm(regular.flushed)
         now = time.monotonic()
-        update = self._protocol.status_update(datetime.now(UTC), now_monotonic=now)
+        when = datetime.now(UTC)
+        update = protocol.status_update(when, now_monotonic=now)
         self._status_sent_at = now
         await conn.send_copy(update)
+        if received is not None:
+            client_time = datetime_to_pg_time(when)
+            await conn.send_copy(
+                build_status_update(
+                    received.written, received.flushed, received.flushed, client_time
+                )
+            )
 
     def _final_status(self) -> None:
         """Last words before closing: a status update, sent only if it needs no waiting."""
         conn = self._conn
         if conn is None or not self._streaming or conn.closed:
             return
-        self._protocol.confirm(self._flush_target())
-        self._flushed = max(self._flushed, self._protocol.flush_lsn)
+        self._protocol.confirm(self._progress.status(self._protocol.received_lsn).flushed)
         conn.send_copy_nowait(self._protocol.status_update(datetime.now(UTC)))
 
     async def _disconnect(self) -> None:

@@ -31,7 +31,13 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from cdc.errors import ReplicationError
 from cdc.lsn import format_lsn
 
-__all__ = ["SESSION_OPTIONS", "ConnectionLost", "ReplicationConnection", "ServerError"]
+__all__ = [
+    "APPLICATION_NAME",
+    "SESSION_OPTIONS",
+    "ConnectionLost",
+    "ReplicationConnection",
+    "ServerError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,10 @@ SESSION_OPTIONS = (
     " -c extra_float_digits=1 -c bytea_output=hex"
 )
 """Startup options of every replication session (see the module docstring)."""
+
+APPLICATION_NAME = "walcast"
+"""The `application_name` of replication sessions, unless the DSN sets one: it shows in
+`pg_stat_activity` and `pg_stat_replication`, and names the holder of a busy slot."""
 
 
 class ServerError(ReplicationError):
@@ -78,6 +88,7 @@ def _result_error(result: pq.abc.PGresult) -> ServerError:
 
 def _replication_conninfo(dsn: str) -> bytes:
     params = conninfo_to_dict(dsn)
+    params.setdefault("application_name", APPLICATION_NAME)
     user_options = str(params.pop("options", "") or "").strip()
     options = f"{user_options} {SESSION_OPTIONS}".strip()
     params.pop("replication", None)
@@ -328,7 +339,11 @@ class ReplicationConnection:
             result = self._pgconn.get_result()
         if error is None:
             return self._lost("replication stream ended")
-        if isinstance(error, ServerError) and (error.sqlstate or "").startswith(("57P", "08")):
+        # No SQLSTATE: libpq's own report (the server hung up, e.g. after ending the stream
+        # for a clean shutdown); 57P/08: the server is going away. Both mean "reconnect".
+        if isinstance(error, ServerError) and (
+            error.sqlstate is None or error.sqlstate.startswith(("57P", "08"))
+        ):
             return ConnectionLost(str(error))
         return error
 

@@ -20,7 +20,6 @@ from cdc import catalog
 from cdc.changes import Item, LogicalMessage, RowChange, TransactionEnd, TransactionStart
 from cdc.errors import ReplicationError
 from cdc.reader import ReplicationReader
-from cdc.transport import ReplicationConnection
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -53,11 +52,7 @@ async def prepare(dsn: str, tables: list[str], slot: str = "walcast") -> None:
     """Create publication and slot now, so writes made before the first read are captured."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await catalog.ensure_publication(conn, "walcast", tables)
-    repl = await ReplicationConnection.connect(dsn)
-    try:
-        await catalog.ensure_slot(repl, slot)
-    finally:
-        repl.close()
+        await catalog.create_slot(conn, slot)
 
 
 def make_reader(dsn: str, tables: list[str], **options: Any) -> ReplicationReader:
@@ -426,7 +421,42 @@ async def test_postgres_restart_mid_stream(
     assert keys == sorted(set(keys))
 
 
-async def test_slot_in_use_waits_then_takes_over(database_url: str) -> None:
+async def test_fast_restart_while_the_slot_is_held_back(
+    pg_server: PostgresServer, database_url: str
+) -> None:
+    """The consumer retains what it handled (history): the slot stays behind, yet a fast
+    shutdown completes at once, and the reader resumes with nothing lost or repeated."""
+    if not pg_server.can_restart:
+        pytest.skip("the test server cannot be restarted")
+    execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)")
+    await prepare(database_url, ["public.app"])
+    execute(database_url, *[f"INSERT INTO app VALUES ({n})" for n in range(1, 6)])
+    reader = make_reader(database_url, ["public.app"], status_interval=0.2)
+    async with streaming(reader) as it:
+        first = await take_transactions(it, 5)
+        reader.retain_from(first[0][0].commit_lsn)  # everything handled is still needed
+        waiting = asyncio.ensure_future(anext(it))
+        await asyncio.sleep(0.5)  # status updates go out: the slot is held at the first commit
+        held = await _confirmed(database_url)
+        assert held <= first[0][0].commit_lsn
+        restart = asyncio.ensure_future(asyncio.to_thread(pg_server.restart, mode="fast"))
+        try:
+            await asyncio.wait_for(asyncio.shield(restart), 8)
+        finally:
+            if not restart.done():
+                await reader.aclose()  # let a blocked stop finish, then fail
+                await restart
+        execute(database_url, "INSERT INTO app VALUES (6)")
+        start = await asyncio.wait_for(waiting, STEP)
+        (rest,) = await take_transactions(it, 1)
+    assert [c.new for c in changes([start, *rest])] == [{"id": 6}]
+    assert await _confirmed(database_url) == held  # the shutdown's replies did not move it
+
+
+async def test_slot_in_use_waits_then_takes_over(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cdc.reader")
     execute(database_url, "CREATE TABLE app (id int PRIMARY KEY)")
     await prepare(database_url, ["public.app"])
     execute(database_url, "INSERT INTO app VALUES (1)")
@@ -440,6 +470,15 @@ async def test_slot_in_use_waits_then_takes_over(database_url: str) -> None:
     waiting = asyncio.ensure_future(anext(it2))
     await asyncio.sleep(1.0)
     assert not waiting.done() and not second.streaming  # "slot is active": retrying
+    holder = await _walsender_pid(database_url)
+    busy = [r for r in caplog.records if r.getMessage() == "replication slot in use; retrying"]
+    assert busy, caplog.text
+    assert busy[0].error == (  # type: ignore[attr-defined]
+        f'SlotInUse: replication slot "walcast" is already streaming to another process'
+        f' (pid {holder}, application_name "walcast"): another walcast on this database?'
+        " Stop it, or give this one its own slot (--slot or WALCAST_SLOT). If that process"
+        f" is stale, end it: SELECT pg_terminate_backend({holder});"
+    )
     await first.aclose()  # from another task than the one reading: its iteration ends
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(pending, STEP)
@@ -650,30 +689,9 @@ async def test_publication_kept_in_step(database_url: str) -> None:
         ]
         assert await catalog.set_replica_identity_full(conn, ["a"]) == ["a"]
         assert await catalog.replica_identity_problems(conn, ["a"]) == []
-        await catalog.check_wal_level(conn)  # the test server runs with wal_level = logical
-
-
-async def test_wal_level_check_says_how_to_fix_it() -> None:
-    class Cursor:
-        async def __aenter__(self) -> Cursor:
-            return self
-
-        async def __aexit__(self, *exc: object) -> None:
-            return None
-
-        async def execute(self, *args: object) -> None:
-            return None
-
-        async def fetchall(self) -> list[tuple[str]]:
-            return [("replica",)]
-
-    class Conn:
-        def cursor(self) -> Cursor:
-            return Cursor()
-
-    with pytest.raises(ReplicationError, match="ALTER SYSTEM SET wal_level = logical") as info:
-        await catalog.check_wal_level(Conn())  # type: ignore[arg-type]
-    assert "restart" in str(info.value)
+        assert await catalog.wal_level(conn) == "logical"  # the test server's setting
+        assert await catalog.create_slot(conn, "other")
+        assert not await catalog.create_slot(conn, "other")  # exists: kept as it is
 
 
 async def test_unreachable_server_is_retried_with_backoff(caplog: pytest.LogCaptureFixture) -> None:

@@ -18,7 +18,7 @@ import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from cdc import catalog
+from cdc import setup
 from cdc.errors import ReplicationError
 from gateway.config import ConfigError, RealtimeConfig, Settings, load_realtime_config
 from migrations import apply as apply_migrations
@@ -89,10 +89,11 @@ async def serve(
     if settings.redis_url:
         _check_redis_url(settings.redis_url)
     try:
-        # Fail fast, with the fix in the message, before opening a port.
+        # Fail fast, with the fix in the message, before opening a port. A single node must
+        # not share its slot; on the Redis bus a second reader stands by for the reader lock.
         if cdc:
             pipeline = Pipeline(settings, config, DropSink(), _metrics(), on_ready=lambda _: None)
-            await pipeline.prepare()
+            await pipeline.prepare(exclusive=not settings.redis_url)
         else:  # a gateway node: the slot is the reader's business, but sessions need the database
             await (await psycopg.AsyncConnection.connect(dsn, connect_timeout=10)).close()
     except psycopg.OperationalError as exc:
@@ -139,61 +140,20 @@ def _metrics() -> Any:
 
 
 async def check(settings: Settings, config: RealtimeConfig) -> list[str]:
-    """Config vs database; returns the problems found (and prints a report)."""
+    """Config vs database, changing nothing: prints what each set-up step found (the same steps
+    `serve` runs) and returns the problems."""
+    from walcast.pipeline import setup_requirements
+
     dsn = _need_database(settings)
-    problems: list[str] = []
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        try:
-            await catalog.check_wal_level(conn)
-            print("wal_level: logical")
-        except ReplicationError as exc:
-            problems.append(str(exc))
-        tables = list(config.tables)
-        present = await catalog.existing_tables(conn, tables)
-        for name in tables:
-            if name not in present:
-                problems.append(f"table {name} does not exist")
-        print(f"tables: {len(present)} of {len(tables)} configured tables exist")
-        for fix in await catalog.replica_identity_problems(conn, present):
-            problems.append(f"replica identity is not FULL; run: {fix}")
-        # serve creates the publication and keeps its tables in step with the config at
-        # start-up, so a gap here is news, not a problem.
-        published = await _published_tables(conn, settings.publication)
-        if published is None:
-            print(f"publication {settings.publication}: not created yet (serve creates it)")
-        else:
-            behind = [name for name in present if name not in published]
-            print(
-                f"publication {settings.publication}: covers {len(present) - len(behind)}"
-                f" of {len(present)} configured tables"
-                + (f" (serve adds {', '.join(behind)} at start-up)" if behind else "")
-            )
-        status = await catalog.slot_status(conn, settings.slot)
-        if status is None:
-            print(f"slot {settings.slot}: not created yet (serve creates it)")
-        else:
-            print(
-                f"slot {settings.slot}: active={status.active} "
-                f"retained_wal_bytes={status.retained_wal_bytes} "
-                f"lag_bytes={status.lag_bytes}"
-            )
+        report = await setup.check(conn, setup_requirements(settings, config))
+    for finding in report.findings:
+        print(finding.summary)
+    problems = report.problems
     for problem in problems:
         print(f"problem: {problem}")
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return problems
-
-
-async def _published_tables(
-    conn: psycopg.AsyncConnection[Any], publication: str
-) -> set[str] | None:
-    cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
-    if await cur.fetchone() is None:
-        return None
-    cur = await conn.execute(
-        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = %s",
-        (publication,),
-    )
-    return {row[0] for row in await cur.fetchall()}
 
 
 # -- ticket / broadcast ------------------------------------------------------------------------
@@ -286,7 +246,9 @@ def _parser() -> argparse.ArgumentParser:
         "run the change reader and the WebSocket gateway",
         "Check the database, create the publication and the replication slot if missing, then"
         " read changes and serve them over WebSocket until SIGTERM or Ctrl-C. GET / lists the"
-        " endpoints.",
+        " endpoints. Exit status 2 when it cannot start: the database is not ready (wal_level,"
+        " privileges, tables, columns, replica identity, a slot another process streams from)"
+        " or a setting is wrong; stderr names the fix.",
     )
     common(p)
     p.add_argument("--host", help="listen address (env WALCAST_HOST, default 127.0.0.1)")
@@ -328,8 +290,10 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "check",
         "check the realtime config against the database",
-        "Report wal_level, the configured tables, their replica identity, the publication and"
-        " the slot, without changing anything. Exit status 1 if a problem was found.",
+        "Check the config against the database, changing nothing: the same steps serve runs at"
+        " start-up (wal_level, privileges, tables, columns, replica identity, publication,"
+        " slot). Exit status 0: ready; 1: problems found (each listed with the statement that"
+        " fixes it); 2: cannot check (connection, config file).",
     )
     common(p)
 

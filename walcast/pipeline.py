@@ -1,8 +1,9 @@
 """The CDC pipeline: replication reader → router → sink (the hubs, or the Redis bus).
 
-Start-up, in order: check `wal_level`, the tables and their replica identity; keep the
-publication in step with the config; create the slot if missing; note the slot's confirmed
-position (history is complete from there); write a sync marker into the WAL; then stream. When
+Start-up, in order: check and set up the database (`cdc.setup`: wal_level, privileges, the
+tables and the columns the config names, replica identity, the publication kept in step with the
+config, the slot); note the slot's confirmed position (history is complete from there); write a
+sync marker into the WAL; then stream. When
 the reader hands the marker back, everything committed before start-up has been re-read into
 history, so the node is ready: sockets may attach and resume.
 
@@ -22,27 +23,60 @@ from typing import Protocol
 
 import psycopg
 
-from cdc import catalog
+from cdc import catalog, setup
 from cdc.changes import LogicalMessage, RowChange, TransactionEnd
-from cdc.errors import ReplicationError
 from cdc.reader import ReplicationReader
+from cdc.setup import Requirements
 from gateway.config import RealtimeConfig, Settings
 from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
 from gateway.metrics import Metrics
 from walcast.routing import Router
 
-__all__ = ["SYNC_PREFIX", "DropSink", "EventSink", "Pipeline", "RetentionWindow", "StartupError"]
+__all__ = [
+    "SYNC_PREFIX",
+    "DropSink",
+    "EventSink",
+    "Pipeline",
+    "RetentionWindow",
+    "config_columns",
+    "setup_requirements",
+]
 
 log = logging.getLogger(__name__)
 
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
 
-SESSION_TABLES = ("public.member", "public.session")
+
+def config_columns(config: RealtimeConfig) -> dict[str, dict[str, tuple[str, ...]]]:
+    """Per configured table, each config key that names columns → the columns it names."""
+    named: dict[str, dict[str, tuple[str, ...]]] = {}
+    for name, table in config.tables.items():
+        keys: dict[str, tuple[str, ...]] = {"organizationColumn": (table.organizationColumn,)}
+        if table.userColumn:
+            keys["userColumn"] = (table.userColumn,)
+        if table.ownerColumn:
+            keys["ownerColumn"] = (table.ownerColumn,)
+        if table.fields is not None:
+            keys["fields"] = tuple(table.fields)
+        if table.masking:
+            keys["masking"] = tuple(table.masking)
+        named[name] = keys
+    return named
 
 
-class StartupError(ReplicationError):
-    """The database is not ready for walcast; the message says what to run."""
+def setup_requirements(
+    settings: Settings, config: RealtimeConfig, *, exclusive: bool = False
+) -> Requirements:
+    """What `cdc.setup` checks and ensures for this config (`exclusive`: single-node serve)."""
+    return Requirements(
+        slot=settings.slot,
+        publication=settings.publication,
+        tables=tuple(config.tables),
+        columns=config_columns(config),
+        replica_identity="manage" if config.manageReplicaIdentity else "check",
+        exclusive=exclusive,
+    )
 
 
 class EventSink(Protocol):
@@ -110,46 +144,20 @@ class Pipeline:
         #: The tables the publication covers, once `prepare()` has run.
         self.tables: tuple[str, ...] = ()
 
-    async def prepare(self) -> int:
-        """Check and set up the database; returns the slot's confirmed position."""
-        settings, config = self._settings, self._config
+    async def prepare(self, *, exclusive: bool = False) -> int:
+        """Check and set up the database; returns the slot's confirmed position.
+
+        `exclusive`: fail when another process streams from the slot (single-node `serve`;
+        on the Redis bus a standby waits for the reader lock instead).
+
+        Raises:
+            SetupError: what is missing, with the statement to run.
+        """
+        requirements = setup_requirements(self._settings, self._config, exclusive=exclusive)
         async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
-            # Several processes may start at once (reader HA, a gateway restart): set up one at
-            # a time, so none trips over another's CREATE PUBLICATION or slot.
-            await conn.execute(
-                "SELECT pg_advisory_lock(hashtext(%s))", (f"walcast:setup:{settings.slot}",)
-            )
-            await catalog.check_wal_level(conn)
-            configured = list(config.tables)
-            present = set(await catalog.existing_tables(conn, configured))
-            missing = [name for name in configured if name not in present]
-            if missing:
-                raise StartupError(
-                    "tables in the realtime config do not exist: " + ", ".join(missing)
-                )
-            session_tables = await catalog.existing_tables(conn, SESSION_TABLES)
-            watched = configured + [t for t in session_tables if t not in configured]
-            problems = await catalog.replica_identity_problems(conn, watched)
-            if problems and config.manageReplicaIdentity:
-                changed = await catalog.set_replica_identity_full(conn, watched)
-                log.warning("set REPLICA IDENTITY FULL on %s", ", ".join(changed))
-            elif problems:
-                raise StartupError(
-                    "walcast needs REPLICA IDENTITY FULL (old rows on UPDATE/DELETE, and the "
-                    "routing columns of a DELETE). Run:\n  "
-                    + "\n  ".join(problems)
-                    + "\nor set manageReplicaIdentity = true in the realtime config."
-                )
-            await catalog.ensure_publication(conn, settings.publication, watched)
-            await conn.execute(
-                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')"
-                " WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = %s)",
-                (settings.slot, settings.slot),
-            )
-            status = await catalog.slot_status(conn, settings.slot)
-            assert status is not None
-            self.tables = tuple(watched)
-            return status.confirmed_flush_lsn or 0
+            report = await setup.ensure(conn, requirements)
+        self.tables = tuple(report.watched)
+        return report.slot.confirmed_flush_lsn or 0 if report.slot else 0
 
     async def run(self, start_lsn: int | None = None) -> None:
         """Stream until cancelled; `start_lsn` is `prepare()`'s answer when the caller ran it."""
