@@ -1,4 +1,4 @@
-"""Event cursors: the opaque, ordered `id` of every event (spec §3).
+"""Event cursors: the opaque, ordered `id` of every event.
 
 An id is the commit LSN of the event's transaction and the event's 1-based position in it:
 `00000000016B3748-0003`. Changes and broadcasts (logical messages) share this space, so one

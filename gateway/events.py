@@ -58,7 +58,7 @@ class BroadcastEvent:
 
 @dataclass(frozen=True, slots=True)
 class AccessRevoked:
-    """A member's roles changed or were removed, or a session was deleted (spec §6)."""
+    """A member's roles changed or were removed, or a session was deleted."""
 
     reason: str  #: "role-changed", "member-removed" or "session-revoked"
     organization_id: str | None

@@ -1,4 +1,4 @@
-"""Column masks (spec §8): what a subscriber without `show` rights sees instead of the value.
+"""Column masks: what a subscriber without `show` rights sees instead of the value.
 
 The rules, shared by every mask type:
 

@@ -1,4 +1,4 @@
-"""The OpenAPI 3 description of walcast's HTTP API (spec §4), served at `GET /openapi.json`.
+"""The OpenAPI 3 description of walcast's HTTP API, served at `GET /openapi.json`.
 
 The document is data, built once at import, and it is a contract: tests/test_openapi.py runs
 schemathesis against a live walcast with it, so every status code and body the gateway can
@@ -72,7 +72,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "wsTicket": {
                 "type": "string",
-                "description": "an HS256 JWT (spec §5), valid for 60 s and usable once",
+                "description": "an HS256 JWT, valid for 60 s and usable once",
                 "pattern": r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$",
             },
             "expiresIn": {"type": "integer", "enum": [60]},
@@ -280,7 +280,7 @@ OPENAPI: dict[str, Any] = {
         "/metrics": {
             "get": {
                 "operationId": "metrics",
-                "summary": "Prometheus metrics (spec §11)",
+                "summary": "Prometheus metrics",
                 "responses": {
                     "200": {
                         "description": "Prometheus text exposition format",

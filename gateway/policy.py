@@ -2,7 +2,7 @@
 
 A `TablePolicy` is bound once per table from its config. For a set of roles it answers, from a
 cache, whether those roles may see the table at all and which masked columns they see raw: that
-pair is the visibility class that fan-out serializes once for (spec §8).
+pair is the visibility class that fan-out serializes once for.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Who may ask for a ticket (spec §6): session stores behind `POST /realtime/v1/ws-ticket`.
+"""Who may ask for a ticket: session stores behind `POST /realtime/v1/ws-ticket`.
 
 The endpoint does two things with a store: `authenticate(bearer token)` → the `Session`, then
 `roles_of(user, organization)` → the member's roles, or None for "not a member" (403).

@@ -1,4 +1,4 @@
--- The Better Auth tables walcast's default session store reads (spec §6). Created only where
+-- The Better Auth tables walcast's default session store reads. Created only where
 -- missing, so a database that already runs Better Auth keeps its own definitions.
 CREATE TABLE IF NOT EXISTS "user" (
     id text PRIMARY KEY,
@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS member (
 
 CREATE INDEX IF NOT EXISTS member_user_org ON member ("userId", "organizationId");
 
--- walcast watches these two tables for live revocation (spec §6): a DELETE must carry the whole
+-- walcast watches these two tables for live revocation: a DELETE must carry the whole
 -- old row (organization, user, session token), which needs REPLICA IDENTITY FULL.
 ALTER TABLE member REPLICA IDENTITY FULL;
 ALTER TABLE "session" REPLICA IDENTITY FULL;
