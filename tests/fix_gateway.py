@@ -264,6 +264,9 @@ async def start_gateway(
             conn.execute(schema.encode())
     config = config or parse_realtime_config(_toml(TEST_CONFIG))
     port = free_port()
+    # Tests open hundreds of sockets from one address; the per-address ticket rate limit has its
+    # own attack tests (tests/test_attacks_http.py), which set it explicitly.
+    settings.setdefault("ticket_rate", 0)
     cfg = Settings(
         database_url=dsn,
         access_tokens=(ACCESS_TOKEN,),
