@@ -17,6 +17,8 @@ from bench import (
     redis_bus,
     redis_reader,
     send_cost,
+    serve_cdc,
+    sustained,
 )
 from tests.pg import PostgresServer
 
@@ -119,3 +121,38 @@ def test_latency_over_several_organizations(pg_server: PostgresServer) -> None:
     # 3 probes in 3 organizations, 20 changes round-robin over them plus one end row each:
     # each probe times its own organization's share, so 23 samples in all (none crossed over).
     assert 21 <= result["samples"] <= 23, result
+
+
+def test_serve_cdc_times_the_serve_process_and_pg_recvlogical(pg_server: PostgresServer) -> None:
+    args = ["--rows", "3000", "--batch", "500", "--runs", "1", "--orgs", "3"]
+    result = serve_cdc.main([*args, "--dsn", pg_server.dsn, "--json-only"])
+    assert result["rows"] == 3000
+    assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
+    assert result["walcast_cpu_us_per_change"] > 0
+    (healthz,) = result["healthz"]
+    (metrics,) = result["metrics"]
+    assert healthz["answers"] >= 1 and metrics["answers"] >= 2  # the window needs two scrapes
+    (gc_seen,) = result["gc"]
+    assert gc_seen["collections"] > 0  # the sitecustomize hook reached the serve process
+
+
+def test_top_frames_ranks_own_and_cumulative_samples() -> None:
+    lines = [
+        "run (walcast/pipeline.py:10);route (walcast/routing.py:5) 3",
+        "run (walcast/pipeline.py:10);decode (cdc/reader.py:7) 1",
+    ]
+    top = serve_cdc.top_frames(lines)
+    assert top["samples"] == 4
+    assert top["own_percent"][0] == ("route (walcast/routing.py)", 75.0)
+    assert top["cumulative_percent"][0] == ("run (walcast/pipeline.py)", 100.0)
+
+
+def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: PostgresServer) -> None:
+    args = ["--tps", "50", "--seconds", "3", "--scale", "1", "--clients", "2"]
+    result = sustained.main([*args, "--dsn", pg_server.dsn, "--json-only"])
+    received = result["received"]
+    # TPC-B: four row changes per transaction, each to both subscribers of org_bench.
+    assert received["owner"] == received["member"] == 4 * result["pgbench"]["transactions"]
+    assert result["isolated"] and result["masked_leaks"] == 0 and result["out_of_order"] == 0
+    assert result["last_minute"]["samples"] == 2 * received["owner"]
+    assert result["rss_mb"] and result["gc_last_minute"]["collections"] > 0
