@@ -138,13 +138,20 @@ def test_serve_cdc_times_the_serve_process_and_pg_recvlogical(pg_server: Postgre
 
 def test_top_frames_ranks_own_and_cumulative_samples() -> None:
     lines = [
-        "run (walcast/pipeline.py:10);route (walcast/routing.py:5) 3",
-        "run (walcast/pipeline.py:10);decode (cdc/reader.py:7) 1",
+        "Pipeline.run (/x/walcast/pipeline.py:10);route (/x/walcast/routing.py:5) 3",
+        "Pipeline.run (/x/walcast/pipeline.py:12);decode (/x/cdc/reader.py:7) 1",
+        "select (/usr/lib/selectors.py:1) 4",
     ]
     top = serve_cdc.top_frames(lines)
-    assert top["samples"] == 4
-    assert top["own_percent"][0] == ("route (walcast/routing.py)", 75.0)
-    assert top["cumulative_percent"][0] == ("run (walcast/pipeline.py)", 100.0)
+    assert top["samples"] == 8
+    assert top["own_percent"][0] == ("select (lib/selectors.py)", 50.0)
+    assert top["own_percent"][1] == ("route (walcast/routing.py)", 37.5)
+    assert ("Pipeline.run (walcast/pipeline.py)", 50.0) in top["cumulative_percent"]
+    assert top["stages_percent"] == [
+        ("(not in the pipeline)", 50.0),
+        ("route (walcast/routing.py)", 37.5),
+        ("decode (cdc/reader.py)", 12.5),
+    ]
 
 
 def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: PostgresServer) -> None:
