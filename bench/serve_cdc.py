@@ -113,8 +113,16 @@ historySeconds = 120
 # Installed as `sitecustomize` on the serve process's PYTHONPATH: Python imports it at start-up.
 # Each collection's wall time goes to the file named by WALCAST_BENCH_GC_LOG, one line each:
 # "<unix time> <generation> <seconds> <collected>", appended by a thread every 0.2 s.
+# WALCAST_BENCH_GC_THRESHOLD ("off", or "g0,g1,g2") tries another collector setting: what
+# the collector costs, measured without changing walcast.
 GC_HOOK = """
 import atexit, gc, os, threading, time
+
+_threshold = os.environ.get("WALCAST_BENCH_GC_THRESHOLD")
+if _threshold == "off":
+    gc.disable()
+elif _threshold:
+    gc.set_threshold(*map(int, _threshold.split(",")))
 
 _path = os.environ.get("WALCAST_BENCH_GC_LOG")
 if _path:
