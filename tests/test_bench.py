@@ -3,7 +3,10 @@ the numbers are not checked, only that the harness works and reports what it sho
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -163,3 +166,20 @@ def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: Postg
     assert result["isolated"] and result["masked_leaks"] == 0 and result["out_of_order"] == 0
     assert result["last_minute"]["samples"] == 2 * received["owner"]
     assert result["rss_mb"] and result["gc_last_minute"]["collections"] > 0
+
+
+def test_gc_hook_times_collections_and_applies_the_threshold(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(serve_cdc.GC_HOOK)
+    log = tmp_path / "gc.log"
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "WALCAST_BENCH_GC_LOG": str(log),
+        "WALCAST_BENCH_GC_THRESHOLD": "off",
+    }
+    probe = "import gc; gc.collect(); print(gc.isenabled())"
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.strip() == "False"  # the collector is off, as asked
+    (pause,) = serve_cdc.gc_pauses(log)  # only the explicit collection ran, and was timed
+    assert pause.generation == 2 and pause.seconds > 0
