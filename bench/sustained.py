@@ -54,6 +54,7 @@ ORG, OTHER_ORG = "org_bench", "org_other"
 TABLES = ("pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history")
 LAST_SECONDS = 60.0  #: the tail is judged over the commits of the run's last minute
 RSS_EVERY = 5.0
+DRAIN_QUIET_SECONDS = 30.0  #: after pgbench, give up on changes that stop arriving this long
 
 CONFIG = """
 manageReplicaIdentity = true
@@ -183,11 +184,19 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
             if bench.returncode != 0:
                 raise SystemExit(f"pgbench failed: {err.decode()[-2000:]}")
             ended = time.time()
-            # Drain: the last commits are delivered once both org_bench sockets fall quiet.
-            counts = (-1, -1)
-            while counts != (len(owner.received), len(member.received)):
-                counts = (len(owner.received), len(member.received))
-                await asyncio.sleep(1.0)
+            summary = _pgbench_summary(out.decode())
+            # Drain: every committed transaction is four changes for each org_bench socket.
+            expected = 4 * int(summary.get("transactions", 0))
+            progress, quiet_since = -1, time.monotonic()
+            while min(len(owner.received), len(member.received)) < expected:
+                if len(owner.received) + len(member.received) != progress:
+                    progress, quiet_since = (
+                        len(owner.received) + len(member.received),
+                        time.monotonic(),
+                    )
+                elif time.monotonic() - quiet_since > DRAIN_QUIET_SECONDS:
+                    break  # reported as missing
+                await asyncio.sleep(0.2)
             rss.append((round(time.time() - started, 1), proc_rss_bytes(pid) / 2**20))
             sampler.cancel()
             for ws, _, _ in sockets:
@@ -196,7 +205,8 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     pauses = gc_pauses(serve.gc_log)
     last = [p for p in pauses if started <= p.at and p.at >= ended - LAST_SECONDS]
     return {
-        "pgbench": _pgbench_summary(out.decode()),
+        "pgbench": summary,
+        "missing": {s.name: expected - len(s.received) for s in (owner, member)},
         "last_minute": _latencies([owner, member], ended - LAST_SECONDS, ended),
         "whole_run": _latencies([owner, member], started, ended),
         "received": {s.name: len(s.received) for s in (owner, member, other)},
@@ -288,7 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  GC in the last minute: {gc_tail['collections']} collections, "
             f"{gc_tail['total_ms']} ms in all, longest {gc_tail['max_ms']} ms "
             f"(gen 2: {gc_tail['by_generation']['2']})",
-            f"  received {result['received']}, masked leaks {result['masked_leaks']}, "
+            f"  received {result['received']} (missing {result['missing']}), "
+            f"masked leaks {result['masked_leaks']}, "
             f"out of order {result['out_of_order']}",
         ],
         json_only=args.json_only,
