@@ -199,6 +199,9 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
                 await asyncio.sleep(0.2)
             rss.append((round(time.time() - started, 1), proc_rss_bytes(pid) / 2**20))
             sampler.cancel()
+            # A socket serve closed meanwhile (e.g. 4008 for a slow consumer) explains missing
+            # changes: its close code is reported.
+            closed = {s.name: ws.close_code for ws, s, _ in sockets if ws.closed}
             for ws, _, _ in sockets:
                 await ws.close()
             await asyncio.gather(*readers, sampler, return_exceptions=True)
@@ -207,6 +210,7 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
     return {
         "pgbench": summary,
         "missing": {s.name: expected - len(s.received) for s in (owner, member)},
+        "closed_by_server": closed,
         "last_minute": _latencies([owner, member], ended - LAST_SECONDS, ended),
         "whole_run": _latencies([owner, member], started, ended),
         "received": {s.name: len(s.received) for s in (owner, member, other)},
@@ -298,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  GC in the last minute: {gc_tail['collections']} collections, "
             f"{gc_tail['total_ms']} ms in all, longest {gc_tail['max_ms']} ms "
             f"(gen 2: {gc_tail['by_generation']['2']})",
-            f"  received {result['received']} (missing {result['missing']}), "
+            f"  received {result['received']} (missing {result['missing']}; sockets closed by "
+            f"serve: {result['closed_by_server'] or 'none'}), "
             f"masked leaks {result['masked_leaks']}, "
             f"out of order {result['out_of_order']}",
         ],
