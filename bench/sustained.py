@@ -199,7 +199,7 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
                 await asyncio.sleep(0.2)
             rss.append((round(time.time() - started, 1), proc_rss_bytes(pid) / 2**20))
             sampler.cancel()
-            # A socket serve closed meanwhile (e.g. 4008 for a slow consumer) explains missing
+            # A socket serve closed meanwhile (e.g. 1013 for a slow consumer) explains missing
             # changes: its close code is reported.
             closed = {s.name: ws.close_code for ws, s, _ in sockets if ws.closed}
             for ws, _, _ in sockets:
