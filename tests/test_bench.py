@@ -3,7 +3,10 @@ the numbers are not checked, only that the harness works and reports what it sho
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,8 @@ from bench import (
     redis_bus,
     redis_reader,
     send_cost,
+    serve_cdc,
+    sustained,
 )
 from tests.pg import PostgresServer
 
@@ -119,3 +124,63 @@ def test_latency_over_several_organizations(pg_server: PostgresServer) -> None:
     # 3 probes in 3 organizations, 20 changes round-robin over them plus one end row each:
     # each probe times its own organization's share, so 23 samples in all (none crossed over).
     assert 21 <= result["samples"] <= 23, result
+
+
+def test_serve_cdc_times_the_serve_process_and_pg_recvlogical(pg_server: PostgresServer) -> None:
+    args = ["--rows", "3000", "--batch", "500", "--runs", "1", "--orgs", "3"]
+    result = serve_cdc.main([*args, "--dsn", pg_server.dsn, "--json-only"])
+    assert result["rows"] == 3000
+    assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
+    assert result["walcast_cpu_us_per_change"] > 0
+    (healthz,) = result["healthz"]
+    (metrics,) = result["metrics"]
+    assert healthz["answers"] >= 1 and metrics["answers"] >= 2  # the window needs two scrapes
+    (gc_seen,) = result["gc"]
+    assert gc_seen["collections"] > 0  # the sitecustomize hook reached the serve process
+
+
+def test_top_frames_ranks_own_and_cumulative_samples() -> None:
+    lines = [
+        "Pipeline.run (/x/walcast/pipeline.py:10);route (/x/walcast/routing.py:5) 3",
+        "Pipeline.run (/x/walcast/pipeline.py:12);decode (/x/cdc/reader.py:7) 1",
+        "select (/usr/lib/selectors.py:1) 4",
+    ]
+    top = serve_cdc.top_frames(lines)
+    assert top["samples"] == 8
+    assert top["own_percent"][0] == ("select (lib/selectors.py)", 50.0)
+    assert top["own_percent"][1] == ("route (walcast/routing.py)", 37.5)
+    assert ("Pipeline.run (walcast/pipeline.py)", 50.0) in top["cumulative_percent"]
+    assert top["stages_percent"] == [
+        ("(not in the pipeline)", 50.0),
+        ("route (walcast/routing.py)", 37.5),
+        ("decode (cdc/reader.py)", 12.5),
+    ]
+
+
+def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: PostgresServer) -> None:
+    args = ["--tps", "50", "--seconds", "3", "--scale", "1", "--clients", "2"]
+    result = sustained.main([*args, "--dsn", pg_server.dsn, "--json-only"])
+    received = result["received"]
+    # TPC-B: four row changes per transaction, each to both subscribers of org_bench.
+    assert received["owner"] == received["member"] == 4 * result["pgbench"]["transactions"]
+    assert result["missing"] == {"owner": 0, "member": 0} and not result["closed_by_server"]
+    assert result["isolated"] and result["masked_leaks"] == 0 and result["out_of_order"] == 0
+    assert result["last_minute"]["samples"] == 2 * received["owner"]
+    assert result["rss_mb"] and result["gc_last_minute"]["collections"] > 0
+
+
+def test_gc_hook_times_collections_and_applies_the_threshold(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(serve_cdc.GC_HOOK)
+    log = tmp_path / "gc.log"
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "WALCAST_BENCH_GC_LOG": str(log),
+        "WALCAST_BENCH_GC_THRESHOLD": "off",
+    }
+    probe = "import gc; gc.collect(); print(gc.isenabled())"
+    answer = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.strip() == "False"  # the collector is off, as asked
+    (pause,) = serve_cdc.gc_pauses(log)  # only the explicit collection ran, and was timed
+    assert pause.generation == 2 and pause.seconds > 0
