@@ -34,10 +34,14 @@ import redis.asyncio as aioredis
 from bench.common import emit, median
 from bench.wsload import CONFIG, row
 from cdc.cursors import format_cursor, parse_cursor
+from cdc.identity import Identity
 from gateway.config import parse_realtime_config
 from gateway.events import ChangeEvent
 from walcast.aio import cancel_and_wait
 from walcast.bus import PUBLISH_SCRIPT, BusKeys, RedisSink, encode_events, stream_id
+
+#: The made-up database the benchmark's history belongs to.
+BENCH_IDENTITY = Identity("1", 1, "bench", 1, "walcast")
 
 
 def make_events(count: int, orgs: int, transaction: int) -> list[list[ChangeEvent]]:
@@ -90,7 +94,7 @@ def add_redis_url_arg(parser: argparse.ArgumentParser) -> None:
 async def run_sink(redis: aioredis.Redis, transactions: list[list[ChangeEvent]]) -> float:
     keys = fresh_keys()
     sink = RedisSink(redis, keys, history_seconds=600, max_len=1_000_000)
-    await sink.start(0x100_0000)
+    await sink.start(0x100_0000, BENCH_IDENTITY, 1 << 40)
     task = asyncio.create_task(sink.run())
     try:
         started = time.perf_counter()

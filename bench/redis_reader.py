@@ -104,7 +104,8 @@ async def run_side(
     tasks: list[asyncio.Task[None]] = []
     try:
         if side == "redis":
-            await redis_sink.start(start_lsn)
+            assert pipeline.identity is not None
+            pipeline.epoch = await redis_sink.start(start_lsn, pipeline.identity, pipeline.wal_end)
             tasks.append(asyncio.create_task(redis_sink.run()))
         started, cpu_started = time.perf_counter(), time.process_time()
         tasks.append(asyncio.create_task(pipeline.run(start_lsn)))

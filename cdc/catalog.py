@@ -34,6 +34,7 @@ __all__ = [
     "application_name",
     "create_slot",
     "current_wal_lsn",
+    "drop_slot",
     "ensure_publication",
     "existing_tables",
     "fetch_types",
@@ -42,6 +43,7 @@ __all__ = [
     "replica_identity_problems",
     "role",
     "set_replica_identity_full",
+    "setting",
     "slot_status",
     "split_name",
     "table_columns",
@@ -81,6 +83,12 @@ async def _rows(
 
 
 # -- prerequisites -----------------------------------------------------------------------------
+
+
+async def setting(conn: AsyncConn, name: str) -> str | None:
+    """A server setting's current value as `SHOW` gives it; None when the server has none."""
+    ((value,),) = await _rows(conn, "SELECT current_setting(%s, true)", (name,))
+    return value
 
 
 async def wal_level(conn: AsyncConn) -> str:
@@ -310,6 +318,15 @@ async def create_slot(conn: AsyncConn, name: str) -> bool:
     return True
 
 
+async def drop_slot(conn: AsyncConn, name: str) -> None:
+    """Drop the slot (it must not be active); nothing when it does not exist."""
+    try:
+        await _rows(conn, "SELECT pg_drop_replication_slot(%s)", (name,))
+    except psycopg.errors.UndefinedObject:
+        return
+    logger.info("dropped replication slot", extra={"slot": name})
+
+
 # -- types ---------------------------------------------------------------------------------------
 
 
@@ -382,6 +399,14 @@ class SlotStatus:
     active_pid: int | None  #: the walsender streaming from it, while active
     plugin: str | None = None  #: the output plugin; None for a physical slot
     database: str | None = None  #: the database a logical slot belongs to
+    wal_status: str | None = None  #: reserved, extended, unreserved, or lost
+    #: Why PostgreSQL invalidated the slot (17+: e.g. wal_removed), None while it is usable.
+    invalidation_reason: str | None = None
+
+    @property
+    def invalidated(self) -> bool:
+        """PostgreSQL invalidated the slot: it can never stream again (its WAL is gone)."""
+        return self.wal_status == "lost" or self.invalidation_reason is not None
 
 
 def _lsn(text: str | None) -> int | None:
@@ -395,15 +420,27 @@ async def slot_status(conn: AsyncConn, slot: str) -> SlotStatus | None:
         "SELECT confirmed_flush_lsn::text, restart_lsn::text,"
         " pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8,"
         " pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,"
-        " active, active_pid, plugin, database"
-        " FROM pg_replication_slots WHERE slot_name = %s",
+        " active, active_pid, plugin, database, wal_status,"
+        # invalidation_reason exists from PostgreSQL 17 on: read through jsonb to need no
+        # version check (NULL before 17, and while the slot is usable).
+        " to_jsonb(s) ->> 'invalidation_reason'"
+        " FROM pg_replication_slots s WHERE slot_name = %s",
         (slot,),
     )
     if not rows:
         return None
-    confirmed, restart, retained, lag, active, pid, plugin, database = rows[0]
+    confirmed, restart, retained, lag, active, pid, plugin, database, wal, reason = rows[0]
     return SlotStatus(
-        _lsn(confirmed), _lsn(restart), retained, lag, bool(active), pid, plugin, database
+        _lsn(confirmed),
+        _lsn(restart),
+        retained,
+        lag,
+        bool(active),
+        pid,
+        plugin,
+        database,
+        wal,
+        reason,
     )
 
 

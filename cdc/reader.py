@@ -61,6 +61,7 @@ _READ_AHEAD = 256
 
 # SQLSTATE classes/codes that mean "try again later", not "fix your setup".
 _OBJECT_IN_USE = "55006"  # e.g. the slot is active for another process
+_INVALIDATED = "55000"  # e.g. "can no longer get changes from replication slot"
 _RETRY_SQLSTATES = ("08", "53", "57P", "40001", "40P01", _OBJECT_IN_USE, "55P03")
 
 
@@ -274,6 +275,12 @@ class ReplicationReader:
         """Open both connections, check and set up (`cdc.setup`), and start streaming."""
         self._catalog = await psycopg.AsyncConnection.connect(self.dsn, autocommit=True)
         report = await setup.ensure(self._catalog, self._requirements)
+        if report.slot_created and self._progress.flushed:
+            why = "PostgreSQL had invalidated it" if report.slot_invalidated else "it was dropped"
+            raise setup.SlotRecreated(
+                f'replication slot "{self.slot}" was created anew while walcast streamed from'
+                f" it ({why}): what it held since {format_lsn(self._progress.flushed)} is gone"
+            )
         confirmed = report.slot.confirmed_flush_lsn if report.slot else None
 
         self._conn = conn = await ReplicationConnection.connect(self.dsn)
@@ -286,6 +293,10 @@ class ReplicationReader:
         try:
             await conn.start_replication(self.slot, 0, setup.start_options(self.publication))
         except ServerError as exc:
+            if exc.sqlstate == _INVALIDATED:  # since `ensure`: its next run re-creates the slot
+                status = await catalog.slot_status(self._catalog, self.slot)
+                if status is not None and status.invalidated:
+                    raise ConnectionLost(str(exc)) from None
             if exc.sqlstate != _OBJECT_IN_USE:
                 raise
             message = await setup.slot_in_use(self._catalog, self.slot)

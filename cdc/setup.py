@@ -45,6 +45,7 @@ __all__ = [
     "Report",
     "Requirements",
     "SetupError",
+    "SlotRecreated",
     "check",
     "ensure",
     "slot_in_use",
@@ -64,6 +65,12 @@ walcast that has just exited, whose server process has not noticed yet)."""
 
 class SetupError(ReplicationError):
     """The database is not ready for walcast; the message says what to run."""
+
+
+class SlotRecreated(ReplicationError):
+    """The slot a reader was streaming from had to be created anew (dropped, or invalidated by
+    PostgreSQL): what it held since the reader last confirmed is gone, so the history cannot
+    go on; whoever keeps one starts it anew (a new epoch: older cursors resync)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,10 @@ class Report:
     findings: tuple[Finding, ...]
     slot: SlotStatus | None  #: the slot after the fixes (`ensure`) or as found (`check`)
     watched: tuple[str, ...]  #: the tables the publication covers: configured + session store
+    #: `ensure` created the slot: no history from before can continue on it (a new epoch).
+    slot_created: bool = False
+    #: Why `ensure` re-created the slot (PostgreSQL had invalidated it), else None.
+    slot_invalidated: str | None = None
 
     @property
     def problems(self) -> list[str]:
@@ -123,6 +134,8 @@ class _Context:
     watched: list[str] = field(default_factory=list)  # present + the session store's tables
     identity_todo: list[str] = field(default_factory=list)
     slot: SlotStatus | None = None
+    slot_invalidated: str | None = None  # why the slot must be re-created (see `_check_slot`)
+    slot_created: bool = False  # `_fix_slot` created the slot
 
     def quote(self, identifier: str) -> str:
         return sql.Identifier(identifier).as_string(self.conn)
@@ -354,6 +367,14 @@ async def _check_slot(ctx: _Context) -> Finding:
     status = ctx.slot = await catalog.slot_status(ctx.conn, req.slot)
     if status is None:
         return Finding("slot", f"slot {req.slot}: not created yet (serve creates it)", pending=True)
+    if status.invalidated and status.plugin == "pgoutput" and status.database == role.database:
+        ctx.slot_invalidated = await _invalidation(ctx.conn, req.slot, status)
+        return Finding(
+            "slot",
+            f"slot {req.slot}: invalidated by PostgreSQL (serve re-creates it). "
+            + ctx.slot_invalidated,
+            pending=True,
+        )
     summary = (
         f"slot {req.slot}: active={status.active} "
         f"retained_wal_bytes={status.retained_wal_bytes} lag_bytes={status.lag_bytes}"
@@ -399,8 +420,43 @@ async def _released(ctx: _Context) -> SlotStatus | None:
     return status
 
 
+async def _invalidation(conn: AsyncConn, slot: str, status: SlotStatus) -> str:
+    """Why PostgreSQL invalidated the slot, what that cost, and how to keep it from recurring."""
+    reason = status.invalidation_reason
+    found = f"wal_status = {status.wal_status}" + (
+        f", invalidation_reason = {reason}" if reason else ""
+    )
+    if reason == "idle_timeout":
+        timeout = await catalog.setting(conn, "idle_replication_slot_timeout")
+        cause = (
+            f"it stayed unused longer than idle_replication_slot_timeout ({timeout})."
+            " To keep this from happening, raise idle_replication_slot_timeout and keep"
+            " walcast running"
+        )
+    elif reason in (None, "wal_removed"):
+        keep = await catalog.setting(conn, "max_slot_wal_keep_size")
+        cause = (
+            f"it held back more WAL than max_slot_wal_keep_size ({keep}) allows, while walcast"
+            " was stopped or fell behind, so PostgreSQL removed WAL it still needed."
+            " To keep this from happening, raise max_slot_wal_keep_size (ALTER SYSTEM SET"
+            " max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf(); or -1 for no limit) and"
+            " keep walcast running (restart it promptly: the slot retains WAL while it is down)"
+        )
+    else:
+        cause = "see PostgreSQL's log for why. Keep walcast running"
+    return (
+        f'replication slot "{slot}" was invalidated by PostgreSQL ({found}): {cause}.'
+        " Changes committed since walcast last read the slot cannot be delivered; walcast"
+        " re-creates the slot and starts a new history epoch, so clients resuming from an older"
+        " cursor get resync_required and must refetch their data."
+    )
+
+
 async def _fix_slot(ctx: _Context) -> None:
-    await catalog.create_slot(ctx.conn, ctx.req.slot)
+    if ctx.slot_invalidated is not None:
+        logger.warning(ctx.slot_invalidated)
+        await catalog.drop_slot(ctx.conn, ctx.req.slot)
+    ctx.slot_created = await catalog.create_slot(ctx.conn, ctx.req.slot)
 
 
 STEPS: tuple[Step, ...] = (
@@ -435,7 +491,13 @@ async def _run(conn: AsyncConn, req: Requirements, *, apply: bool) -> Report:
                 except psycopg.Error as exc:  # e.g. a privilege revoked since the check
                     raise SetupError(f"setting up the {step.name} failed: {exc}".strip()) from None
         ctx.slot = await catalog.slot_status(conn, req.slot)
-    return Report(findings, ctx.slot, tuple(ctx.watched))
+    return Report(
+        findings,
+        ctx.slot,
+        tuple(ctx.watched),
+        slot_created=ctx.slot_created,
+        slot_invalidated=ctx.slot_invalidated if ctx.slot_created else None,
+    )
 
 
 async def check(conn: AsyncConn, req: Requirements) -> Report:

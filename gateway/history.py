@@ -16,6 +16,8 @@ Rules a `History` keeps:
   what "handled before the call" means; the hub collects whatever arrives after that itself.
 * `position` is the cursor a client told in ``ready`` has missed nothing up to; a resume
   cursor above it comes from somewhere else.
+* `epoch` names the database the history belongs to (`cdc.identity`); every cursor carries
+  it, and a cursor of another epoch is never looked up: the client gets ``resync_required``.
 * `append` is called for every event the node delivers, in cursor order.
 
 `MemoryHistory` keeps each event for `seconds` (and at most `max_events` per organization, and
@@ -34,7 +36,7 @@ from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Protocol
 
-from cdc.cursors import CursorKey, parse_cursor
+from cdc.cursors import NO_EPOCH, CursorKey, cursor_key
 from gateway.events import RoutedEvent
 
 __all__ = ["History", "HistoryUnavailable", "MemoryHistory"]
@@ -46,6 +48,11 @@ class HistoryUnavailable(Exception):
 
 class History(Protocol):
     """What a hub needs to resume a client (see the module docstring for the rules)."""
+
+    @property
+    def epoch(self) -> str:
+        """The epoch of this history's cursors: a client's cursor of another gets a resync."""
+        ...
 
     @property
     def position(self) -> CursorKey:
@@ -124,6 +131,8 @@ class MemoryHistory:
         self._size = 0
         self.complete_from: CursorKey | None = None
         self.position: CursorKey = (0, 0)
+        #: Set by the pipeline once it has identified the database.
+        self.epoch = NO_EPOCH
 
     def __len__(self) -> int:
         return self._size
@@ -131,13 +140,22 @@ class MemoryHistory:
     def follow(self, organization_id: str) -> None:
         """Nothing to do: every event of the node passes through `append`."""
 
+    def restart(self) -> None:
+        """Forget everything kept: the slot the history came from was re-created, so nothing
+        before it can be vouched for (`complete_from` is set again once streaming is back)."""
+        self._orgs.clear()
+        self._shared = _Kept()
+        self._order.clear()
+        self._size = 0
+        self.complete_from = None
+
     def advance(self, key: CursorKey) -> None:
         """The stream reached `key` without an event (an idle database's commits)."""
         if key > self.position:
             self.position = key
 
     def append(self, event: RoutedEvent) -> None:
-        key = parse_cursor(event.cursor)
+        key = cursor_key(event.cursor)
         assert key is not None, "events carry a cursor the reader formatted"
         org = event.organization_id
         if org is None:

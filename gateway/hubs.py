@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable
 
-from cdc.cursors import format_cursor, parse_cursor
+from cdc.cursors import cursor_key, format_cursor, parse_cursor
 from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
 from gateway.fanout import Audience, Connection, WriteScheduler
 from gateway.history import History, HistoryUnavailable
@@ -256,7 +256,7 @@ class HubRegistry:
         return list(self.hubs)
 
     def position_cursor(self) -> str:
-        return format_cursor(*self.history.position)
+        return format_cursor(*self.history.position, self.history.epoch)
 
     async def attach(self, conn: Connection, since: str | None) -> None:
         """Replay what `conn` missed after `since`, register it, then send `ready` (see the
@@ -269,7 +269,7 @@ class HubRegistry:
             return
         waiting = _Attaching(conn)
         hub.attaching.append(waiting)
-        after = parse_cursor(since)
+        after = parse_cursor(since, self.history.epoch)  # None: another epoch, or garbage
         try:
             missed = None if after is None else await self.history.since(hub.organization_id, after)
         except HistoryUnavailable as exc:
@@ -296,7 +296,7 @@ class HubRegistry:
                     return
                 continue
             if after is not None:
-                key = parse_cursor(item.cursor)
+                key = cursor_key(item.cursor)
                 if key is not None and key <= after:
                     continue  # the client has it (from another node)
             hub.replay(conn, (item,))

@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,11 +259,14 @@ def _docker_answers() -> bool:
     return result.returncode == 0 and bool(result.stdout.strip())
 
 
-def _start_container(version: int | None = None) -> PostgresServer:
+def _start_container(
+    version: int | None = None, extra: Mapping[str, str] | None = None
+) -> PostgresServer:
     from testcontainers.postgres import PostgresContainer
 
     container = PostgresContainer(f"postgres:{version or 16}", driver=None)
-    container.with_command(" ".join(f"-c {k}={v}" for k, v in SERVER_SETTINGS.items()))
+    settings = {**SERVER_SETTINGS, **(extra or {})}
+    container.with_command(" ".join(f"-c {k}={v}" for k, v in settings.items()))
     container.start()
     dsn = container.get_connection_url()
 
@@ -296,7 +299,7 @@ def _default_bin_dir() -> Path:
     return Path(initdb).resolve().parent  # a symlink on PATH -> the directory of its server
 
 
-def _start_local_cluster(bin_dir: Path) -> PostgresServer:
+def _start_local_cluster(bin_dir: Path, extra: Mapping[str, str] | None = None) -> PostgresServer:
     initdb, pg_ctl = str(bin_dir / "initdb"), str(bin_dir / "pg_ctl")
     as_root = os.geteuid() == 0
     base = tempfile.mkdtemp(prefix="walcast-pg-")
@@ -326,7 +329,8 @@ def _start_local_cluster(bin_dir: Path) -> PostgresServer:
 
     run(initdb, "-D", datadir, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
     port = _free_port()
-    settings = {**SERVER_SETTINGS, "port": str(port), "unix_socket_directories": base}
+    settings = {**SERVER_SETTINGS, **(extra or {}), "port": str(port)}
+    settings["unix_socket_directories"] = base
     with open(os.path.join(datadir, "postgresql.auto.conf"), "a", encoding="utf-8") as conf:
         for key, value in settings.items():
             conf.write(f"{key} = '{value}'\n")
@@ -366,18 +370,19 @@ def _start_local_cluster(bin_dir: Path) -> PostgresServer:
     return PostgresServer(dsn=dsn, kind=f"local {bin_dir}", _restart=restart, _stop=stop)
 
 
-def start_postgres() -> PostgresServer:
-    """Start (or find) the test server, in the order documented above."""
+def start_postgres(extra_settings: Mapping[str, str] | None = None) -> PostgresServer:
+    """Start (or find) the test server, in the order documented above. `extra_settings` are
+    server settings on top of SERVER_SETTINGS (an external server is used as it is)."""
     url = os.environ.get("WALCAST_TEST_DATABASE_URL")
     if url:
         _wait_ready(url)
         return PostgresServer(dsn=url, kind="external")
     bin_dir = _requested_bin_dir()
     if bin_dir is not None:
-        return _start_local_cluster(bin_dir)
+        return _start_local_cluster(bin_dir, extra_settings)
     version = _requested_version()
     if _docker_answers():
-        return _start_container(version)
+        return _start_container(version, extra_settings)
     if version is not None:
         raise RuntimeError(
             f"WALCAST_TEST_PG={version}: no PostgreSQL {version} server binaries found (looked in"
@@ -385,4 +390,4 @@ def start_postgres() -> PostgresServer:
             " and no Docker engine answers; set WALCAST_TEST_PG_BINDIR to a directory holding"
             " initdb, pg_ctl and postgres"
         )
-    return _start_local_cluster(_default_bin_dir())
+    return _start_local_cluster(_default_bin_dir(), extra_settings)

@@ -30,6 +30,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from cdc.cursors import format_cursor
+from cdc.identity import Identity
 from cdc.render import RawJson
 from gateway.config import parse_realtime_config
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
@@ -73,6 +74,11 @@ CREATE TABLE ticks (id bigserial PRIMARY KEY, "organizationId" text NOT NULL, n 
 ALTER TABLE ticks REPLICA IDENTITY FULL;
 """
 )
+
+
+#: The database the sink tests' histories belong to (none: they store made-up events).
+IDENTITY = Identity("7300000000000000001", 1, "test", 16384, "walcast")
+WAL_END = 1 << 40
 
 
 def _config() -> Any:
@@ -724,7 +730,7 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     keys = BusKeys(prefix)
     change, broadcast, revoked = _events()
     sink = RedisSink(redis, keys, history_seconds=120)
-    await sink.start(0x16B3000)
+    await sink.start(0x16B3000, IDENTITY, WAL_END)
     assert await redis.get(keys.floor) == b"00000000016B3000-0000"
     async with _running(sink):
         await sink.publish([change])
@@ -739,7 +745,7 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     # A reader restarted with Redis intact skips what is there without a round trip; one that
     # re-reads the last transaction anyway gets its events refused as duplicates.
     again = RedisSink(redis, keys, history_seconds=120)
-    await again.start(0x16B3000)
+    await again.start(0x16B3000, IDENTITY, WAL_END)
     async with _running(again):
         for event in (change, broadcast, revoked):
             await again.publish([event])
@@ -770,7 +776,7 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     change = _events()[0]
     now = [0.0]
     sink = RedisSink(redis, keys, history_seconds=10, clock=lambda: now[0], max_queued=200)
-    await sink.start(0x1000)
+    await sink.start(0x1000, IDENTITY, WAL_END)
     sent: list[int] = []
     send = sink._send
 
@@ -807,7 +813,7 @@ async def test_sink_sends_one_round_trip_per_batch_and_reloads_a_forgotten_scrip
     later = dataclasses.replace(change, cursor=format_cursor(0x16B4000, 1), commit_lsn=0x16B4000)
     sink = RedisSink(redis, keys, history_seconds=120)
     try:
-        await sink.start(0x16B3000)
+        await sink.start(0x16B3000, IDENTITY, WAL_END)
         async with _running(sink):
             await sink.publish([change])
             await sink.flush()

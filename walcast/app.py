@@ -20,6 +20,7 @@ import asyncpg
 import psycopg
 from aiohttp import web
 
+from cdc.setup import SlotRecreated
 from gateway.app import make_gateway_app
 from gateway.config import RealtimeConfig, Settings
 from gateway.events import AccessRevoked, RoutedEvent
@@ -27,6 +28,7 @@ from gateway.fanout import WriteScheduler
 from gateway.history import History, MemoryHistory
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
+from gateway.protocol import CloseCode
 from gateway.readiness import Condition, Readiness
 from gateway.sessions import BetterAuthSessionStore, JwtSessionStore, SessionStore
 from gateway.state import STATE, GatewayState
@@ -113,11 +115,12 @@ def make_app(
         readiness.fail(Condition.REPLICATION, "starting")
 
         def on_ready(start_lsn: int) -> None:
+            memory.epoch = pipeline.epoch
             memory.complete_from = (start_lsn, 0)
             readiness.clear(Condition.REPLICATION)
 
         sink = LocalSink(registry, memory)
-        app[PIPELINE] = Pipeline(settings, config, sink, metrics, on_ready=on_ready)
+        app[PIPELINE] = pipeline = Pipeline(settings, config, sink, metrics, on_ready=on_ready)
         app.cleanup_ctx.append(_pipeline)
         app.cleanup_ctx.append(_ticker)
     return app
@@ -151,24 +154,34 @@ def _session_store(settings: Settings, pool: asyncpg.Pool | None) -> SessionStor
 
 
 async def _pipeline(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(
-        _supervise(app[PIPELINE], app[STATE].readiness), name="walcast-pipeline"
-    )
+    task = asyncio.create_task(_supervise(app[PIPELINE], app[STATE]), name="walcast-pipeline")
     try:
         yield
     finally:
         await cancel_and_wait(task)
 
 
-async def _supervise(pipeline: Pipeline, readiness: Readiness) -> None:
-    try:
-        await pipeline.run()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        readiness.fail(Condition.REPLICATION, f"replication stopped: {exc}")
-        log.exception("the CDC pipeline stopped")
-        raise
+async def _supervise(pipeline: Pipeline, state: GatewayState) -> None:
+    readiness, registry = state.readiness, state.registry
+    while True:
+        try:
+            await pipeline.run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except SlotRecreated as exc:
+            # The history has a gap it cannot vouch for: forget it, and close every socket
+            # (1013) so that each client resumes from its cursor and gets resync_required.
+            log.warning("%s; starting the history anew: clients will resync", exc)
+            readiness.fail(Condition.REPLICATION, "starting the history anew")
+            assert isinstance(registry.history, MemoryHistory)
+            registry.history.restart()
+            for conn in list(registry.connections()):
+                conn.close(CloseCode.TRY_AGAIN_LATER, "history restarted: resume to resync")
+        except Exception as exc:
+            readiness.fail(Condition.REPLICATION, f"replication stopped: {exc}")
+            log.exception("the CDC pipeline stopped")
+            raise
 
 
 async def _ticker(app: web.Application) -> AsyncIterator[None]:

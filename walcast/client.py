@@ -359,6 +359,9 @@ class RealtimeClient:
         if kind == "system":
             event = message.get("event")
             if event == "resync_required":
+                # The old cursor is dead (expired, or of another epoch, which does not compare
+                # with the new one's ids): the `ready` that follows gives the new one.
+                self._cursor = None
                 await _call(self._on_resync, message)
             elif event == "ready":
                 payload = message.get("payload")
@@ -371,7 +374,7 @@ class RealtimeClient:
         return False
 
     def _advance(self, cursor: Any) -> None:
-        # Cursors are fixed-width hex, so string order is commit order.
+        # Within one epoch, string order is commit order.
         if isinstance(cursor, str) and (self._cursor is None or cursor > self._cursor):
             self._cursor = cursor
 

@@ -2,8 +2,9 @@
 
 Start-up, in order: check and set up the database (`cdc.setup`: wal_level, privileges, the
 tables and the columns the config names, replica identity, the publication kept in step with the
-config, the slot); note the slot's confirmed position (history is complete from there); write a
-sync marker into the WAL; then stream. When
+config, the slot, re-created if PostgreSQL invalidated it); identify the database
+(`cdc.identity`: the history epoch every cursor carries); note the slot's confirmed position
+(history is complete from there); write a sync marker into the WAL; then stream. When
 the reader hands the marker back, everything committed before start-up has been re-read into
 history, so the node is ready: sockets may attach and resume.
 
@@ -25,6 +26,8 @@ import psycopg
 
 from cdc import catalog, setup
 from cdc.changes import LogicalMessage, RowChange, TransactionEnd
+from cdc.cursors import NO_EPOCH
+from cdc.identity import Identity, identify
 from cdc.reader import ReplicationReader
 from cdc.setup import Requirements
 from gateway.config import RealtimeConfig, Settings
@@ -143,6 +146,13 @@ class Pipeline:
         self.retention: RetentionWindow | None = None
         #: The tables the publication covers, once `prepare()` has run.
         self.tables: tuple[str, ...] = ()
+        #: The database and slot streamed from, once `prepare()` has run.
+        self.identity: Identity | None = None
+        #: The server's WAL position when `prepare()` identified it.
+        self.wal_end = 0
+        #: The history epoch the cursors carry: the identity's, unless the caller (the Redis
+        #: bus, which keeps its history across restarts) sets another before `run()`.
+        self.epoch = NO_EPOCH
 
     async def prepare(self, *, exclusive: bool = False) -> int:
         """Check and set up the database; returns the slot's confirmed position.
@@ -157,6 +167,8 @@ class Pipeline:
         async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
             report = await setup.ensure(conn, requirements)
         self.tables = tuple(report.watched)
+        self.identity, self.wal_end = await identify(self._dsn, self._settings.slot)
+        self.epoch = self.identity.epoch()
         return report.slot.confirmed_flush_lsn or 0 if report.slot else 0
 
     async def run(self, start_lsn: int | None = None) -> None:
@@ -166,11 +178,13 @@ class Pipeline:
         # Logged here, not in prepare(): `walcast serve` also prepares once before it opens
         # its port, to fail fast, and the set-up is one event to the reader of the log.
         log.info(
-            "replication set up: slot=%s publication=%s tables=%s",
+            "replication set up: slot=%s publication=%s tables=%s epoch=%s",
             self._settings.slot,
             self._settings.publication,
             ",".join(self.tables) or "(none)",
+            self.epoch,
         )
+        self.router.epoch = self.epoch
         self.retention = retention = RetentionWindow(
             self._config.historySeconds, start_lsn, self._clock
         )

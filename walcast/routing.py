@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from cdc.changes import Item, LogicalMessage, RowChange, TransactionStart
-from cdc.cursors import format_cursor
+from cdc.cursors import NO_EPOCH, format_cursor
 from gateway.config import RealtimeConfig, TableConfig
 from gateway.events import BROADCAST_PREFIX, AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 
@@ -41,6 +41,8 @@ class Router:
     def __init__(self, config: RealtimeConfig) -> None:
         self._config = config
         self._commit_time: datetime | None = None
+        #: The history epoch every cursor carries (set by the pipeline once it knows it).
+        self.epoch = NO_EPOCH
         self.dropped_null_organization = 0
         self.dropped_bad_broadcast = 0
 
@@ -69,7 +71,7 @@ class Router:
     def _row_change(
         self, change: RowChange, table: TableConfig
     ) -> list[RoutedEvent | AccessRevoked]:
-        cursor = format_cursor(change.commit_lsn, change.position)
+        cursor = format_cursor(change.commit_lsn, change.position, self.epoch)
         commit_time = self._commit_time
         assert commit_time is not None, "a RowChange always follows its TransactionStart"
 
@@ -215,7 +217,7 @@ class Router:
             return None
         return BroadcastEvent(
             organization_id=org,
-            cursor=format_cursor(message.commit_lsn, message.position),
+            cursor=format_cursor(message.commit_lsn, message.position, self.epoch),
             commit_lsn=message.commit_lsn,
             event=name,
             payload=payload,

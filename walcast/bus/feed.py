@@ -22,6 +22,12 @@ any node. The hubs need nothing Redis-specific: this is an event source, not a k
   (``entries-added`` > ``length`` with the first entry above the cursor; Redis 7.0+). While the
   reader rebuilds a lost history (``floor`` missing, or ``position`` below *G*), a resume
   waits up to `HISTORY_WAIT_SECONDS`.
+* **Epochs** (`walcast.bus.epoch`): the node serves the epoch of the last entry of the
+  ``epoch`` stream, which its XREAD follows too; until a reader has started one, the node is
+  not ready. When the reader starts a new epoch (another database, a re-created slot), the
+  node closes every socket (1013; the clients resume and get ``resync_required``) and starts
+  over on the new history. An epoch entry is handled before anything else in a reply: the
+  reader records it before it stores any entry of the new history.
 * **Redis unavailable**: sockets stay open; `/readyz` says 503; the XREAD resumes from the last
   ids handled, so the node catches up without a gap. A resume that cannot read the history
   raises `HistoryUnavailable` (the hub closes the socket with 1013, try again), never silence.
@@ -41,13 +47,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from cdc.backoff import full_jitter
-from cdc.cursors import CursorKey, parse_cursor
+from cdc.cursors import NO_EPOCH, CursorKey, parse_cursor
 from gateway.config import RealtimeConfig
 from gateway.events import AccessRevoked, RoutedEvent
 from gateway.history import HistoryUnavailable
 from gateway.hubs import HubRegistry
+from gateway.protocol import CloseCode
 from walcast.bus.client import TRANSIENT, StatusCallback
 from walcast.bus.codec import decode_events
+from walcast.bus.epoch import parse_record
 from walcast.bus.keys import BusKeys, parse_stream_id, stream_id
 
 __all__ = ["RedisFeed", "complete_after"]
@@ -89,6 +97,8 @@ class RedisFeed:
         self._orgs: dict[str, str] = {}  #: followed organization → its stream key
         self.position: CursorKey = (0, 0)  #: G: every entry below it has been handled
         self.complete_from: CursorKey | None = None  #: the floor, when last read
+        self.epoch = NO_EPOCH  #: the epoch of the history this node serves
+        self._epoch_changed = False  #: a reply showed a new epoch: `_switch` before going on
         self._waiters: list[tuple[CursorKey, asyncio.Future[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -117,6 +127,8 @@ class RedisFeed:
                 self._handle(registry, reply)
             else:
                 await self._sync_idle(registry)
+            if self._epoch_changed:
+                await self._switch(registry)
 
     async def _sync_idle(self, registry: HubRegistry) -> None:
         """Quiet streams: move G to ``position`` (read with whatever arrived, atomically)."""
@@ -130,6 +142,7 @@ class RedisFeed:
         self._handle(registry, reply or [], parse_cursor(position.decode()) if position else None)
 
     async def _start(self) -> None:
+        """Read where the current epoch's history stands; wait for a reader to start one."""
         keys = self._keys
         failures = 0
         floor: Any
@@ -137,13 +150,22 @@ class RedisFeed:
         control: Any
         while True:
             try:
-                floor, position = await self._redis.mget(keys.floor, keys.position)
-                control = await self._redis.xrevrange(keys.control, count=1)
-                break
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.xrevrange(keys.epoch, count=1)
+                    pipe.get(keys.floor)
+                    pipe.get(keys.position)
+                    pipe.xrevrange(keys.control, count=1)
+                    epoch, floor, position, control = await pipe.execute()
+                record = parse_record(epoch)
+                if record is not None and record.epoch:
+                    break
+                self._on_status(False, "waiting for a reader to start the history")
+                await self._blocking.xread({keys.epoch: "0-0"}, count=1, block=BLOCK_MS)
             except TRANSIENT as exc:
                 failures += 1
                 self._on_status(False, f"Redis unavailable: {type(exc).__name__}")
                 await asyncio.sleep(full_jitter(failures, 0.05, BACKOFF_CAP))
+        self.epoch = record.epoch
         # Nothing below the floor can be resumed from, so the node may start above it.
         self.complete_from = parse_cursor(floor.decode()) if floor else None
         known = [parse_cursor(raw.decode()) for raw in (floor, position) if raw]
@@ -151,9 +173,32 @@ class RedisFeed:
         self._last = {
             keys.shared: stream_id(self.position),
             keys.control: control[0][0].decode() if control else "0-0",
+            keys.epoch: record.entry_id,
             self._wake_key: "0-0",
         }
         self._on_status(True, "")
+
+    async def _switch(self, registry: HubRegistry) -> None:
+        """A new epoch: close every socket (their clients resume and resync), start over."""
+        self._epoch_changed = False
+        old = self.epoch
+        conns = list(registry.connections())
+        for conn in conns:
+            conn.close(CloseCode.TRY_AGAIN_LATER, "history restarted: resume to resync")
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(TimeoutError("the history started a new epoch"))
+        self._orgs.clear()
+        await self._start()
+        for org in registry.followed():
+            self._follow(org)
+        log.warning(
+            "the Redis history started a new epoch %s (was %s): closed %d sockets; their"
+            " clients resume and get resync_required",
+            self.epoch,
+            old,
+            len(conns),
+        )
 
     def _streams(self, registry: HubRegistry) -> dict[Any, Any]:
         """What the next XREAD reads: followed organizations (start at G when new), and the rest."""
@@ -180,7 +225,14 @@ class RedisFeed:
 
     def _handle(self, registry: HubRegistry, reply: Any, position: CursorKey | None = None) -> None:
         """Dispatch one XREAD reply in cursor order (synchronous: no attach interleaves)."""
-        control, wake = self._keys.control, self._wake_key
+        control, wake, epoch = self._keys.control, self._wake_key, self._keys.epoch
+        for raw_stream, items in reply:
+            if raw_stream.decode() == epoch and items:
+                self._last[epoch] = items[-1][0].decode()
+                record = parse_record(items[-1:])
+                if record is not None and record.epoch != self.epoch:
+                    self._epoch_changed = True
+                    return  # nothing else of this reply: it may hold the new epoch's entries
         entries: list[tuple[tuple[int, int, int], str, CursorKey, bytes]] = []
         for raw_stream, items in reply:
             stream = raw_stream.decode()
@@ -189,7 +241,7 @@ class RedisFeed:
                 continue  # unfollowed while the read was in flight
             handled = parse_stream_id(last)
             self._last[stream] = max(last, items[-1][0].decode(), key=parse_stream_id)
-            if stream == wake:
+            if stream in (wake, epoch):
                 continue
             for raw_id, fields in items:
                 key = parse_stream_id(raw_id)
@@ -257,7 +309,10 @@ class RedisFeed:
                 for stream in streams:
                     pipe.xinfo_stream(stream)
                 pipe.mget(self._keys.floor, self._keys.position)
+                pipe.xrevrange(self._keys.epoch, count=1)
                 results = await pipe.execute(raise_on_error=False)
+            record = parse_record(results[-1]) if not isinstance(results[-1], Exception) else None
+            results = results[:-1]
             floor_raw, position_raw = results[-1]
             floor = parse_cursor(floor_raw.decode()) if floor_raw else None
             position = parse_cursor(position_raw.decode()) if position_raw else None
@@ -270,6 +325,8 @@ class RedisFeed:
             if time.monotonic() > deadline:
                 return None
             await asyncio.sleep(0.2)
+        if record is None or record.epoch != self.epoch:
+            return None  # a new epoch began: this node is about to start over
         if after < floor or after > known:
             return None  # expired, or a cursor from the future (another database)
         for info in results[len(streams) : 2 * len(streams)]:

@@ -6,12 +6,16 @@ Keys (`prefix` defaults to ``walcast:``, env ``WALCAST_REDIS_PREFIX``)::
     {prefix}org:{organizationId}   stream: that organization's events
     {prefix}all                    stream: events for every organization (TRUNCATE)
     {prefix}control                stream: access revocations, read by every node
+    {prefix}epoch                  stream: the history's epoch and the database it belongs to,
+                                   one entry per epoch started (the last one is current)
     {prefix}floor                  cursor: where the history in Redis begins
     {prefix}position               cursor: everything below it has been published
     {prefix}wake:{node}            stream: wakes a node's blocking read (see `walcast.bus.feed`)
     {prefix}jti:{jti}              single-use ticket ids (`gateway.tickets.RedisJtiStore`)
 
 An entry's id is its cursor key, ``{commit_lsn}-{position}``, so stream order is cursor order.
+``floor`` and ``position`` hold cursors without an epoch: they are only ever compared within
+the current one.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class BusKeys:
     @property
     def control(self) -> str:
         return f"{self.prefix}control"
+
+    @property
+    def epoch(self) -> str:
+        return f"{self.prefix}epoch"
 
     @property
     def floor(self) -> str:

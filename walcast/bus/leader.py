@@ -3,7 +3,8 @@
 `ReaderService` takes a PostgreSQL advisory lock keyed from the slot name before streaming.
 Standbys retry every second; the lock dies with its holder's connection, so a standby takes
 over within seconds of a crash (kill -9 included). While it holds the lock it runs the
-pipeline into a `RedisSink`, and rebuilds the history whenever Redis loses it.
+pipeline into a `RedisSink`, and rebuilds the history whenever Redis loses it (or starts a new
+epoch when the slot had to be re-created under it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import psycopg
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Gauge
 
+from cdc.setup import SlotRecreated
 from gateway.config import RealtimeConfig, Settings
 from gateway.metrics import Metrics
 from walcast.bus.client import StatusCallback
@@ -155,7 +157,8 @@ class ReaderService:
                 self._settings, self._config, sink, self._metrics, on_ready=self._ready
             )
             start_lsn = await pipeline.prepare()
-            await sink.start(start_lsn)
+            assert pipeline.identity is not None
+            pipeline.epoch = await sink.start(start_lsn, pipeline.identity, pipeline.wal_end)
             tasks = [
                 asyncio.create_task(pipeline.run(start_lsn), name="walcast-reader"),
                 asyncio.create_task(sink.run(), name="walcast-reader-sink"),
@@ -173,6 +176,9 @@ class ReaderService:
             error = next((t.exception() for t in done if t.exception() is not None), None)
             if isinstance(error, HistoryLost):
                 log.warning("Redis lost the history: re-reading the slot's window to rebuild it")
+                continue
+            if isinstance(error, SlotRecreated):
+                log.warning("%s; starting a new history epoch", error)
                 continue
             if error is None:
                 raise _LockLost("the pipeline stopped")

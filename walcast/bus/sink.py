@@ -18,6 +18,11 @@ Rules the sink keeps:
   (one Lua call for the whole batch), so everything queued while a batch is on its way goes
   in the next one. A lone event still costs one round trip; a burst costs one per batch, not one
   per row. The queue is bounded (`max_queued` entries): past that, `publish` waits.
+* **One database per history** (`walcast.bus.epoch`). `start` reads the ``epoch`` record,
+  ``floor`` and ``position`` and either goes on with the stored history, or starts a new epoch:
+  it logs why (what differed), drops the old streams (their tops would refuse the new entries
+  as duplicates) and records the new epoch; nodes close their sockets, whose clients resume
+  and get ``resync_required``. Nothing is ever skipped against another database's position.
 * **Acknowledgement.** A commit handed to `mark_position` counts only once every entry queued
   before it is stored; the pipeline then lets the slot confirm up to the position it reached
   `historySeconds` ago (the same `RetentionWindow` as the in-process bus). So the WAL of the
@@ -41,17 +46,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from cdc.backoff import full_jitter
-from cdc.cursors import CursorKey, format_cursor, parse_cursor
+from cdc.cursors import NO_EPOCH, CursorKey, cursor_key, format_cursor, parse_cursor
+from cdc.identity import Identity
 from gateway.events import AccessRevoked
 from walcast.bus.client import TRANSIENT, StatusCallback
 from walcast.bus.codec import Event, encode_events
+from walcast.bus.epoch import decide, parse_record, record_fields
 from walcast.bus.keys import BusKeys, stream_id
 from walcast.pipeline import RetentionWindow
 
@@ -60,6 +67,7 @@ __all__ = ["PUBLISH_SCRIPT", "TICK_SECONDS", "HistoryLost", "RedisSink"]
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 1.0  #: how often the reader's upkeep runs (and the nodes' hub trim)
+EPOCH_RECORDS = 16  #: entries kept in the epoch stream (the last one is current)
 
 # One batch of entries in one call. KEYS: floor, position, then the streams of the batch.
 # ARGV: maxlen, the new position ('' = leave it), then per reader item: its entry id, how many
@@ -168,30 +176,87 @@ class RedisSink:
         self._idle.set()
         self.duplicates = 0
         self.published = 0
+        self.epoch = NO_EPOCH  #: decided by `start`
 
-    async def start(self, start_lsn: int) -> None:
-        """Read where Redis stands; call before the pipeline streams from `start_lsn`."""
+    async def start(self, start_lsn: int, identity: Identity, wal_end: int) -> str:
+        """Read where Redis stands and decide the epoch (`walcast.bus.epoch`); call before the
+        pipeline streams from `start_lsn`. Returns the epoch the pipeline's cursors carry.
+
+        Args:
+            start_lsn: where the slot resends from (its confirmed position).
+            identity: the database and slot the pipeline streams from.
+            wal_end: the server's WAL position, read with `identity`.
+        """
         keys = self._keys
-        floor, position = await self._retrying(lambda: self._redis.mget(keys.floor, keys.position))
+        record_reply, floor_raw, position_raw = await self._retrying(self._read_state)
+        floor = parse_cursor(floor_raw.decode()) if floor_raw else None
+        position = parse_cursor(position_raw.decode()) if position_raw else None
+        record = parse_record(record_reply)
+        decision = decide(record, floor, position, identity, start_lsn, wal_end)
         self._control = (-1, 0)
-        if floor is None:
-            # A fresh Redis, or one that lost its data: the history begins where PostgreSQL
-            # resends from; everything from there is published (again).
-            await self._retrying(lambda: self._redis.set(keys.floor, format_cursor(start_lsn, 0)))
+        streams = [key.decode() async for key in self._org_streams()]
+        if decision.new:
+            if decision.reason:
+                log.warning(
+                    "Redis holds a history this reader cannot go on with: %s. Starting a new"
+                    " history epoch %s (was %s) at %X; its streams are dropped, and clients"
+                    " resuming from an older cursor get resync_required",
+                    decision.reason,
+                    decision.epoch,
+                    record.epoch if record and record.epoch else "none",
+                    start_lsn,
+                )
+            else:
+                log.info("Redis history begins at %X (epoch %s)", start_lsn, decision.epoch)
+            fields = record_fields(decision.epoch, identity, start_lsn)
+            await self._retrying(lambda: self._begin(start_lsn, fields, streams))
             self._skip_below, self._position, self._written = 0, (0, 0), ""
-            if position is not None:
-                await self._retrying(lambda: self._redis.delete(keys.position))
-            log.info("Redis history begins at %X", start_lsn)
+            streams = []
+        elif floor is None:
+            # Redis lost the history but kept the record: rebuild it under the same epoch from
+            # where PostgreSQL resends; everything from there is published (again).
+            await self._retrying(lambda: self._rebuild(start_lsn))
+            self._skip_below, self._position, self._written = 0, (0, 0), ""
+            log.info("Redis history begins again at %X (epoch %s)", start_lsn, decision.epoch)
         else:
-            stored = parse_cursor(position.decode()) if position else None
-            self._position = stored or (0, 0)
-            self._written = position.decode() if stored else ""
+            self._position = position or (0, 0)
+            self._written = position_raw.decode() if position else ""
             self._skip_below = self._position[0]
+            log.info("continuing the Redis history (epoch %s)", decision.epoch)
+        self.epoch = decision.epoch
         self._window = RetentionWindow(self.history_seconds, start_lsn, self._clock)
         now = self._clock()
-        async for key in self._redis.scan_iter(match=f"{keys.prefix}org:*", count=1000):
-            self._streams.setdefault(key.decode(), now)
+        for stream in streams:
+            self._streams.setdefault(stream, now)
         self._streams.setdefault(keys.shared, now)
+        return decision.epoch
+
+    async def _read_state(self) -> list[Any]:
+        keys = self._keys
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xrevrange(keys.epoch, count=1)
+            pipe.get(keys.floor)
+            pipe.get(keys.position)
+            return list(await pipe.execute())
+
+    def _org_streams(self) -> AsyncIterator[bytes]:
+        return self._redis.scan_iter(match=f"{self._keys.prefix}org:*", count=1000)
+
+    async def _begin(self, start_lsn: int, fields: dict[Any, Any], streams: list[str]) -> None:
+        """Start an epoch: drop the old history, set the floor, record the epoch, at once."""
+        keys = self._keys
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.position, keys.shared, keys.control, *streams)
+            pipe.set(keys.floor, format_cursor(start_lsn, 0))
+            pipe.xadd(keys.epoch, fields, maxlen=EPOCH_RECORDS, approximate=False)
+            await pipe.execute()
+
+    async def _rebuild(self, start_lsn: int) -> None:
+        keys = self._keys
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.position)
+            pipe.set(keys.floor, format_cursor(start_lsn, 0))
+            await pipe.execute()
 
     async def publish(self, events: Sequence[Event]) -> None:
         """Queue the events of one reader item for `run` to store.
@@ -214,7 +279,7 @@ class RedisSink:
             key: CursorKey = (lsn, count)
             groups[self._keys.control] = list(events)
         else:
-            parsed = parse_cursor(first.cursor)
+            parsed = cursor_key(first.cursor)
             assert parsed is not None
             key = parsed
             for event in events:
