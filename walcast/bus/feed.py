@@ -25,6 +25,11 @@ any node. The hubs need nothing Redis-specific: this is an event source, not a k
 * **Redis unavailable**: sockets stay open; `/readyz` says 503; the XREAD resumes from the last
   ids handled, so the node catches up without a gap. A resume that cannot read the history
   raises `HistoryUnavailable` (the hub closes the socket with 1013, try again), never silence.
+* **Revocations**: the node reads ``control`` from its last entry when it starts, so it knows
+  the access changes committed from then on, none before: the registry refuses tickets issued
+  earlier (`HubRegistry.revocations_since`). Each time it (re)connects it also sets
+  ``started`` where missing (Redis lost its data): the single-use store refuses tickets issued
+  before that, which it cannot know to be unused.
 """
 
 from __future__ import annotations
@@ -96,12 +101,13 @@ class RedisFeed:
 
     async def run(self, registry: HubRegistry) -> None:
         """Feed `registry`'s hubs from the streams until cancelled."""
-        await self._start()
+        await self._start(registry)
         failures = 0
         while True:
             try:
                 if failures:  # back as soon as Redis answers, not when the next event comes
                     await self._blocking.ping()
+                    await self._mark_started()
                     log.info("Redis is reachable again: catching up from the streams")
                     failures = 0
                     self._on_status(True, "")
@@ -129,7 +135,11 @@ class RedisFeed:
             return  # the next XREAD notices
         self._handle(registry, reply or [], parse_cursor(position.decode()) if position else None)
 
-    async def _start(self) -> None:
+    async def _mark_started(self) -> None:
+        """Set ``started`` to now if Redis has none (it is new, or lost its data)."""
+        await self._redis.set(self._keys.started, repr(time.time()), nx=True)
+
+    async def _start(self, registry: HubRegistry) -> None:
         keys = self._keys
         failures = 0
         floor: Any
@@ -137,8 +147,12 @@ class RedisFeed:
         control: Any
         while True:
             try:
+                await self._mark_started()
                 floor, position = await self._redis.mget(keys.floor, keys.position)
                 control = await self._redis.xrevrange(keys.control, count=1)
+                # An access change the node will not read (at or before that entry) was
+                # stored, so committed, before now: older tickets are refused.
+                since = time.time()
                 break
             except TRANSIENT as exc:
                 failures += 1
@@ -153,6 +167,7 @@ class RedisFeed:
             keys.control: control[0][0].decode() if control else "0-0",
             self._wake_key: "0-0",
         }
+        registry.revocations_since = max(registry.revocations_since, since)
         self._on_status(True, "")
 
     def _streams(self, registry: HubRegistry) -> dict[Any, Any]:
