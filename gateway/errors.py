@@ -28,6 +28,7 @@ __all__ = [
     "JtiStoreUnavailableError",
     "MaskError",
     "SessionStoreError",
+    "StaleTicketError",
     "TicketError",
 ]
 
@@ -58,6 +59,14 @@ class TicketError(GatewayError):
     """The ticket is missing, malformed, forged, expired, for another audience, or reused."""
 
     status = 401
+
+
+class StaleTicketError(TicketError):
+    """The ticket was issued before what this server remembers began: it may have been used,
+    or its roles revoked, without the server knowing. The client should fetch a new ticket."""
+
+    def __init__(self, since: str = "this server started") -> None:
+        super().__init__(f"ticket issued before {since}: fetch a new ticket")
 
 
 class JtiStoreUnavailableError(GatewayError):

@@ -39,7 +39,7 @@ from gateway.protocol import (
     system_frame,
     text_frame,
 )
-from gateway.tickets import TicketClaims
+from gateway.tickets import StaleTicketError, TicketClaims, TicketError
 
 __all__ = ["Hub", "HubRegistry"]
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
 
 Roles = frozenset[str]
+#: What a revocation applies to: (organization, user, session), None meaning any.
+_Scope = tuple[str | None, str | None, str | None]
 
 
 def _write_all(conns: Iterable[Connection], frame: bytes) -> int:
@@ -68,8 +70,10 @@ class _Attaching:
 
 
 def _applies(notice: AccessRevoked, conn: Connection) -> bool:
+    """Whether `notice` closes `conn`: each of its organization, user and session that is set
+    must match (none set: every socket, as after ``TRUNCATE member``)."""
     return (
-        notice.user_id == conn.user_id
+        notice.user_id in (None, conn.user_id)
         and notice.organization_id in (None, conn.organization_id)
         and notice.session_id in (None, conn.session_id)
     )
@@ -211,12 +215,10 @@ class Hub:
         for waiting in self.attaching:
             waiting.buffer.append(notice)
         if notice.user_id is None:
-            return 0
-        targets = [
-            conn
-            for conn in self.by_user.get(notice.user_id, ())
-            if notice.session_id is None or conn.session_id == notice.session_id
-        ]
+            candidates: Iterable[Connection] = list(self.connections())
+        else:
+            candidates = self.by_user.get(notice.user_id, ())
+        targets = [conn for conn in candidates if _applies(notice, conn)]
         frame = revoked_frame(notice.reason)
         for conn in targets:
             conn.write(frame)
@@ -234,6 +236,7 @@ class HubRegistry:
         history: History,
         *,
         writes: WriteScheduler | None = None,
+        revocations_since: float | None = None,
     ) -> None:
         self.metrics = metrics
         self.history = history
@@ -241,9 +244,13 @@ class HubRegistry:
         self.writes = WriteScheduler() if writes is None else writes
         self.policies = PolicyCache()
         self.hubs: dict[str, Hub] = {}
-        #: Recent access changes, by (organization, user) and by session id: commit times.
-        self._revoked_members: dict[tuple[str | None, str], float] = {}
-        self._revoked_sessions: dict[str, float] = {}
+        #: Every access change committed from this time on reaches this registry (once the
+        #: node is ready); a ticket issued earlier cannot be checked (`check_ticket`). The
+        #: event source moves it when its view of revocations starts later than the registry.
+        self.revocations_since = time.time() if revocations_since is None else revocations_since
+        #: Recent access changes, by what they apply to (organization, user, session; None:
+        #: any): the latest one's commit time and reason.
+        self._revoked: dict[_Scope, tuple[float, str]] = {}
 
     def hub(self, organization_id: str) -> Hub:
         hub = self.hubs.get(organization_id)
@@ -321,23 +328,45 @@ class HubRegistry:
         if one is not None:
             one.deliver_live(event)
 
+    def check_ticket(self, claims: TicketClaims) -> None:
+        """Refuse a ticket whose access this node cannot vouch for.
+
+        Raises:
+            StaleTicketError: issued before the node's view of revocations began.
+            TicketError: an access change that applies to it was committed after it was issued.
+        """
+        if claims.issued_at < self.revocations_since:
+            raise StaleTicketError()
+        if self.revocation(claims) is not None:
+            raise TicketError("ticket predates an access change: fetch a new ticket")
+
     def is_revoked(self, claims: TicketClaims) -> bool:
-        """Whether an access change committed after this ticket was issued: its roles are stale.
+        """Whether an access change committed after this ticket was issued: its roles are stale."""
+        return self.revocation(claims) is not None
+
+    def revocation(self, claims: TicketClaims) -> str | None:
+        """The reason of a remembered access change that makes this ticket stale, if any: one
+        committed after the ticket was issued, or any revocation of the session it names.
 
         A ticket lives 60 s, so a revocation is remembered that long (and a little more).
         """
-        for key in ((claims.organization_id, claims.user_id), (None, claims.user_id)):
-            revoked_at = self._revoked_members.get(key)
-            if revoked_at is not None and claims.issued_at < revoked_at:
-                return True
-        return claims.session_id is not None and claims.session_id in self._revoked_sessions
+        revoked = self._revoked
+        session = claims.session_id
+        for org in (claims.organization_id, None):
+            for user in (claims.user_id, None):
+                found = revoked.get((org, user, None))
+                if found is not None and claims.issued_at < found[0]:
+                    return found[1]
+                if session is not None and (found := revoked.get((org, user, session))):
+                    return found[1]
+        return None
 
     def revoke(self, notice: AccessRevoked) -> None:
-        if notice.session_id is not None:
-            self._revoked_sessions[notice.session_id] = notice.committed_at
-        elif notice.user_id is not None:
-            key = (notice.organization_id, notice.user_id)
-            self._revoked_members[key] = max(notice.committed_at, self._revoked_members.get(key, 0))
+        """Remember `notice` for `revocation` and close the sockets it applies to."""
+        scope = (notice.organization_id, notice.user_id, notice.session_id)
+        known = self._revoked.get(scope)
+        if known is None or notice.committed_at >= known[0]:
+            self._revoked[scope] = (notice.committed_at, notice.reason)
         hubs = (
             list(self.hubs.values())
             if notice.organization_id is None
@@ -352,11 +381,8 @@ class HubRegistry:
     def trim(self) -> None:
         """Expire old history and revocations; forget hubs without sockets."""
         forget_before = time.time() - REVOCATION_MEMORY_SECONDS
-        self._revoked_members = {
-            key: at for key, at in self._revoked_members.items() if at >= forget_before
-        }
-        self._revoked_sessions = {
-            key: at for key, at in self._revoked_sessions.items() if at >= forget_before
+        self._revoked = {
+            scope: known for scope, known in self._revoked.items() if known[0] >= forget_before
         }
         self.history.trim()
         for org, hub in list(self.hubs.items()):

@@ -23,6 +23,14 @@ slightly ahead or behind. Single use is the job of a `JtiStore`: `redeem_ticket`
 claims the `jti`, which is refused the second time. The in-memory store serves one node; the
 Redis store is shared by every gateway node on the Redis bus.
 
+A store remembers the tickets claimed since it started, no earlier: the in-memory one since the
+process started, the Redis one since the Redis history started (a key set when missing, so a
+Redis that lost its data starts anew). A ticket issued before that may have been used already,
+so it is refused (`StaleTicketError`, 401: fetch a new ticket). Clients mint one ticket per
+connect and a ticket lives 60 s, so this only ever costs a client one more ticket request. The
+comparison is `iat < start` on the real-valued times: an `iat` in whole seconds is never
+rounded in its favour.
+
 This module is pure: the clock is a parameter, and nothing here does I/O except the Redis store,
 which only awaits the client it is given. Error reasons are short fixed strings; they never
 contain the token, a claim value or a secret.
@@ -44,6 +52,7 @@ from gateway.errors import (
     GatewayError,
     JtiStoreFullError,
     JtiStoreUnavailableError,
+    StaleTicketError,
     TicketError,
 )
 
@@ -62,6 +71,7 @@ __all__ = [
     "JtiStoreUnavailableError",
     "MemoryJtiStore",
     "RedisJtiStore",
+    "StaleTicketError",
     "TicketClaims",
     "TicketError",
     "mint_ticket",
@@ -202,10 +212,11 @@ async def redeem_ticket(
 
     Raises:
         TicketError: invalid (see `verify_ticket`) or "ticket already used".
+        StaleTicketError: issued before the store started.
         JtiStoreFullError: the in-memory store is full of unexpired tickets.
     """
     claims = verify_ticket(token, secrets, now=now, max_lifetime=max_lifetime)
-    if not await store.claim(claims.jti, claims.expires_at):
+    if not await store.claim(claims.jti, claims.expires_at, claims.issued_at):
         raise TicketError("ticket already used")
     return claims
 
@@ -272,8 +283,12 @@ def _claims_from(payload: dict[str, Any]) -> TicketClaims:
 class JtiStore(Protocol):
     """Remembers ticket ids until they expire, so that each ticket opens one socket only."""
 
-    async def claim(self, jti: str, expires_at: float) -> bool:
-        """True the first time `jti` is claimed, False every later time (until it expires)."""
+    async def claim(self, jti: str, expires_at: float, issued_at: float) -> bool:
+        """True the first time `jti` is claimed, False every later time (until it expires).
+
+        Raises:
+            StaleTicketError: `issued_at` is before the store started remembering.
+        """
         ...
 
 
@@ -283,6 +298,8 @@ class MemoryJtiStore:
     Entries are kept until `expires_at + LEEWAY_SECONDS`, the last moment `verify_ticket` could
     still accept the ticket. At most `max_entries` unexpired tickets are held; past that, claims
     raise `JtiStoreFullError` (fail closed) rather than forget a ticket that could be replayed.
+    The store forgets everything when the process ends, so tickets issued before it was made
+    (`started_at`, default: now) are refused.
     """
 
     def __init__(
@@ -290,18 +307,22 @@ class MemoryJtiStore:
         *,
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.time,
+        started_at: float | None = None,
     ) -> None:
         if max_entries <= 0:
             raise ValueError("max_entries must be positive")
         self._max_entries = max_entries
         self._clock = clock
+        self.started_at = clock() if started_at is None else started_at
         self._seen: dict[str, float] = {}
         self._expiries: list[tuple[float, str]] = []
 
     def __len__(self) -> int:
         return len(self._seen)
 
-    async def claim(self, jti: str, expires_at: float) -> bool:
+    async def claim(self, jti: str, expires_at: float, issued_at: float) -> bool:
+        if issued_at < self.started_at:
+            raise StaleTicketError()
         # No await between the check and the insert: atomic on the event loop.
         now = self._clock()
         self._prune(now)
@@ -321,11 +342,29 @@ class MemoryJtiStore:
                 del self._seen[jti]
 
 
-class RedisJtiStore:
-    """The jti store shared by every gateway node: `SET <prefix><jti> 1 NX EX <ttl>`.
+# KEYS: the start key, the jti key. ARGV: now, the ticket's iat, the jti key's ttl.
+# Returns 1 (claimed), 0 (already used) or -1 (issued before the history's start). The start
+# key is set when missing: a Redis that lost its data no longer knows which tickets were used,
+# so it remembers from now on and refuses every older ticket, in the same step as the claim.
+_CLAIM = """
+local start = redis.call('GET', KEYS[1])
+if not start then
+  redis.call('SET', KEYS[1], ARGV[1])
+  start = ARGV[1]
+end
+if tonumber(ARGV[2]) < tonumber(start) then return -1 end
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return 1 end
+return 0
+"""
 
-    The key lives until the ticket could no longer verify (`expires_at + LEEWAY_SECONDS`,
-    rounded up, at least one second), then Redis drops it.
+
+class RedisJtiStore:
+    """The jti store shared by every gateway node: ``SET <prefix><jti> 1 NX EX <ttl>``, in one
+    Lua call with the check of the start key (`started_key`: when the Redis history began).
+
+    The jti key lives until the ticket could no longer verify (`expires_at + LEEWAY_SECONDS`,
+    rounded up, at least one second), then Redis drops it. The bus's gateway nodes also set the
+    start key when they connect to Redis, so that tickets minted after that are accepted.
     """
 
     def __init__(
@@ -333,18 +372,27 @@ class RedisJtiStore:
         redis: Redis,
         *,
         prefix: str = "walcast:jti:",
+        started_key: str = "walcast:started",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._started_key = started_key
         self._clock = clock
+        self._claim = redis.register_script(_CLAIM)
 
-    async def claim(self, jti: str, expires_at: float) -> bool:
+    async def claim(self, jti: str, expires_at: float, issued_at: float) -> bool:
         from redis.exceptions import RedisError
 
-        ttl = max(1, math.ceil(expires_at + LEEWAY_SECONDS - self._clock()))
+        now = self._clock()
+        ttl = max(1, math.ceil(expires_at + LEEWAY_SECONDS - now))
         try:
-            created = await self._redis.set(f"{self._prefix}{jti}", b"1", nx=True, ex=ttl)
+            answer = await self._claim(
+                keys=[self._started_key, f"{self._prefix}{jti}"],
+                args=[repr(now), repr(float(issued_at)), ttl],
+            )
         except (RedisError, OSError):
             raise JtiStoreUnavailableError("ticket store unavailable") from None
-        return bool(created)
+        if answer == -1:
+            raise StaleTicketError("the ticket store's history started")
+        return bool(answer == 1)

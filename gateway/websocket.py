@@ -2,6 +2,15 @@
 
 Every check happens before the upgrade, so a browser sees a failed handshake with the HTTP
 status (401 bad ticket, 403 wrong organization) rather than an open socket that closes.
+
+A node that is not ready (starting, catching up, Redis unreachable) answers 503 with
+`Retry-After` before it looks at the ticket: until it has rebuilt its view of revocations it
+cannot tell a stale ticket from a good one, and the ticket is not used up. Tickets issued
+before the node's view of revocations began, or before its single-use store started, get 401
+and the client fetches a new one. The revocation check runs again just before the socket
+joins its hub, with no await in between, so an access change handled during the handshake
+closes the socket (4403) before any event reaches it.
+
 After the upgrade the socket is only read for `ping` (answered `pong`); anything else gets an
 error frame. Heartbeats are aiohttp's: a ping every `heartbeat_seconds`, and a peer that does
 not answer is dropped.
@@ -9,7 +18,6 @@ not answer is dropped.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -19,7 +27,8 @@ from gateway.config import Settings
 from gateway.fanout import Connection
 from gateway.http import error_response
 from gateway.limits import ConnectionLimiter, HandshakeRateLimiter, LimitExceeded
-from gateway.protocol import error_frame, text_frame
+from gateway.protocol import CloseCode, error_frame, revoked_frame, text_frame
+from gateway.readiness import Readiness
 from gateway.state import STATE
 from gateway.tickets import (
     JtiStoreFullError,
@@ -36,7 +45,7 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 MAX_CLIENT_FRAME = 64 * 1024
-READY_WAIT_SECONDS = 15.0
+NOT_READY_RETRY_SECONDS = 1  #: `Retry-After` of the 503 a node that is not ready answers
 _PONG = text_frame(b"pong")
 _UNSUPPORTED = error_frame("unsupported message: only the text 'ping' is understood")
 
@@ -60,6 +69,12 @@ def _too_many(refused: LimitExceeded) -> web.Response:
     return response
 
 
+def _not_ready(readiness: Readiness) -> web.Response:
+    response = error_response(503, "not ready", readiness.reason or "not ready")
+    response.headers["Retry-After"] = str(NOT_READY_RETRY_SECONDS)
+    return response
+
+
 @routes.get("/realtime/v1/websocket")
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
@@ -67,16 +82,17 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     refused = limits.handshakes.allow(request.remote or "")
     if refused is not None:
         return _too_many(refused)
+    if not state.readiness.ready:
+        return _not_ready(state.readiness)
     query = request.query
     tickets = query.getall("ws_ticket", [])
     if len(tickets) != 1 or not tickets[0]:
         return error_response(401, "unauthorized", "exactly one ws_ticket is required")
     try:
         claims = verify_ticket(tickets[0], state.settings.access_tokens, now=time.time())
+        state.registry.check_ticket(claims)
     except TicketError as exc:
         return error_response(401, "unauthorized", exc.reason)
-    if state.registry.is_revoked(claims):
-        return error_response(401, "unauthorized", "ticket predates an access change")
     organizations = query.getall("organizationId", [])
     if len(organizations) > 1 or (organizations and organizations[0] != claims.organization_id):
         return error_response(403, "forbidden", "organizationId does not match the ticket")
@@ -104,18 +120,20 @@ async def _open(
     request: web.Request, claims: TicketClaims, since: str | None, ws: web.WebSocketResponse
 ) -> web.StreamResponse:
     state = request.app[STATE]
+    registry = state.registry
     try:
-        claimed = await state.jti_store.claim(claims.jti, claims.expires_at)
+        claimed = await state.jti_store.claim(claims.jti, claims.expires_at, claims.issued_at)
+        # The claim may have waited on Redis: what the node knows may have changed meanwhile.
+        if claimed:
+            registry.check_ticket(claims)
     except (JtiStoreFullError, JtiStoreUnavailableError) as exc:
         return error_response(exc.status, "unavailable", exc.reason)
+    except TicketError as exc:
+        return error_response(401, "unauthorized", exc.reason)
     if not claimed:
         return error_response(401, "unauthorized", "ticket already used")
-    readiness = state.readiness
-    if not readiness.ready:
-        try:
-            await asyncio.wait_for(readiness.wait(), READY_WAIT_SECONDS)
-        except TimeoutError:
-            return error_response(503, "not ready", readiness.reason)
+    if not state.readiness.ready:
+        return _not_ready(state.readiness)
 
     await ws.prepare(request)
     transport = request.transport
@@ -132,9 +150,15 @@ async def _open(
         on_slow=lambda _conn: state.metrics.slow_consumers.inc(),
         writes=state.registry.writes,
     )
-    registry = state.registry
     try:
-        await registry.attach(conn, since)
+        # No await between this check and the attach's first step: an access change handled
+        # while the handshake was written closes the socket before any event reaches it.
+        reason = registry.revocation(claims)
+        if reason is not None:
+            conn.write(revoked_frame(reason))
+            conn.close(CloseCode.ACCESS_REVOKED, reason)
+        else:
+            await registry.attach(conn, since)
         async for message in ws:
             if message.type is WSMsgType.TEXT and message.data.strip() == "ping":
                 conn.write(_PONG)

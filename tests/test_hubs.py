@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 
 from cdc.cursors import format_cursor
 from gateway.config import TableConfig, parse_realtime_config
@@ -20,7 +21,7 @@ from gateway.history import MemoryHistory
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
 from gateway.protocol import CloseCode
-from gateway.tickets import TicketClaims
+from gateway.tickets import StaleTicketError, TicketClaims
 
 CONFIG = parse_realtime_config(
     {
@@ -283,6 +284,46 @@ async def test_revocation_sends_the_notice_closes_and_delivers_nothing_more() ->
     assert not registry.is_revoked(claims(WHEN.timestamp() + 1))
     registry.revoke(AccessRevoked("session-revoked", None, "gone", "s1", 0x40, WHEN.timestamp()))
     assert registry.is_revoked(claims(WHEN.timestamp() + 1, "s1"))
+
+
+async def test_revocation_of_everyone_closes_every_socket_and_stales_older_tickets() -> None:
+    """``TRUNCATE member``: a notice naming no organization, user or session applies to every
+    socket of every organization, a resuming one included."""
+    registry = _registry()
+    socks = [
+        Recording("a", {"owner"}, "s1", writes=registry.writes, org="o"),
+        Recording("b", {"recruiter"}, writes=registry.writes, org="p"),
+    ]
+    for rec in socks:
+        await registry.attach(rec.conn, None)
+    resuming = Recording("c", {"owner"}, writes=registry.writes, org="p")
+    attaching = asyncio.create_task(registry.attach(resuming.conn, format_cursor(0x10, 0)))
+    await asyncio.sleep(0)
+    at = WHEN.timestamp()
+    registry.revoke(AccessRevoked("member-removed", None, None, None, 0x20, at))
+    registry.publish(_change(0x30, "after", org="p"))
+    await attaching
+    await asyncio.sleep(0.01)
+    for rec in (*socks, resuming):
+        assert rec.messages[-1]["payload"] == {"reason": "member-removed"}
+        assert rec.closed_with == CloseCode.ACCESS_REVOKED
+
+    def claims(user: str, issued_at: float) -> TicketClaims:
+        return TicketClaims(user, "q", frozenset(), "j", issued_at + 60, None, issued_at)
+
+    assert registry.revocation(claims("anyone", at - 0.001)) == "member-removed"
+    assert registry.revocation(claims("anyone", at)) is None
+
+
+def test_tickets_issued_before_the_view_of_revocations_began_are_stale() -> None:
+    registry = HubRegistry(Metrics(), MemoryHistory(), revocations_since=WHEN.timestamp())
+    issued = WHEN.timestamp() - 0.5  # an iat in whole seconds, just before: not rounded up
+    with pytest.raises(StaleTicketError) as info:
+        registry.check_ticket(TicketClaims("u", "o", frozenset(), "j", issued + 60, None, issued))
+    assert "fetch a new ticket" in info.value.reason
+    registry.check_ticket(
+        TicketClaims("u", "o", frozenset(), "j", WHEN.timestamp() + 60, None, WHEN.timestamp())
+    )
 
 
 # -- write passes (gateway.fanout): shared audience frames, a socket's own frames, order --------

@@ -155,6 +155,68 @@ def test_session_delete_revokes_that_session() -> None:
     assert (notice.reason, notice.session_id, notice.user_id) == ("session-revoked", "s1", "u")
 
 
+@pytest.mark.parametrize(
+    ("table", "reason"), [("member", "member-removed"), ("session", "session-revoked")]
+)
+def test_truncate_of_the_session_store_revokes_everyone(table: str, reason: str) -> None:
+    (notice,) = _router().route(_change("TRUNCATE", table))
+    assert isinstance(notice, AccessRevoked)
+    assert (notice.reason, notice.organization_id, notice.user_id, notice.session_id) == (
+        reason,
+        None,
+        None,
+        None,
+    )
+    assert notice.committed_at == WHEN.timestamp()
+
+
+_SESSION = {
+    "id": "s1",
+    "userId": "u",
+    "token": "secret",
+    "expiresAt": "2026-11-29T12:00:00.000000+00:00",
+    "updatedAt": "2026-11-28T11:00:00+00:00",
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "revoked"),
+    [
+        ({"expiresAt": "2026-11-28T11:59:59.999999+00:00"}, True),  # before the commit
+        ({"expiresAt": "2026-11-28T12:00:00+00:00"}, True),  # at the commit
+        ({"expiresAt": "2026-11-28T13:00:00+01:00"}, True),  # the same instant, another offset
+        ({"expiresAt": "2026-11-28T11:00:00"}, True),  # timestamp without time zone: UTC
+        ({"expiresAt": "-infinity"}, True),
+        ({"expiresAt": None}, True),
+        ({"token": "rotated"}, True),
+        ({"userId": "someone-else"}, True),
+        ({"expiresAt": "2026-12-28T12:00:00+00:00"}, False),  # a rolling session, extended
+        ({"expiresAt": "infinity"}, False),
+        ({"updatedAt": "2026-11-28T12:00:00+00:00"}, False),
+        ({"activeOrganizationId": "o2"}, False),
+    ],
+)
+def test_session_update_revokes_when_it_ends_the_session(
+    changes: dict[str, Any], revoked: bool
+) -> None:
+    routed = _router().route(
+        _change("UPDATE", "session", old=dict(_SESSION), new={**_SESSION, **changes})
+    )
+    if not revoked:
+        assert routed == []
+        return
+    (notice,) = routed
+    assert isinstance(notice, AccessRevoked)
+    assert (notice.reason, notice.session_id, notice.user_id) == ("session-revoked", "s1", "u")
+
+
+def test_member_change_without_its_old_row_revokes_rather_than_trusts() -> None:
+    row = {"organizationId": "o", "userId": "u", "role": "owner"}
+    (notice,) = _router().route(_change("UPDATE", "member", new=row))
+    assert isinstance(notice, AccessRevoked)
+    assert (notice.reason, notice.organization_id, notice.user_id) == ("role-changed", "o", "u")
+
+
 def test_broadcast_messages() -> None:
     body = {
         "organizationId": "o",

@@ -20,6 +20,7 @@ from gateway.tickets import (
     JtiStoreFullError,
     MemoryJtiStore,
     RedisJtiStore,
+    StaleTicketError,
     TicketError,
     mint_ticket,
     redeem_ticket,
@@ -278,28 +279,42 @@ async def test_memory_store_refuses_a_reused_jti() -> None:
 async def test_memory_store_forgets_expired_entries() -> None:
     clock = _Clock(NOW)
     store = MemoryJtiStore(clock=clock)
-    assert await store.claim("a", NOW + 60)
-    assert await store.claim("b", NOW + 10)
-    assert not await store.claim("a", NOW + 60)
+    assert await store.claim("a", NOW + 60, NOW)
+    assert await store.claim("b", NOW + 10, NOW)
+    assert not await store.claim("a", NOW + 60, NOW)
     clock.now = NOW + 10 + LEEWAY_SECONDS
-    assert await store.claim("c", NOW + 70)
+    assert await store.claim("c", NOW + 70, NOW)
     assert len(store) == 2  # "b" pruned
     clock.now = NOW + 60 + LEEWAY_SECONDS
-    assert await store.claim("a", NOW + 120)  # the old "a" could no longer verify anyway
+    assert await store.claim("a", NOW + 120, NOW)  # the old "a" could no longer verify anyway
 
 
 async def test_memory_store_is_bounded_and_fails_closed() -> None:
     clock = _Clock(NOW)
     store = MemoryJtiStore(max_entries=3, clock=clock)
     for jti in "abc":
-        assert await store.claim(jti, NOW + 60)
+        assert await store.claim(jti, NOW + 60, NOW)
     with pytest.raises(JtiStoreFullError) as info:
-        await store.claim("d", NOW + 60)
+        await store.claim("d", NOW + 60, NOW)
     assert info.value.status == 503
-    assert not await store.claim("a", NOW + 60)  # still remembered
+    assert not await store.claim("a", NOW + 60, NOW)  # still remembered
     clock.now = NOW + 120
-    assert await store.claim("d", NOW + 180)
+    assert await store.claim("d", NOW + 180, NOW)
     assert len(store) == 1
+
+
+async def test_memory_store_refuses_tickets_issued_before_it_started() -> None:
+    """A restarted process has forgotten which tickets were used: older ones are refused,
+    compared on real-valued times (an iat in whole seconds is not rounded up)."""
+    store = MemoryJtiStore(clock=_Clock(NOW + 0.5))
+    for issued_at in (NOW - 30, NOW, NOW + 0.499):
+        with pytest.raises(StaleTicketError) as info:
+            await store.claim(f"j{issued_at}", issued_at + 60, issued_at)
+        assert info.value.status == 401
+        assert "fetch a new ticket" in info.value.reason
+    assert await store.claim("fresh", NOW + 60.5, NOW + 0.5)
+    with pytest.raises(StaleTicketError):
+        await redeem_ticket(_mint(now=NOW), [SECRET], store, now=NOW + 1)
 
 
 @pytest.fixture
@@ -323,17 +338,25 @@ async def redis_prefix(redis_client: aioredis.Redis) -> AsyncIterator[str]:
         await redis_client.delete(*keys)
 
 
+def _redis_store(
+    redis_client: aioredis.Redis, redis_prefix: str, now: float = NOW
+) -> RedisJtiStore:
+    return RedisJtiStore(
+        redis_client, prefix=redis_prefix, started_key=f"{redis_prefix}started", clock=_Clock(now)
+    )
+
+
 async def test_redis_store_refuses_a_reused_jti(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
-    store = RedisJtiStore(redis_client, prefix=redis_prefix, clock=_Clock(NOW))
+    store = _redis_store(redis_client, redis_prefix)
     token = _mint()
     claims = await redeem_ticket(token, [SECRET], store, now=NOW)
     with pytest.raises(TicketError, match="ticket already used"):
         await redeem_ticket(token, [SECRET], store, now=NOW)
     # A second node sharing the Redis refuses it too.
-    other_node = RedisJtiStore(redis_client, prefix=redis_prefix, clock=_Clock(NOW))
-    assert not await other_node.claim(claims.jti, claims.expires_at)
+    other_node = _redis_store(redis_client, redis_prefix)
+    assert not await other_node.claim(claims.jti, claims.expires_at, claims.issued_at)
     ttl = await redis_client.ttl(f"{redis_prefix}{claims.jti}")
     assert 60 <= ttl <= 60 + LEEWAY_SECONDS
 
@@ -341,19 +364,23 @@ async def test_redis_store_refuses_a_reused_jti(
 async def test_redis_store_key_expires_with_the_ticket(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
-    store = RedisJtiStore(redis_client, prefix=redis_prefix, clock=_Clock(NOW))
-    assert await store.claim("soon", NOW - 30)  # already past: still kept for a second
+    store = _redis_store(redis_client, redis_prefix)
+    assert await store.claim("soon", NOW - 30, NOW)  # already past: still kept for a second
     assert await redis_client.ttl(f"{redis_prefix}soon") == 1
 
 
 async def test_redis_store_default_prefix(redis_client: aioredis.Redis) -> None:
     jti = f"test-{uuid.uuid4().hex}"
     store = RedisJtiStore(redis_client)
+    had_start = await redis_client.exists("walcast:started")
     try:
-        assert await store.claim(jti, time.time() + 60)
+        assert await store.claim(jti, time.time() + 60, time.time() + LEEWAY_SECONDS)
         assert await redis_client.exists(f"walcast:jti:{jti}")
+        assert await redis_client.exists("walcast:started")
     finally:
         await redis_client.delete(f"walcast:jti:{jti}")
+        if not had_start:
+            await redis_client.delete("walcast:started")
 
 
 async def test_redis_store_unreachable_is_a_503_error() -> None:
@@ -370,7 +397,25 @@ async def test_redis_store_unreachable_is_a_503_error() -> None:
     try:
         store = RedisJtiStore(client)
         with pytest.raises(JtiStoreUnavailableError) as caught:
-            await store.claim("some-jti", time.time() + 60)
+            await store.claim("some-jti", time.time() + 60, time.time())
         assert caught.value.status == 503
     finally:
         await client.aclose()
+
+
+async def test_redis_store_refuses_tickets_older_than_its_history(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    """Redis lost its data (the start key is gone with the jti keys): the next claim starts a
+    new history in the same Lua call, and every older ticket, possibly used, is refused."""
+    store = _redis_store(redis_client, redis_prefix)
+    assert await store.claim("used", NOW + 60, NOW)
+    assert float(await redis_client.get(f"{redis_prefix}started")) == NOW
+    await redis_client.delete(f"{redis_prefix}used", f"{redis_prefix}started")  # data lost
+    later = _redis_store(redis_client, redis_prefix, now=NOW + 5)
+    with pytest.raises(StaleTicketError):
+        await later.claim("used", NOW + 60, NOW)
+    with pytest.raises(StaleTicketError):
+        await later.claim("whole-second", NOW + 64, NOW + 4)  # iat in whole seconds
+    assert not await redis_client.exists(f"{redis_prefix}used")
+    assert await later.claim("fresh", NOW + 65, NOW + 5)

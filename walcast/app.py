@@ -89,7 +89,7 @@ def make_app(
         keys = bus_keys(redis_prefix)
         history = feed = make_feed(settings, config, keys, readiness)
         tickets_redis = redis_client(settings)
-        jti_store = RedisJtiStore(tickets_redis, prefix=keys.jti)
+        jti_store = RedisJtiStore(tickets_redis, prefix=keys.jti, started_key=keys.started)
     else:
         history = memory = MemoryHistory(
             seconds=config.historySeconds,

@@ -7,13 +7,16 @@ Rows that move between organizations (or between targeted users) in an UPDATE be
 for the old audience and an INSERT for the new one, so the new row never reaches the old one.
 
 It also turns changes of the session store's `member` and `session` tables into
-`AccessRevoked` notices (spec §6) and logical messages with prefix `walcast` into broadcasts.
+`AccessRevoked` notices and logical messages with prefix `walcast` into broadcasts. A notice
+names what it applies to (organization, user, session; None: any): a member whose role changed
+or who left, a session deleted or ended by an UPDATE (it expires at or before the commit, or
+its token changed), and every socket after ``TRUNCATE member`` or ``TRUNCATE "session"``.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -168,32 +171,86 @@ class Router:
     # -- the session store -----------------------------------------------------------------
 
     def _member_change(self, change: RowChange) -> list[RoutedEvent | AccessRevoked]:
-        old, new = change.old, change.new
-        if old is None or change.kind not in ("UPDATE", "DELETE"):
+        """A role changed, a member left or moved, or the table was emptied."""
+        kind, old, new = change.kind, change.old, change.new
+        if kind == "TRUNCATE":  # nobody is a member of anything any more
+            return [self._revoked("member-removed", None, None, None, change)]
+        if kind == "INSERT":
             return []
+        if old is None or "userId" not in old:
+            # No old row (the table is not REPLICA IDENTITY FULL, which walcast checks at
+            # start): whether the role changed cannot be told, so assume it did.
+            log.warning(
+                "member %s without its old row: revoking; run ALTER TABLE member REPLICA"
+                " IDENTITY FULL",
+                kind,
+            )
+            row = new if kind == "UPDATE" and new is not None else {}
+            org, user = _text(row.get("organizationId")), _text(row.get("userId"))
+            reason = "role-changed" if kind == "UPDATE" else "member-removed"
+            return [self._revoked(reason, org, user, None, change)]
         org, user = _text(old.get("organizationId")), _text(old.get("userId"))
-        if change.kind == "DELETE":
+        if kind == "DELETE" or new is None:
             reason = "member-removed"
-        elif new is None:
-            return []
         elif (_text(new.get("organizationId")), _text(new.get("userId"))) != (org, user):
             reason = "member-removed"
         elif new.get("role") != old.get("role"):
             reason = "role-changed"
         else:
             return []
-        return [AccessRevoked(reason, org, user, None, change.commit_lsn, self._committed_at())]
+        return [self._revoked(reason, org, user, None, change)]
 
     def _session_change(self, change: RowChange) -> list[RoutedEvent | AccessRevoked]:
-        if change.kind != "DELETE" or change.old is None:
+        """A session deleted, expired or re-keyed by an UPDATE, or the table emptied."""
+        kind, old, new = change.kind, change.old, change.new
+        if kind == "TRUNCATE":  # every session is gone
+            return [self._revoked("session-revoked", None, None, None, change)]
+        if kind == "INSERT":
             return []
-        session_id = _text(change.old.get("id"))
-        user = _text(change.old.get("userId"))
-        return [
-            AccessRevoked(
-                "session-revoked", None, user, session_id, change.commit_lsn, self._committed_at()
-            )
-        ]
+        if kind == "UPDATE" and new is not None and not self._session_ended(old, new):
+            return []
+        row = old if old is not None else new
+        if row is None:
+            return []
+        session_id, user = _text(row.get("id")), _text(row.get("userId"))
+        if session_id is None and user is None:
+            return [self._revoked("session-revoked", None, None, None, change)]
+        return [self._revoked("session-revoked", None, user, session_id, change)]
+
+    def _session_ended(self, old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+        """Whether an UPDATE ends the session for the tickets it issued: it now expires at or
+        before the commit, or its token, id or user changed."""
+        if old is not None and any(
+            _text(old.get(column)) != _text(new.get(column)) for column in ("token", "id", "userId")
+        ):
+            return True
+        expires = new.get("expiresAt")
+        if old is not None and expires == old.get("expiresAt"):
+            return False
+        commit_time = self._commit_time
+        assert commit_time is not None, "a RowChange always follows its TransactionStart"
+        if expires == "infinity":
+            return False
+        if isinstance(expires, str):
+            try:
+                expires = datetime.fromisoformat(expires)
+            except ValueError:
+                pass
+        if not isinstance(expires, datetime):
+            return True  # NULL, -infinity or unreadable: ended rather than trusted
+        if expires.tzinfo is None:  # timestamp without time zone: Better Auth writes UTC
+            expires = expires.replace(tzinfo=UTC)
+        return expires <= commit_time
+
+    def _revoked(
+        self,
+        reason: str,
+        org: str | None,
+        user: str | None,
+        session_id: str | None,
+        change: RowChange,
+    ) -> AccessRevoked:
+        return AccessRevoked(reason, org, user, session_id, change.commit_lsn, self._committed_at())
 
     def _committed_at(self) -> float:
         assert self._commit_time is not None, "a RowChange always follows its TransactionStart"

@@ -31,6 +31,11 @@ any node. The hubs need nothing Redis-specific: this is an event source, not a k
 * **Redis unavailable**: sockets stay open; `/readyz` says 503; the XREAD resumes from the last
   ids handled, so the node catches up without a gap. A resume that cannot read the history
   raises `HistoryUnavailable` (the hub closes the socket with 1013, try again), never silence.
+* **Revocations**: the node reads ``control`` from its last entry when it starts, so it knows
+  the access changes committed from then on, none before: the registry refuses tickets issued
+  earlier (`HubRegistry.revocations_since`). Each time it (re)connects it also sets
+  ``started`` where missing (Redis lost its data): the single-use store refuses tickets issued
+  before that, which it cannot know to be unused.
 """
 
 from __future__ import annotations
@@ -106,12 +111,13 @@ class RedisFeed:
 
     async def run(self, registry: HubRegistry) -> None:
         """Feed `registry`'s hubs from the streams until cancelled."""
-        await self._start()
+        await self._start(registry)
         failures = 0
         while True:
             try:
                 if failures:  # back as soon as Redis answers, not when the next event comes
                     await self._blocking.ping()
+                    await self._mark_started()
                     log.info("Redis is reachable again: catching up from the streams")
                     failures = 0
                     self._on_status(True, "")
@@ -141,7 +147,11 @@ class RedisFeed:
             return  # the next XREAD notices
         self._handle(registry, reply or [], parse_cursor(position.decode()) if position else None)
 
-    async def _start(self) -> None:
+    async def _mark_started(self) -> None:
+        """Set ``started`` to now if Redis has none (it is new, or lost its data)."""
+        await self._redis.set(self._keys.started, repr(time.time()), nx=True)
+
+    async def _start(self, registry: HubRegistry) -> None:
         """Read where the current epoch's history stands; wait for a reader to start one."""
         keys = self._keys
         failures = 0
@@ -150,12 +160,16 @@ class RedisFeed:
         control: Any
         while True:
             try:
+                await self._mark_started()
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.xrevrange(keys.epoch, count=1)
                     pipe.get(keys.floor)
                     pipe.get(keys.position)
                     pipe.xrevrange(keys.control, count=1)
                     epoch, floor, position, control = await pipe.execute()
+                # An access change the node will not read (at or before that entry) was
+                # stored, so committed, before now: older tickets are refused.
+                since = time.time()
                 record = parse_record(epoch)
                 if record is not None and record.epoch:
                     break
@@ -176,6 +190,7 @@ class RedisFeed:
             keys.epoch: record.entry_id,
             self._wake_key: "0-0",
         }
+        registry.revocations_since = max(registry.revocations_since, since)
         self._on_status(True, "")
 
     async def _switch(self, registry: HubRegistry) -> None:
@@ -189,7 +204,7 @@ class RedisFeed:
             if not future.done():
                 future.set_exception(TimeoutError("the history started a new epoch"))
         self._orgs.clear()
-        await self._start()
+        await self._start(registry)
         for org in registry.followed():
             self._follow(org)
         log.warning(

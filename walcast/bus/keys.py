@@ -12,6 +12,8 @@ Keys (`prefix` defaults to ``walcast:``, env ``WALCAST_REDIS_PREFIX``)::
     {prefix}position               cursor: everything below it has been published
     {prefix}wake:{node}            stream: wakes a node's blocking read (see `walcast.bus.feed`)
     {prefix}jti:{jti}              single-use ticket ids (`gateway.tickets.RedisJtiStore`)
+    {prefix}started                when the history of single-use ticket ids began (seconds
+                                   since the epoch): older tickets are refused
 
 An entry's id is its cursor key, ``{commit_lsn}-{position}``, so stream order is cursor order.
 ``floor`` and ``position`` hold cursors without an epoch: they are only ever compared within
@@ -68,6 +70,10 @@ class BusKeys:
     @property
     def jti(self) -> str:
         return f"{self.prefix}jti:"
+
+    @property
+    def started(self) -> str:
+        return f"{self.prefix}started"
 
 
 def stream_id(key: CursorKey) -> str:
