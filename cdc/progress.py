@@ -28,6 +28,12 @@ That keeps "nothing lost, nothing twice" testable as a table of inputs and ackno
   items. A transaction counts as open from its Begin being read until the consumer has asked
   past its end, and a keepalive moves the candidate only while none is open: a keepalive read
   behind transactions the consumer has not handled yet says nothing about them.
+* **Read-ahead budget.** What is read ahead is bounded in bytes, not in transactions: one read
+  takes the next message, then already-arrived ones while fewer than `read_ahead_bytes` bytes
+  (pgoutput messages, as received) are held for the consumer. So a transaction of any size is
+  consumed in slices of about that many bytes (at most one message more), never accumulated,
+  and the rules above hold slice by slice: a slice may end, and a reconnect may come, anywhere
+  inside a transaction.
 """
 
 from __future__ import annotations
@@ -36,10 +42,13 @@ from typing import NamedTuple
 
 from cdc.changes import Item, LogicalMessage, RowChange, TransactionEnd, TransactionStart
 
-__all__ = ["INVALID_LSN", "Ack", "Progress"]
+__all__ = ["INVALID_LSN", "READ_AHEAD_BYTES", "Ack", "Progress"]
 
 INVALID_LSN = 0
 """A flush position of 0 is "invalid": the server records the reply but does not move the slot."""
+
+READ_AHEAD_BYTES = 64 * 1024
+"""Default read-ahead budget: a few hundred rows of a typical table, a few ms of decoding."""
 
 _END = 1 << 62  # a transaction end sorts after every item of its transaction
 
@@ -63,7 +72,11 @@ def _key(item: Item) -> tuple[int, int]:
 class Progress:
     """Acknowledgement state of one reader across its streams (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_ahead_bytes: int = READ_AHEAD_BYTES) -> None:
+        if read_ahead_bytes < 1:
+            raise ValueError(f"read_ahead_bytes must be at least 1, not {read_ahead_bytes}")
+        self.read_ahead_bytes = read_ahead_bytes
+        self.read_ahead = 0  #: bytes of messages read whose items are not all handed out yet
         self.handled = 0  #: the candidate: end of the last handled transaction, or idle WAL end
         self.flushed = 0  #: the highest flush position acknowledged
         self._retain: int | None = None
@@ -81,7 +94,16 @@ class Progress:
         self._open = 0
         self._keepalive_end = 0
         self._resuming = True
+        self.read_ahead = 0
         return self.flushed
+
+    def read(self, size: int) -> None:
+        """A message of `size` bytes was read (a keepalive too: it waited in the same buffer)."""
+        self.read_ahead += size
+
+    def drained(self) -> None:
+        """The consumer has asked past every item read so far: nothing is held ahead."""
+        self.read_ahead = 0
 
     def began(self) -> None:
         """A transaction's Begin was read (its items may not be handed out yet)."""
@@ -119,6 +141,12 @@ class Progress:
             self._end(item)
 
     # -- outputs -----------------------------------------------------------------------------
+
+    @property
+    def may_read_ahead(self) -> bool:
+        """Whether the reader may take another message that has already arrived before the
+        consumer asks past what it holds (the read-ahead budget)."""
+        return self.read_ahead < self.read_ahead_bytes
 
     @property
     def target(self) -> int:

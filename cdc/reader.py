@@ -10,8 +10,11 @@ database must provide is `cdc.setup`'s.
   an item the consumer has asked past has been handled (`Progress.handed_out`). Items are
   yielded as their messages arrive; a transaction is never buffered (proto_version 1: the
   server sends it at commit).
-* **Read-ahead.** One read takes a message, then whatever messages have already arrived in
-  libpq's buffer (at most `_READ_AHEAD` items' worth), across transactions.
+* **Read-ahead, by bytes.** One read takes a message, then whatever messages have already
+  arrived in libpq's buffer, across transactions, up to `read_ahead_bytes` (`cdc.progress`'s
+  budget). Nothing more is read until the consumer has asked past all of it, so a transaction
+  of any size passes through in slices of about that many bytes, and the socket's back-pressure
+  holds the rest in the server.
 * **Status updates**: at once for a keepalive that asks for a reply (`Progress.reply`), and
   every `status_interval` seconds while streaming (a timeout on the read, no timer task).
 * **Reconnects** on connection loss, server restart or "slot is active" (another process holds
@@ -39,7 +42,7 @@ from cdc.changes import ChangeBuilder, Item, TypeDescription
 from cdc.decoder import Decoder
 from cdc.lsn import format_lsn
 from cdc.messages import Begin, PgOutputMessage, Relation, UnknownMessage
-from cdc.progress import Progress
+from cdc.progress import READ_AHEAD_BYTES, Progress
 from cdc.replication import (
     Keepalive,
     ReplicationProtocol,
@@ -55,9 +58,6 @@ logger = logging.getLogger(__name__)
 
 _BOOKKEEPING = frozenset({Begin, UnknownMessage})
 """Decoder messages that move the reader's transaction state or are skipped."""
-
-_READ_AHEAD = 256
-"""Most items one read makes from messages that have already arrived (see the docstring)."""
 
 # SQLSTATE classes/codes that mean "try again later", not "fix your setup".
 _OBJECT_IN_USE = "55006"  # e.g. the slot is active for another process
@@ -99,6 +99,8 @@ class ReplicationReader:
             (naming the `ALTER TABLE` to run), "manage" sets it, "ignore" accepts them.
         connect_timeout: seconds one connection attempt (both connections, set-up and
             `START_REPLICATION`) may take before it counts as failed and is retried.
+        read_ahead_bytes: most bytes of pgoutput messages read before the consumer has asked
+            for their items (one message more than that at most: a message is never split).
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class ReplicationReader:
         backoff_cap: float = 30.0,
         replica_identity: ReplicaIdentityMode = "ignore",
         connect_timeout: float = 30.0,
+        read_ahead_bytes: int = READ_AHEAD_BYTES,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
@@ -139,7 +142,8 @@ class ReplicationReader:
         self._streaming = False
         self._status_sent_at = 0.0
 
-        self._progress = Progress()  # what may be acknowledged, and what to skip
+        # What may be acknowledged, what to skip, and how much may be read ahead.
+        self._progress = Progress(read_ahead_bytes)
         self._unknown_kinds: set[int] = set()
         self._gen: AsyncGenerator[Item, None] | None = None
         self._closing = False
@@ -309,24 +313,28 @@ class ReplicationReader:
         )
 
     async def _next_items(self) -> list[Item]:
-        """Read one CopyData message, and those already arrived, into items.
+        """Read one CopyData message, and those already arrived (within the read-ahead
+        budget), into items. Called when the consumer has asked past every item read before.
 
         Decoding is synchronous; the loop awaits only to describe a Relation's types and to
         answer a keepalive that asks for a reply, so a batch costs one await, not one per
-        message.
+        message; the budget keeps a batch to a few milliseconds of decoding.
         """
         conn = self._conn
         assert conn is not None
         feed = self._builder.feed
+        progress = self._progress
+        progress.drained()
         items: list[Item] = []
         data: bytes | None = await self._read()
         while data is not None:
+            progress.read(len(data))
             decoded = self._decode(data)
             if decoded is not None:
                 if isinstance(decoded, Relation):
                     await self._resolve_types(decoded)
                 items += feed(decoded)
-            if len(items) >= _READ_AHEAD:
+            if not progress.may_read_ahead:
                 break
             data = conn.read_copy_nowait()
         if self._protocol.reply_pending:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from cdc.progress import READ_AHEAD_BYTES
 from gateway.errors import ConfigError
 
 __all__ = [
@@ -177,6 +178,8 @@ class Settings(BaseModel):
     #: (gateway.fanout); 0 writes on the next loop turn.
     write_coalesce_ms: float = Field(default=0.5, ge=0, le=50)
     max_broadcast_bytes: int = Field(default=256 * 1024, gt=0)
+    #: Bytes of replication messages the reader takes ahead of the pipeline (cdc.progress).
+    read_ahead_bytes: int = Field(default=READ_AHEAD_BYTES, ge=1024, le=64 * 1024 * 1024)
     #: DoS limits (docs/security.md); 0 disables a limit. Over a limit, the upgrade gets 429.
     max_connections_per_user: int = Field(default=100, ge=0)
     max_connections_per_org: int = Field(default=10_000, ge=0)
@@ -225,6 +228,7 @@ class Settings(BaseModel):
             "max_send_buffer",
             "write_coalesce_ms",
             "max_broadcast_bytes",
+            "read_ahead_bytes",
             "max_connections_per_user",
             "max_connections_per_org",
             "handshake_rate",

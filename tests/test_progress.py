@@ -67,15 +67,39 @@ def reply(received: int) -> tuple[str, Any]:
     return ("reply", received)
 
 
+def budget(size: int) -> tuple[str, Any]:
+    """The read-ahead budget, in bytes (first event of a case; default otherwise)."""
+    return ("budget", size)
+
+
+def arrive(size: int) -> tuple[str, Any]:
+    """The reader reads one message of `size` bytes; output: whether it may read another."""
+    return ("arrive", size)
+
+
+def drained() -> tuple[str, Any]:
+    """The consumer has asked past everything read: the reader is about to read again."""
+    return ("drained", None)
+
+
 def run(events: list[tuple[str, Any]]) -> list[Any]:
     """Drive a `Progress` the way `cdc.reader` does; return the outputs."""
-    progress = Progress()
+    if events and events[0][0] == "budget":
+        progress = Progress(read_ahead_bytes=events[0][1])
+        events = events[1:]
+    else:
+        progress = Progress()
     queue: deque[Item] = deque()
     outputs: list[Any] = []
     for kind, arg in events:
         if kind == "start":  # a (re)connect: what was read and not handed out is dropped
             queue.clear()
             outputs.append(progress.start(arg))
+        elif kind == "arrive":
+            progress.read(arg)
+            outputs.append(progress.may_read_ahead)
+        elif kind == "drained":
+            progress.drained()
         elif kind == "read":
             for item in arg:
                 if isinstance(item, TransactionStart):
@@ -236,6 +260,56 @@ CASES: list[tuple[str, list[tuple[str, Any]], list[Any]]] = [
         [0, ["start 10", "row 10.1", "end 10", "start 30"], (Ack(0x30, 0x20), Ack(0x90, 0))],
     ),
     (
+        "read-ahead budget: reading stops at the budget; a message is never split",
+        [
+            budget(1000),
+            start(0),
+            arrive(400),
+            arrive(400),
+            arrive(400),  # 1,200 bytes held: stop until the consumer asks past them
+            drained(),
+            arrive(5000),  # larger than the whole budget: read alone, one at a time
+            drained(),
+            arrive(10),
+        ],
+        [0, True, True, False, False, True],
+    ),
+    (
+        "read-ahead budget: a reconnect drops what was read ahead",
+        [budget(1000), start(0), arrive(900), arrive(200), start(0), arrive(100)],
+        [0, True, False, 0, True],
+    ),
+    (
+        "a transaction in slices: keepalives inside it move nothing, a reconnect mid-way "
+        "skips what was handed out",
+        [
+            budget(1000),
+            start(0),
+            read(tx(0x10, 0x20, rows=6)[:3]),  # one slice: start, rows 1-2
+            hand(3),
+            keepalive(0x100),  # read between two slices of the open transaction
+            status(0x10),
+            drained(),
+            read(tx(0x10, 0x20, rows=6)[3:6]),  # rows 3-5
+            hand(3),
+            status(0x10),
+            start(0),  # the session dies before row 6: the server sends it all again
+            read(tx(0x10, 0x20, rows=6), tx(0x30, 0x40)),
+            hand(20),
+            status(0x30),
+        ],
+        [
+            0,
+            ["start 10", "row 10.1", "row 10.2"],
+            Ack(0x10, 0),
+            ["row 10.3", "row 10.4", "row 10.5"],
+            Ack(0x10, 0),
+            0,
+            ["row 10.6", "end 10", "start 30", "row 30.1", "end 30"],
+            Ack(0x40, 0x40),
+        ],
+    ),
+    (
         "a reply never reports less received than the stream brought",
         [start(0x10), reply(0x80)],
         [0x10, (Ack(0x80, 0x10), Ack(0x80, INVALID_LSN))],
@@ -258,3 +332,8 @@ def test_the_flushed_position_only_follows_status_updates() -> None:
     assert (progress.handled, progress.target, progress.flushed) == (0x20, 0x20, 0)
     progress.status(0x10)
     assert progress.flushed == 0x20
+
+
+def test_the_read_ahead_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="read_ahead_bytes"):
+        Progress(read_ahead_bytes=0)

@@ -8,6 +8,12 @@ config, the slot, re-created if PostgreSQL invalidated it); identify the databas
 the reader hands the marker back, everything committed before start-up has been re-read into
 history, so the node is ready: sockets may attach and resume.
 
+The stream is handled item by item, each row routed and published on its own, and the loop
+gets a turn at least every `YIELD_SECONDS` of that work: a large transaction or a catch-up
+after downtime takes as long as its rows take, while write passes, heartbeats, `/healthz` and
+socket reads keep going. Events stay in commit order, so an event committed after a large
+transaction reaches its sockets only once that transaction has been handled.
+
 What the slot may forget is decided by `RetentionWindow`: the WAL position the node had reached
 `historySeconds` ago. That is at or before the oldest transaction still in any history, so a
 node killed at any moment re-reads, on restart, every event a client might still resume from.
@@ -15,6 +21,7 @@ node killed at any moment re-reads, on restart, every event a client might still
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -46,6 +53,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+YIELD_SECONDS = 0.005
+"""Longest stretch of pipeline work between two turns of the event loop."""
 
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
@@ -197,10 +207,13 @@ class Pipeline:
             self._dsn,
             slot=self._settings.slot,
             publication=self._settings.publication,
+            read_ahead_bytes=self._settings.read_ahead_bytes,
         )
         reader.retain_from(start_lsn)
         route, sink, metrics = self.router.route, self._sink, self._metrics
         changes = metrics.changes
+        timer = time.perf_counter
+        turn_ends = timer() + YIELD_SECONDS
         try:
             async for item in reader.items():
                 if isinstance(item, RowChange):
@@ -209,21 +222,27 @@ class Pipeline:
                     if events:
                         await sink.publish(events)
                 elif isinstance(item, LogicalMessage):
-                    if item.prefix == SYNC_PREFIX:
-                        if item.content.decode(errors="replace") == marker:
-                            log.info("caught up with the WAL at %X", item.commit_lsn)
-                            self._on_ready(start_lsn)
-                        continue
-                    events = route(item)
-                    if events:
-                        metrics.broadcasts.inc(sum(isinstance(e, BroadcastEvent) for e in events))
-                        await sink.publish(events)
+                    if item.prefix != SYNC_PREFIX:
+                        events = route(item)
+                        if events:
+                            broadcasts = sum(isinstance(e, BroadcastEvent) for e in events)
+                            metrics.broadcasts.inc(broadcasts)
+                            await sink.publish(events)
+                    elif item.content.decode(errors="replace") == marker:
+                        log.info("caught up with the WAL at %X", item.commit_lsn)
+                        self._on_ready(start_lsn)
                 elif isinstance(item, TransactionEnd):
                     sink.mark_position(item.end_lsn)
                     retention.record(item.end_lsn)
                     reader.retain_from(retention.retained())
                 else:
                     route(item)
+                if timer() >= turn_ends:
+                    # Neither the reader (data keeps arriving) nor the local sink need await
+                    # anything, so without this a catch-up or a large transaction would hold
+                    # the event loop: no write pass, no /healthz, no heartbeat until its end.
+                    await asyncio.sleep(0)
+                    turn_ends = timer() + YIELD_SECONDS
         finally:
             await reader.aclose()
 
