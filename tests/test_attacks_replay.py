@@ -37,9 +37,11 @@ import pytest
 
 from gateway.config import parse_realtime_config
 from gateway.protocol import CloseCode
+from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import (
     ACCESS_TOKEN,
+    Gateway,
     clean_env,
     free_port,
     running_gateway,
@@ -276,7 +278,9 @@ STALLED = 20  #: half live, half resuming from before the history
 RSS_BOUND_PER_SOCKET = 2.5 * SEND_BUFFER
 
 
-async def _stalled(port: int, org: str, *, since: str | None = None) -> socket.socket:
+async def _stalled(
+    port: int, org: str, *, since: str | None = None, ticket: str | None = None
+) -> socket.socket:
     """A raw WebSocket that stops reading right after the handshake (live: after `ready`); its
     receive buffer is tiny, so the server soon has to hold what it sends."""
     sock = socket.socket()
@@ -285,7 +289,7 @@ async def _stalled(port: int, org: str, *, since: str | None = None) -> socket.s
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
-    query = f"ws_ticket={_ticket('stalled', org)}&organizationId={org}"
+    query = f"ws_ticket={ticket or _ticket('stalled', org)}&organizationId={org}"
     if since is not None:
         query += f"&since={since}"
     request = (
@@ -294,9 +298,10 @@ async def _stalled(port: int, org: str, *, since: str | None = None) -> socket.s
     )
     await loop.sock_sendall(sock, request.encode())
     received = b""
-    until = b"\r\n\r\n" if since is not None else b'"ready"'
+    # A resume reads the response head byte by byte: its frames are read later, whole.
+    until, size = (b"\r\n\r\n", 1) if since is not None else (b'"ready"', 1024)
     while until not in received:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 1024), 10)
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, size), 10)
         assert chunk, received
         received += chunk
     assert received.startswith(b"HTTP/1.1 101"), received
@@ -324,6 +329,7 @@ def _frames(data: bytes) -> list[tuple[int, bytes]]:
 
 async def _drain(sock: socket.socket, timeout: float = 5.0) -> bytes | None:
     """Read a raw socket to its end (or a reset); None if the server keeps it open."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # the server waits 2 s at most
     loop = asyncio.get_running_loop()
     data = bytearray()
     try:
@@ -418,6 +424,15 @@ def _config() -> Any:
     return parse_realtime_config(tomllib.loads(CONFIG))
 
 
+async def _until_held(gw: Gateway, events: int) -> None:
+    """Wait until the node's history holds `events` events (the reader has caught up)."""
+    history = gw.app[STATE].registry.history
+    deadline = time.monotonic() + 30
+    while len(history) < events:
+        assert time.monotonic() < deadline, f"the history holds {len(history)} events"
+        await asyncio.sleep(0.02)
+
+
 async def test_a_yielding_resume_delivers_every_event_once_in_order_with_live_traffic(
     database_url: str,
 ) -> None:
@@ -428,6 +443,7 @@ async def test_a_yielding_resume_delivers_every_event_once_in_order_with_live_tr
         cursor = start.messages[-1]["payload"]["cursor"]
         await start.close()
         _insert_rows(gw.dsn, 1, 5000, ORG, 200)  # about 20 x the send buffer
+        await _until_held(gw, 5000)
         committed = list(range(1, 5001))
         stop = threading.Event()
 
@@ -465,9 +481,11 @@ async def test_a_revocation_during_a_replay_closes_it_with_4403_and_nothing_afte
         start = await gw.connect(token, ORG)
         cursor = start.messages[-1]["payload"]["cursor"]
         await start.close()
-        _insert_rows(gw.dsn, 1, 5000, ORG, 200)
+        _insert_rows(gw.dsn, 1, 5000, ORG, 2000)  # 10 MB: more than the kernel's buffers take
+        await _until_held(gw, 5000)
         port = int(gw.url.rsplit(":", 1)[1])
-        sock = await _stalled(port, ORG, since=cursor)  # a resume that reads nothing for now
+        # A resume that reads nothing for now.
+        sock = await _stalled(port, ORG, since=cursor, ticket=await gw.ticket(token, ORG))
         await asyncio.sleep(0.3)  # the replay has filled the socket's buffer and waits
         gw.sql(
             "BEGIN;"
@@ -475,7 +493,6 @@ async def test_a_revocation_during_a_replay_closes_it_with_4403_and_nothing_afte
             " INSERT INTO items VALUES (99999, 'org-big', 'raw-after-revoke', '');"
             " COMMIT;"
         )
-        await asyncio.sleep(0.2)
         stream = await _drain(sock)
         sock.close()
         assert stream is not None
@@ -485,7 +502,7 @@ async def test_a_revocation_during_a_replay_closes_it_with_4403_and_nothing_afte
         seqs = [t["new"]["seq"] for t in texts if t["type"] == "postgres_changes"]
         assert seqs == list(range(1, len(seqs) + 1))  # part of the replay, in order
         assert len(seqs) < 5000  # ...cut short:
-        assert texts[-1]["event"] == "auth:token-invalidated"
+        assert texts[-1].get("event") == "auth:token-invalidated", (texts[-1], len(seqs), closes)
         assert closes == [CloseCode.ACCESS_REVOKED]
         assert not any(t.get("event") == "ready" for t in texts)
         assert b"raw-after-revoke" not in stream
