@@ -14,13 +14,14 @@ replay and live delivery and nothing is delivered twice:
    every event and revocation the hub handles for it (references, not frames);
 2. it waits for one of `max_replays` slots (a semaphore per node: a few replays run at once,
    the rest queue), then the history answers the events after its cursor (it may await);
-3. the replay runs in slices: each writes events for at most `REPLAY_SLICE_SECONDS` of work and
-   at most half the room left in the socket's `max_send_buffer`, hands them to the socket,
-   then lets the loop run; when the socket holds more than half its buffer, the replay waits
-   for it to drain rather than queue more (a socket that takes nothing for
-   `replay_stall_seconds` is closed with 1013, like any slow consumer). After the history,
-   the slices go on with what was collected, skipping what the client already has (at or
-   below its cursor or the last replayed event);
+3. the replay runs in slices: each writes events for its share of `REPLAY_SLICE_SECONDS` of
+   work (the replays running share it: /healthz and the other organizations wait for loop
+   turns, whatever the number of replays) and for at most half the room left in the socket's
+   `max_send_buffer`, hands them to the socket, then lets the loop run. When the socket holds
+   more than half its buffer, the replay waits for it to drain rather than queue more (a
+   socket that takes nothing for `replay_stall_seconds` is closed with 1013, like any slow
+   consumer). After the history, the slices go on with what was collected, skipping what
+   the client already has (at or below its cursor or the last replayed event);
 4. in the final slice, once nothing is left, without an await: off the attaching list,
    registration, ``ready``. A revocation that applies, collected at any point, closes the
    socket with 4403 at the start of the next slice (or while it waits to drain), and nothing
@@ -62,7 +63,7 @@ __all__ = ["Hub", "HubRegistry"]
 log = logging.getLogger(__name__)
 
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
-REPLAY_SLICE_SECONDS = 0.005  #: a replay works this long at most, then lets the loop run
+REPLAY_SLICE_SECONDS = 0.005  #: replay work per loop turn, shared by the replays running
 DRAIN_POLL_SECONDS = 0.002  #: how often a replay that waits for its socket looks again
 DEFAULT_MAX_REPLAYS = 4
 DEFAULT_REPLAY_STALL_SECONDS = 10.0
@@ -124,12 +125,12 @@ class _Replay:
             self.waiting.buffer
         )
 
-    def slice(self) -> Iterator[RoutedEvent]:
-        """The next events, for `REPLAY_SLICE_SECONDS` of work and half the room left in the
-        socket's buffer (at least a quarter of it: a slice starts once it is half empty)."""
+    def slice(self, seconds: float) -> Iterator[RoutedEvent]:
+        """The next events, for `seconds` of work and half the room left in the socket's
+        buffer (at least a quarter of it: a slice starts once it is half empty)."""
         conn, missed, collected = self.conn, self.missed, self.waiting.buffer
         budget = (conn.max_send_buffer - conn.buffered) // 2
-        deadline = time.perf_counter() + REPLAY_SLICE_SECONDS
+        deadline = time.perf_counter() + seconds
         floor = self.floor
         while conn.queued < budget and time.perf_counter() < deadline:
             if self.next_missed < len(missed):
@@ -323,6 +324,7 @@ class HubRegistry:
         self.history = history
         #: Resumes replaying at once on this node; the others wait for a slot.
         self._replays = asyncio.Semaphore(max_replays)
+        self._replaying = 0
         #: A replaying socket that takes nothing for this long is a slow consumer.
         self.replay_stall_seconds = replay_stall_seconds
         #: Runs the write passes of every socket of this node's hubs.
@@ -359,7 +361,11 @@ class HubRegistry:
         hub.attaching.append(waiting)
         try:
             async with self._replays:
-                await self._resume(hub, waiting, since)
+                self._replaying += 1
+                try:
+                    await self._resume(hub, waiting, since)
+                finally:
+                    self._replaying -= 1
         finally:
             if waiting in hub.attaching:  # not registered: closed, revoked, failed
                 hub.attaching.remove(waiting)
@@ -391,7 +397,7 @@ class HubRegistry:
                 conn.close(CloseCode.ACCESS_REVOKED, notice.reason)
                 self.metrics.revocations.labels(notice.reason).inc()
                 return
-            hub.replay(conn, replay.slice())
+            hub.replay(conn, replay.slice(REPLAY_SLICE_SECONDS / self._replaying))
             if replay.done:  # the final slice: nothing left, so registered in the same step
                 hub.attaching.remove(waiting)
                 hub.register(conn)
