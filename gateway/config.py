@@ -174,6 +174,10 @@ class Settings(BaseModel):
     publication: str = Field(default="walcast", pattern=r"^[A-Za-z0-9_]{1,63}$")
     heartbeat_seconds: float = Field(default=25.0, gt=0)
     max_send_buffer: int = Field(default=4 * 1024 * 1024, gt=0)
+    #: ``since=`` replays running at once on a node (the others queue), and how long a
+    #: replaying socket may take nothing before it is closed as a slow consumer (gateway.hubs).
+    max_replays: int = Field(default=4, ge=1)
+    replay_stall_seconds: float = Field(default=10.0, gt=0)
     #: Under load, frames wait up to this long after a write pass to go out together
     #: (gateway.fanout); 0 writes on the next loop turn.
     write_coalesce_ms: float = Field(default=0.5, ge=0, le=50)
@@ -226,6 +230,8 @@ class Settings(BaseModel):
         for key in (
             "heartbeat_seconds",
             "max_send_buffer",
+            "max_replays",
+            "replay_stall_seconds",
             "write_coalesce_ms",
             "max_broadcast_bytes",
             "read_ahead_bytes",

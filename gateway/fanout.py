@@ -22,6 +22,13 @@ are few:
 nobody else waits for it. There is no other back-pressure: the reader's slot acknowledgement
 does not depend on any socket (history, not sockets, keeps events for resume).
 
+What a socket costs the server is its transport's buffer: the bytes the kernel would not take,
+copied (the shared frames are shared only until then). So no more than `max_send_buffer` is
+handed to a transport at once: a pass bigger than that goes in whole frames, in pieces of at
+most the limit, and stops as soon as the buffer is past it. A socket therefore holds at most
+about twice `max_send_buffer` (the limit, plus one piece) until it is closed. A replay
+(`gateway.hubs`) writes through the same `Connection` and waits for the socket to drain.
+
 Frames are built here rather than by aiohttp so that one `bytes` object serves every socket of
 a class. Sockets are opened without per-message compression, so a server frame is just
 RFC 6455 §5.2's header followed by the payload.
@@ -53,6 +60,20 @@ DEFAULT_COALESCE_SECONDS = 0.0005
 
 def _joined(frames: list[bytes]) -> bytes:
     return frames[0] if len(frames) == 1 else b"".join(frames)
+
+
+def _pieces(frames: list[bytes], limit: int) -> Iterator[bytes]:
+    """`frames` joined into pieces of at most `limit` bytes (a bigger frame is a piece alone)."""
+    piece: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if piece and size + len(frame) > limit:
+            yield _joined(piece)
+            piece, size = [], 0
+        piece.append(frame)
+        size += len(frame)
+    if piece:
+        yield _joined(piece)
 
 
 class _Flushable(Protocol):
@@ -155,11 +176,13 @@ class Audience:
         slow = []
         for conn in self.members:
             if conn._pending is None and conn._seen == 0:
-                data: bytes | None = shared  # the common case: nothing of its own this pass
-            else:
-                data = conn._take()
-                conn._seen = 0
-            if data is not None and conn._send(data):
+                # The common case: nothing of its own this pass.
+                if conn._send(frames, shared):
+                    slow.append(conn)
+                continue
+            own = conn._take()
+            conn._seen = 0
+            if own is not None and conn._send(own):
                 slow.append(conn)
         self._frames = None
         # Closed only now: `close()` writes what is still queued for the socket, and while
@@ -175,6 +198,7 @@ class Connection:
         "_audience",
         "_on_slow",
         "_pending",
+        "_pending_size",
         "_seen",
         "_transport",
         "_writes",
@@ -210,6 +234,7 @@ class Connection:
         self._on_slow = on_slow
         self._writes = writes
         self._pending: list[bytes] | None = None  #: this socket's own frames, not yet written
+        self._pending_size = 0  #: their bytes
         self._audience: Audience | None = None
         self._seen = 0  #: how many of its audience's queued frames are accounted for
         self.closed = False
@@ -229,21 +254,41 @@ class Connection:
         if unseen:
             pending.extend(unseen)  # queued before this frame: sent before it
         pending.append(frame)
+        self._pending_size += len(frame)
         return True
+
+    @property
+    def queued(self) -> int:
+        """Bytes of this socket's own frames not yet handed to its transport."""
+        return self._pending_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes its transport holds: written, not yet taken by the kernel."""
+        return self._transport.get_write_buffer_size()
 
     def flush(self) -> None:
         """Write what is queued for this socket now; close it (1013) if it is a slow consumer."""
-        data = self._take()
-        if data is not None and self._send(data):
+        frames = self._take()
+        if frames is not None and self._send(frames):
             self.close_slow()
 
-    def _take(self) -> bytes | None:
+    def write_now(self) -> None:
+        """Hand what is queued for this socket to its transport now, without judging it: a
+        replay queues at most half the limit (plus a frame) at a time, and waits for the
+        socket to drain before it queues more."""
+        frames = self._take()
+        if frames is not None and not self.closed and not self._transport.is_closing():
+            self._transport.write(_joined(frames))
+
+    def _take(self) -> list[bytes] | None:
         """Everything queued for this socket, in order; it is then no longer queued."""
         pending, self._pending = self._pending, None
+        self._pending_size = 0
         unseen = self._unseen()
         if unseen:
             pending = unseen if pending is None else pending + unseen
-        return _joined(pending) if pending else None
+        return pending or None
 
     def _unseen(self) -> list[bytes] | None:
         """The audience frames queued this pass that this socket has not taken yet; now taken."""
@@ -255,16 +300,29 @@ class Connection:
         self._seen = len(frames)
         return unseen
 
-    def _send(self, data: bytes) -> bool:
-        """Write `data`; True if the socket's buffer is now past its limit."""
+    def _send(self, frames: list[bytes], joined: bytes | None = None) -> bool:
+        """Write `frames` (`joined`: the same, already joined); True if the socket's buffer is
+        now past its limit."""
         if self.closed:
             return False
-        transport = self._transport
-        if transport.is_closing():
+        if self._transport.is_closing():
             self.closed = True
             return False
-        transport.write(data)
-        return transport.get_write_buffer_size() > self.max_send_buffer
+        return self._write(frames, joined)
+
+    def _write(self, frames: list[bytes], joined: bytes | None = None) -> bool:
+        """Hand `frames` to the transport, at most the limit at once, and stop once its buffer
+        is past the limit (True): what it holds stays about twice the limit at most."""
+        transport, limit = self._transport, self.max_send_buffer
+        size = len(joined) if joined is not None else sum(map(len, frames))
+        if size <= limit:
+            transport.write(joined if joined is not None else _joined(frames))
+            return transport.get_write_buffer_size() > limit
+        for piece in _pieces(frames, limit):
+            transport.write(piece)
+            if transport.get_write_buffer_size() > limit:
+                return True
+        return False
 
     def close_slow(self) -> None:
         """Close a socket whose buffer overflowed (1013) and count it."""
@@ -275,10 +333,10 @@ class Connection:
         """Write what is queued, stop writing, and close the socket in the background."""
         if self.closed:
             return
-        data = self._take()
+        frames = self._take()
         self.closed = True
-        if data is not None and not self._transport.is_closing():
-            self._transport.write(data)
+        if frames is not None and not self._transport.is_closing():
+            self._write(frames)
         task = asyncio.get_running_loop().create_task(self._close(code, reason))
         _closing.add(task)
         task.add_done_callback(_closing.discard)

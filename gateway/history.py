@@ -29,7 +29,9 @@ tuple and its deque slot.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -95,6 +97,14 @@ Entry = tuple[CursorKey, float, RoutedEvent]
 
 #: Entries (key, time, event) and the node-wide order (key, kept) both sort by their key.
 _by_key = itemgetter(0)
+_event = itemgetter(2)
+
+
+def _after(entries: deque[Entry], key: CursorKey) -> list[Entry]:
+    """The entries above `key` (entries are in key order): found by bisection, not by a scan
+    of the whole history, so a resume costs what it returns."""
+    start = bisect.bisect_right(entries, key, key=_by_key)
+    return list(itertools.islice(entries, start, None))
 
 
 class _Kept:
@@ -190,12 +200,11 @@ class MemoryHistory:
                     return None
         if key < self.complete_from:
             return None
-        own = kept.entries if kept is not None else ()
-        return [
-            event
-            for event_key, _, event in heapq.merge(own, self._shared.entries, key=_by_key)
-            if event_key > key
-        ]
+        own = _after(kept.entries, key) if kept is not None else []
+        shared = _after(self._shared.entries, key)
+        if shared:
+            own = list(heapq.merge(own, shared, key=_by_key))
+        return list(map(_event, own))
 
     async def since(self, organization_id: str, key: CursorKey) -> list[RoutedEvent] | None:
         return self.events_after(organization_id, key)

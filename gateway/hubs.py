@@ -7,25 +7,42 @@ Where events come from is not the hubs' business: an event source (the in-proces
 the Redis bus's feed) calls `HubRegistry.publish`, `revoke` and the `History` it was built
 with; resumes read that `History` (`gateway.history`).
 
-Attaching a socket, in three steps, so nothing falls into the seam between replay and live
-delivery and nothing is delivered twice: (1) synchronously, the socket goes on its hub's
-*attaching* list, which from then on collects every event and revocation the hub handles for
-it; (2) the history answers the events after the client's cursor (it may await, say on Redis);
-(3) without an await: replay, then what was collected (minus what the client already has; a
-revocation that applies closes the socket with 4403 instead), then registration and ``ready``.
+Attaching a socket with a cursor (a resume), so that nothing falls into the seam between
+replay and live delivery and nothing is delivered twice:
+
+1. synchronously, the socket goes on its hub's *attaching* list, which from then on collects
+   every event and revocation the hub handles for it (references, not frames);
+2. it waits for one of `max_replays` slots (a semaphore per node: a few replays run at once,
+   the rest queue), then the history answers the events after its cursor (it may await);
+3. the replay runs in slices: each writes events for its share of `REPLAY_SLICE_SECONDS` of
+   work (the replays running share it: /healthz and the other organizations wait for loop
+   turns, whatever the number of replays) and for at most half the room left in the socket's
+   `max_send_buffer`, hands them to the socket, then lets the loop run. When the socket holds
+   more than half its buffer, the replay waits for it to drain rather than queue more (a
+   socket that takes nothing for `replay_stall_seconds` is closed with 1013, like any slow
+   consumer). After the history, the slices go on with what was collected, skipping what
+   the client already has (at or below its cursor or the last replayed event);
+4. in the final slice, once nothing is left, without an await: off the attaching list,
+   registration, ``ready``. A revocation that applies, collected at any point, closes the
+   socket with 4403 at the start of the next slice (or while it waits to drain), and nothing
+   more is delivered to it.
+
 A socket without a cursor is registered at once.
 
-Masking and serialization happen in `Hub._deliver`, once per visibility class per event
-(`walcast_serializations_total` counts them).
+Masking and serialization happen in `Hub._deliver`, once per visibility class per live event
+(`walcast_serializations_total` counts them). A replay is per socket by nature (its own roles,
+its own cursor): its frames are built for it alone, and its cost per event is that one
+serialization; the slot semaphore bounds how many run at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 
-from cdc.cursors import cursor_key, format_cursor, parse_cursor
+from cdc.cursors import CursorKey, cursor_key, format_cursor, parse_cursor
 from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
 from gateway.fanout import Audience, Connection, WriteScheduler
 from gateway.history import History, HistoryUnavailable
@@ -46,6 +63,10 @@ __all__ = ["Hub", "HubRegistry"]
 log = logging.getLogger(__name__)
 
 REVOCATION_MEMORY_SECONDS = 120.0  #: longer than a ticket lives (60 s) plus clock skew
+REPLAY_SLICE_SECONDS = 0.005  #: replay work per loop turn, shared by the replays running
+DRAIN_POLL_SECONDS = 0.002  #: how often a replay that waits for its socket looks again
+DEFAULT_MAX_REPLAYS = 4
+DEFAULT_REPLAY_STALL_SECONDS = 10.0
 
 Roles = frozenset[str]
 #: What a revocation applies to: (organization, user, session), None meaning any.
@@ -62,11 +83,73 @@ def _write_all(conns: Iterable[Connection], frame: bytes) -> int:
 class _Attaching:
     """A socket between the start of its attach and `ready`: what the hub handled meanwhile."""
 
-    __slots__ = ("buffer", "conn")
+    __slots__ = ("buffer", "conn", "scanned")
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.buffer: list[RoutedEvent | AccessRevoked] = []
+        self.scanned = 0  #: how much of `buffer` has been looked at for revocations
+
+    def revocation(self) -> AccessRevoked | None:
+        """A collected revocation that applies to this socket, if one arrived."""
+        buffer, conn = self.buffer, self.conn
+        for index in range(self.scanned, len(buffer)):
+            item = buffer[index]
+            if isinstance(item, AccessRevoked) and _applies(item, conn):
+                return item
+        self.scanned = len(buffer)
+        return None
+
+
+class _Replay:
+    """What a resuming socket still has to get: the history's answer, then what was collected."""
+
+    __slots__ = ("conn", "floor", "missed", "next_collected", "next_missed", "waiting")
+
+    def __init__(
+        self, waiting: _Attaching, missed: Sequence[RoutedEvent], after: CursorKey | None
+    ) -> None:
+        self.waiting = waiting
+        self.conn = waiting.conn
+        self.missed = missed
+        self.next_missed = 0
+        self.next_collected = 0
+        #: The client has every event up to here: collected ones at or below it are skipped.
+        self.floor = after
+        if missed:
+            last = cursor_key(missed[-1].cursor)
+            if last is not None and (after is None or last > after):
+                self.floor = last
+
+    @property
+    def done(self) -> bool:
+        return self.next_missed >= len(self.missed) and self.next_collected >= len(
+            self.waiting.buffer
+        )
+
+    def slice(self, seconds: float) -> Iterator[RoutedEvent]:
+        """The next events, for `seconds` of work and half the room left in the socket's
+        buffer (at least a quarter of it: a slice starts once it is half empty)."""
+        conn, missed, collected = self.conn, self.missed, self.waiting.buffer
+        budget = (conn.max_send_buffer - conn.buffered) // 2
+        deadline = time.perf_counter() + seconds
+        floor = self.floor
+        while conn.queued < budget and time.perf_counter() < deadline:
+            if self.next_missed < len(missed):
+                self.next_missed += 1
+                yield missed[self.next_missed - 1]
+            elif self.next_collected < len(collected):
+                item = collected[self.next_collected]
+                self.next_collected += 1
+                if isinstance(item, AccessRevoked):
+                    continue  # looked at before the slice began
+                if floor is not None:
+                    key = cursor_key(item.cursor)
+                    if key is not None and key <= floor:
+                        continue  # the client has it (replayed, or from another node)
+                yield item
+            else:
+                return
 
 
 def _applies(notice: AccessRevoked, conn: Connection) -> bool:
@@ -237,9 +320,16 @@ class HubRegistry:
         *,
         writes: WriteScheduler | None = None,
         revocations_since: float | None = None,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
+        replay_stall_seconds: float = DEFAULT_REPLAY_STALL_SECONDS,
     ) -> None:
         self.metrics = metrics
         self.history = history
+        #: Resumes replaying at once on this node; the others wait for a slot.
+        self._replays = asyncio.Semaphore(max_replays)
+        self._replaying = 0
+        #: A replaying socket that takes nothing for this long is a slow consumer.
+        self.replay_stall_seconds = replay_stall_seconds
         #: Runs the write passes of every socket of this node's hubs.
         self.writes = WriteScheduler() if writes is None else writes
         self.policies = PolicyCache()
@@ -267,7 +357,7 @@ class HubRegistry:
 
     async def attach(self, conn: Connection, since: str | None) -> None:
         """Replay what `conn` missed after `since`, register it, then send `ready` (see the
-        module docstring for the three steps). A cursor the history cannot vouch for gets
+        module docstring for the steps). A cursor the history cannot vouch for gets
         ``resync_required``; a history that cannot be read closes the socket with 1013."""
         hub = self.hub(conn.organization_id)
         self.history.follow(hub.organization_id)
@@ -276,6 +366,21 @@ class HubRegistry:
             return
         waiting = _Attaching(conn)
         hub.attaching.append(waiting)
+        try:
+            async with self._replays:
+                self._replaying += 1
+                try:
+                    await self._resume(hub, waiting, since)
+                finally:
+                    self._replaying -= 1
+        finally:
+            if waiting in hub.attaching:  # not registered: closed, revoked, failed
+                hub.attaching.remove(waiting)
+
+    async def _resume(self, hub: Hub, waiting: _Attaching, since: str) -> None:
+        conn = waiting.conn
+        if conn.closed:
+            return  # gone while it waited for a slot
         after = parse_cursor(since, self.history.epoch)  # None: another epoch, or garbage
         try:
             missed = None if after is None else await self.history.since(hub.organization_id, after)
@@ -283,31 +388,53 @@ class HubRegistry:
             log.warning("could not read the resume history", extra={"error": str(exc)})
             conn.close(CloseCode.TRY_AGAIN_LATER, "history unavailable, try again")
             return
-        finally:
-            hub.attaching.remove(waiting)
-        # From here on, no await: replay, what arrived meanwhile, registration, ready.
-        if conn.closed:
-            return
         if missed is None:
+            if conn.closed:
+                return
             self.metrics.resyncs.inc()
             conn.write(system_frame("resync_required", {"cursor": since}))
-            after = None
+            replay = _Replay(waiting, (), None)
         else:
-            hub.replay(conn, missed)
-        for item in waiting.buffer:
-            if isinstance(item, AccessRevoked):
-                if _applies(item, conn):
-                    conn.write(revoked_frame(item.reason))
-                    conn.close(CloseCode.ACCESS_REVOKED, item.reason)
-                    self.metrics.revocations.labels(item.reason).inc()
-                    return
-                continue
-            if after is not None:
-                key = cursor_key(item.cursor)
-                if key is not None and key <= after:
-                    continue  # the client has it (from another node)
-            hub.replay(conn, (item,))
-        hub.register(conn)
+            replay = _Replay(waiting, missed, after)
+        while await self._drained(waiting):
+            # From here to the end of the slice, no await.
+            notice = waiting.revocation()
+            if notice is not None:
+                conn.write(revoked_frame(notice.reason))
+                conn.close(CloseCode.ACCESS_REVOKED, notice.reason)
+                self.metrics.revocations.labels(notice.reason).inc()
+                return
+            hub.replay(conn, replay.slice(REPLAY_SLICE_SECONDS / self._replaying))
+            if replay.done:  # the final slice: nothing left, so registered in the same step
+                hub.attaching.remove(waiting)
+                hub.register(conn)
+                return
+            conn.write_now()  # this slice's frames go out now, within the socket's bound
+
+    async def _drained(self, waiting: _Attaching) -> bool:
+        """Let the loop run, and wait while the socket holds more than half its buffer; False
+        if it closed, or took nothing for `replay_stall_seconds` (closed with 1013 then)."""
+        conn = waiting.conn
+        await asyncio.sleep(0)
+        low = conn.max_send_buffer // 2
+        held = conn.buffered
+        if conn.closed or held <= low:
+            return not conn.closed
+        loop = asyncio.get_running_loop()
+        progress_at = loop.time()
+        while held > low:
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+            if conn.closed:
+                return False
+            if waiting.scanned < len(waiting.buffer) and waiting.revocation() is not None:
+                return True  # closed at once, not once the socket drains
+            now, before, held = loop.time(), held, conn.buffered
+            if held < before:
+                progress_at = now
+            elif now - progress_at > self.replay_stall_seconds:
+                conn.close_slow()
+                return False
+        return True
 
     def detach(self, conn: Connection) -> None:
         hub = self.hubs.get(conn.organization_id)

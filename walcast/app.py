@@ -97,7 +97,13 @@ def make_app(
             max_total_events=config.historyMaxTotalEvents,
         )
         jti_store = MemoryJtiStore()
-    registry = HubRegistry(metrics, history, writes=writes)
+    registry = HubRegistry(
+        metrics,
+        history,
+        writes=writes,
+        max_replays=settings.max_replays,
+        replay_stall_seconds=settings.replay_stall_seconds,
+    )
     state = GatewayState(
         settings=settings,
         config=config,

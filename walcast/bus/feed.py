@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 BLOCK_MS = 10_000  #: one XREAD waits at most this long (a dead connection shows up in time)
 BACKOFF_CAP = 2.0  #: seconds, at most, between attempts to reach Redis (full jitter)
 HISTORY_WAIT_SECONDS = 10.0  #: how long a resume waits for Redis or the node to catch up
+DECODE_SLICE_SECONDS = 0.005  #: a resume decodes its history this long, then lets the loop run
 
 
 def _sort_key(stream: str, key: CursorKey, control: str) -> tuple[int, int, int]:
@@ -358,10 +359,14 @@ class RedisFeed:
                 entries.append((parse_stream_id(raw_id), fields.get(b"e", b"[]")))
         entries.sort(key=lambda entry: entry[0])
         events: list[RoutedEvent] = []
+        pause_at = time.perf_counter() + DECODE_SLICE_SECONDS
         for _, data in entries:
             events.extend(
                 e for e in decode_events(data, self._config) if not isinstance(e, AccessRevoked)
             )
+            if time.perf_counter() > pause_at:  # a long history: let the loop run meanwhile
+                await asyncio.sleep(0)
+                pause_at = time.perf_counter() + DECODE_SLICE_SECONDS
         return events
 
     async def _caught_up(self, key: CursorKey, deadline: float) -> None:
