@@ -23,7 +23,8 @@ That keeps "nothing lost, nothing twice" testable as a table of inputs and ackno
   position. Until an item past the last one handed out arrives, items at or before it (by
   `(commit LSN, position)`) and whole transactions already handled are skipped; a skipped
   transaction end still counts as handled. Keys only grow within a stream, so the check stops
-  at the first new item.
+  at the first new item. A `TableColumns` item is never skipped: it describes the rows after
+  it, and the consumer must see the description the new stream gives.
 * **Read-ahead accounting.** The reader may read messages before the consumer asks for their
   items. A transaction counts as open from its Begin being read until the consumer has asked
   past its end, and a keepalive moves the candidate only while none is open: a keepalive read
@@ -34,7 +35,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from cdc.changes import Item, LogicalMessage, RowChange, TransactionEnd, TransactionStart
+from cdc.changes import (
+    Item,
+    LogicalMessage,
+    RowChange,
+    TableColumns,
+    TransactionEnd,
+    TransactionStart,
+)
 
 __all__ = ["INVALID_LSN", "Ack", "Progress"]
 
@@ -102,8 +110,8 @@ class Progress:
 
         A skipped transaction end is handled at once: it was before the reconnect.
         """
-        if not self._resuming:
-            return False
+        if not self._resuming or type(item) is TableColumns:
+            return False  # a table's columns, not a change: the consumer needs them again
         key = _key(item)
         if item.commit_lsn <= self._done_commit or (self._last is not None and key <= self._last):
             if type(item) is TransactionEnd:
@@ -114,6 +122,8 @@ class Progress:
 
     def handed_out(self, item: Item) -> None:
         """The consumer asked past `item`: it has been handled."""
+        if type(item) is TableColumns:
+            return
         self._last = _key(item)
         if type(item) is TransactionEnd:
             self._end(item)

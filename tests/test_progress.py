@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cdc.changes import Item, RowChange, TransactionEnd, TransactionStart
+from cdc.changes import Item, RowChange, TableColumns, TransactionEnd, TransactionStart
 from cdc.progress import INVALID_LSN, Ack, Progress
 
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)
@@ -28,7 +28,15 @@ def tx(commit: int, end: int, rows: int = 1) -> list[Item]:
     return [TransactionStart(7, commit, WHEN), *body, TransactionEnd(commit, end, WHEN)]
 
 
+def described(transaction: list[Item], after: int) -> list[Item]:
+    """`transaction` with the table's columns (a Relation) before its row number `after + 1`."""
+    columns = TableColumns(transaction[0].commit_lsn, "public", "t", ("id",))
+    return [*transaction[: after + 1], columns, *transaction[after + 1 :]]
+
+
 def name(item: Item) -> str:
+    if isinstance(item, TableColumns):
+        return f"columns {item.commit_lsn:x}"
     if isinstance(item, TransactionStart):
         return f"start {item.commit_lsn:x}"
     if isinstance(item, TransactionEnd):
@@ -217,6 +225,23 @@ CASES: list[tuple[str, list[tuple[str, Any]], list[Any]]] = [
         "the skip ends at the first new item",
         [start(0), read(tx(0x10, 0x20)), hand(3), start(0x20), read(tx(0x30, 0x40)), hand(3)],
         [0, ["start 10", "row 10.1", "end 10"], 0x20, ["start 30", "row 30.1", "end 30"]],
+    ),
+    (
+        "a table's columns are handed out again after a reconnect, never skipped",
+        [
+            start(0),
+            read(described(tx(0x10, 0x20, rows=2), after=1)),
+            hand(2),  # the session dies between row 1 and the columns that precede row 2
+            start(0),
+            read(described(described(tx(0x10, 0x20, rows=2), after=0), after=2)),
+            hand(10),
+        ],
+        [
+            0,
+            ["start 10", "row 10.1"],
+            0,
+            ["columns 10", "columns 10", "row 10.2", "end 10"],
+        ],
     ),
     (
         "a keepalive reply: the regular update, then everything received with no flush",
