@@ -179,9 +179,18 @@ async def test_broadcast_targets_roles_and_users(gw: Gateway) -> None:
     assert response.status == 202
     got = await rec.wait_for(_is_broadcast("screening:progress"))
     assert got["payload"] == {"percent": 50}
-    for bad in ("screening:unknown", "nope:started"):
-        response = await gw.broadcast({"organizationId": "org-bc", "event": bad})
-        assert response.status == 400
+    details = {}
+    for bad in ("screening:unknown", "nope:started", "auth:token-invalidated"):
+        async with gw.http.post(
+            f"{gw.url}/realtime/v1/broadcast",
+            json={"organizationId": "org-bc", "event": bad},
+            headers={"Authorization": f"Bearer {ACCESS_TOKEN}"},
+        ) as response:
+            assert response.status == 400
+            answer = await response.json()
+        assert answer["error"] == "undeclared event"
+        details[bad] = answer["detail"]
+    assert "reserved for walcast's own events" in details["auth:token-invalidated"]
 
 
 async def test_broadcast_api_rejects_bad_requests(gw: Gateway) -> None:
@@ -241,7 +250,9 @@ async def test_upgrade_rejections(gw: Gateway) -> None:
         now=time.time() - 120,
     )
     assert await gw.upgrade_status({"ws_ticket": expired, "organizationId": "org-w"}) == 401
-    forged = mint_ticket("another-secret", user_id="w-user", organization_id="org-w", roles=[])
+    forged = mint_ticket(
+        "another-secret-" + "x" * 32, user_id="w-user", organization_id="org-w", roles=[]
+    )
     assert await gw.upgrade_status({"ws_ticket": forged, "organizationId": "org-w"}) == 401
     ticket = await gw.ticket(token, "org-w")
     assert await gw.upgrade_status({"ws_ticket": ticket, "organizationId": "org-other"}) == 403
