@@ -135,10 +135,12 @@ class TransactionEnd(NamedTuple):
 
 
 class TableColumns(NamedTuple):
-    """A table's columns as of this point in the stream (from a Relation). Not a change: it has
-    no position, and a reader hands it out again after a reconnect rather than skipping it."""
+    """A table's columns as of this point in the stream (from a Relation): they describe the
+    table's rows after it. Not a change: it takes no position of its own, and sorts between
+    change number `position` of its transaction and the next."""
 
     commit_lsn: int  #: the transaction it arrived in (0 outside one)
+    position: int  #: how many changes of the transaction came before it
     schema: str
     table: str
     columns: tuple[str, ...]
@@ -492,7 +494,8 @@ class ChangeBuilder:
 
     def _on_relation(self, message: Relation) -> list[Item]:
         bound = self._bind(message)
-        return [TableColumns(self._commit_lsn or 0, bound.schema, bound.table, bound.names)]
+        commit_lsn = self._commit_lsn or 0
+        return [TableColumns(commit_lsn, self._position, bound.schema, bound.table, bound.names)]
 
     def _on_insert(self, message: Insert) -> list[Item]:
         # The hot path: `_bound_for` and `_next_position` inlined (0.15 µs of 2.8 per row).

@@ -23,8 +23,9 @@ That keeps "nothing lost, nothing twice" testable as a table of inputs and ackno
   position. Until an item past the last one handed out arrives, items at or before it (by
   `(commit LSN, position)`) and whole transactions already handled are skipped; a skipped
   transaction end still counts as handled. Keys only grow within a stream, so the check stops
-  at the first new item. A `TableColumns` item is never skipped: it describes the rows after
-  it, and the consumer must see the description the new stream gives.
+  at the first new item. A `TableColumns` item sorts between the change before it and the
+  next, so one that a reconnect cut off from the rows it describes is handed out, and one the
+  consumer already has is not.
 * **Read-ahead accounting.** The reader may read messages before the consumer asks for their
   items. A transaction counts as open from its Begin being read until the consumer has asked
   past its end, and a keepalive moves the candidate only while none is open: a keepalive read
@@ -60,9 +61,12 @@ class Ack(NamedTuple):
 
 
 def _key(item: Item) -> tuple[int, int]:
-    """Where an item stands in commit order: (commit LSN, position); a start is position 0."""
+    """Where an item stands in commit order: (commit LSN, place). A start is place 0, change
+    number n place 2n, a table's columns after n changes place 2n + 1, the end last."""
     if isinstance(item, RowChange | LogicalMessage):
-        return item.commit_lsn, item.position
+        return item.commit_lsn, 2 * item.position
+    if isinstance(item, TableColumns):
+        return item.commit_lsn, 2 * item.position + 1
     if isinstance(item, TransactionStart):
         return item.commit_lsn, 0
     return item.commit_lsn, _END
@@ -110,8 +114,8 @@ class Progress:
 
         A skipped transaction end is handled at once: it was before the reconnect.
         """
-        if not self._resuming or type(item) is TableColumns:
-            return False  # a table's columns, not a change: the consumer needs them again
+        if not self._resuming:
+            return False
         key = _key(item)
         if item.commit_lsn <= self._done_commit or (self._last is not None and key <= self._last):
             if type(item) is TransactionEnd:
@@ -122,8 +126,6 @@ class Progress:
 
     def handed_out(self, item: Item) -> None:
         """The consumer asked past `item`: it has been handled."""
-        if type(item) is TableColumns:
-            return
         self._last = _key(item)
         if type(item) is TransactionEnd:
             self._end(item)

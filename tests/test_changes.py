@@ -109,7 +109,7 @@ def test_insert_transaction(builder: ChangeBuilder) -> None:
     )
     assert items == [
         TransactionStart(xid=700, commit_lsn=0x16B3748, commit_time=T0),
-        TableColumns(0x16B3748, "public", "accounts", ("id", "name", "body", "price")),
+        TableColumns(0x16B3748, 0, "public", "accounts", ("id", "name", "body", "price")),
         RowChange(
             0x16B3748,
             1,
@@ -140,10 +140,10 @@ def test_insert_transaction(builder: ChangeBuilder) -> None:
 
 def test_relation_yields_the_table_columns(builder: ChangeBuilder) -> None:
     assert builder.feed(ACCOUNTS) == [
-        TableColumns(0, "public", "accounts", ("id", "name", "body", "price"))
+        TableColumns(0, 0, "public", "accounts", ("id", "name", "body", "price"))
     ]
-    (_, columns) = feed_all(builder, begin(0x200), ORDERS)
-    assert columns == TableColumns(0x200, "shop", "orders", ("order_id", "note"))
+    (_, _, columns) = feed_all(builder, begin(0x200), Insert(ORDERS, (b"1", b"x")), ORDERS)
+    assert columns == TableColumns(0x200, 1, "shop", "orders", ("order_id", "note"))
 
 
 def test_positions_restart_with_each_transaction(builder: ChangeBuilder) -> None:

@@ -218,7 +218,8 @@ async def test_logical_message_in_commit_order(database_url: str) -> None:
     async with streaming(make_reader(database_url, ["public.app"])) as it:
         first, second = await take_transactions(it, 2)
     check_transaction(first)
-    _, before, message, after, _ = first
+    _, columns, before, message, after, _ = first
+    assert columns == TableColumns(first[0].commit_lsn, 0, "public", "app", ("id",))
     assert isinstance(before, RowChange) and before.new == {"id": 1}
     assert isinstance(message, LogicalMessage)
     assert message.prefix == "walcast"

@@ -269,12 +269,12 @@ def test_a_table_missing_a_named_column_is_withheld_until_it_is_back(
 ) -> None:
     router = _router(MASKED)
     row = {"id": 1, "organizationId": "o", "assigneeId": "u", "ssn": "123-45-6789"}
-    router.route(TableColumns(0x100, "public", "applications", COLUMNS))
+    router.route(TableColumns(0x100, 1, "public", "applications", COLUMNS))
     assert len(router.route(_change("INSERT", new=row))) == 1
     assert router.withheld == frozenset()
 
     renamed = ("id", "organizationId", "assigneeId", "ssn_number")
-    router.route(TableColumns(0x200, "public", "applications", renamed))
+    router.route(TableColumns(0x200, 1, "public", "applications", renamed))
     raw = {**{k: v for k, v in row.items() if k != "ssn"}, "ssn_number": "123-45-6789"}
     for kind in ("INSERT", "UPDATE", "DELETE", "TRUNCATE"):
         assert router.route(_change(kind, new=raw, old=raw)) == []
@@ -287,9 +287,9 @@ def test_a_table_missing_a_named_column_is_withheld_until_it_is_back(
     assert "rename the column back" in message and "ssn_number" in message
     assert "123-45-6789" not in caplog.text
 
-    router.route(TableColumns(0x300, "public", "applications", renamed))  # said once
+    router.route(TableColumns(0x300, 1, "public", "applications", renamed))  # said once
     assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
-    router.route(TableColumns(0x400, "public", "applications", COLUMNS))
+    router.route(TableColumns(0x400, 1, "public", "applications", COLUMNS))
     assert router.withheld == frozenset()
     assert len(router.route(_change("INSERT", new=row))) == 1
 
@@ -303,7 +303,7 @@ def test_a_dropped_routing_column_withholds_the_table(
 ) -> None:
     router = _router(MASKED)
     left = tuple(column for column in COLUMNS if column != gone)
-    router.route(TableColumns(0x100, "public", "applications", left))
+    router.route(TableColumns(0x100, 1, "public", "applications", left))
     row = {c: "x" for c in COLUMNS if c != gone}
     assert router.route(_change("INSERT", new=row)) == []
     assert f'column "{gone}" (named by {key})' in caplog.text
@@ -311,8 +311,8 @@ def test_a_dropped_routing_column_withholds_the_table(
 
 def test_columns_of_other_tables_change_nothing() -> None:
     router = _router(MASKED)
-    router.route(TableColumns(0x100, "public", "other", ("x",)))
-    router.route(TableColumns(0x100, "public", "member", ("x",)))
+    router.route(TableColumns(0x100, 1, "public", "other", ("x",)))
+    router.route(TableColumns(0x100, 1, "public", "member", ("x",)))
     assert router.withheld == frozenset()
 
 
