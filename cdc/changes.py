@@ -9,7 +9,10 @@ Rules:
 * Begin → `TransactionStart`; Commit → `TransactionEnd`. Every change and transactional logical
   message in between gets a 1-based `position`; a Truncate yields one `RowChange` per relation.
 * Relation → one psycopg `Transformer` bound to the column type OIDs (bind once, load many: one
-  `load_sequence` per tuple, zipped with the precomputed column names).
+  `load_sequence` per tuple, zipped with the precomputed column names), and a `TableColumns`
+  item: the server sends a Relation before a table's first row in a stream and again after its
+  schema changes, so consumers that depend on column names learn of a RENAME or DROP before the
+  next row, once per Relation rather than once per row.
 * Type, Origin, non-transactional Message and UnknownMessage → nothing.
 * TOAST: an UPDATE's unchanged cell takes the old tuple's value where the old tuple carries it;
   otherwise the column is left out of `new` and named in `unchanged`. A key-only old tuple ('K')
@@ -76,6 +79,7 @@ __all__ = [
     "Item",
     "LogicalMessage",
     "RowChange",
+    "TableColumns",
     "TransactionEnd",
     "TransactionStart",
     "TypeDescription",
@@ -130,7 +134,19 @@ class TransactionEnd(NamedTuple):
     commit_time: datetime
 
 
-Item = TransactionStart | RowChange | LogicalMessage | TransactionEnd
+class TableColumns(NamedTuple):
+    """A table's columns as of this point in the stream (from a Relation): they describe the
+    table's rows after it. Not a change: it takes no position of its own, and sorts between
+    change number `position` of its transaction and the next."""
+
+    commit_lsn: int  #: the transaction it arrived in (0 outside one)
+    position: int  #: how many changes of the transaction came before it
+    schema: str
+    table: str
+    columns: tuple[str, ...]
+
+
+Item = TransactionStart | RowChange | LogicalMessage | TransactionEnd | TableColumns
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,8 +493,9 @@ class ChangeBuilder:
         return [TransactionEnd(message.commit_lsn, message.end_lsn, message.commit_time)]
 
     def _on_relation(self, message: Relation) -> list[Item]:
-        self._bind(message)
-        return []
+        bound = self._bind(message)
+        commit_lsn = self._commit_lsn or 0
+        return [TableColumns(commit_lsn, self._position, bound.schema, bound.table, bound.names)]
 
     def _on_insert(self, message: Insert) -> list[Item]:
         # The hot path: `_bound_for` and `_next_position` inlined (0.15 µs of 2.8 per row).

@@ -23,7 +23,9 @@ That keeps "nothing lost, nothing twice" testable as a table of inputs and ackno
   position. Until an item past the last one handed out arrives, items at or before it (by
   `(commit LSN, position)`) and whole transactions already handled are skipped; a skipped
   transaction end still counts as handled. Keys only grow within a stream, so the check stops
-  at the first new item.
+  at the first new item. A `TableColumns` item sorts between the change before it and the
+  next, so one that a reconnect cut off from the rows it describes is handed out, and one the
+  consumer already has is not.
 * **Read-ahead accounting.** The reader may read messages before the consumer asks for their
   items. A transaction counts as open from its Begin being read until the consumer has asked
   past its end, and a keepalive moves the candidate only while none is open: a keepalive read
@@ -40,7 +42,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from cdc.changes import Item, LogicalMessage, RowChange, TransactionEnd, TransactionStart
+from cdc.changes import (
+    Item,
+    LogicalMessage,
+    RowChange,
+    TableColumns,
+    TransactionEnd,
+    TransactionStart,
+)
 
 __all__ = ["INVALID_LSN", "READ_AHEAD_BYTES", "Ack", "Progress"]
 
@@ -61,9 +70,12 @@ class Ack(NamedTuple):
 
 
 def _key(item: Item) -> tuple[int, int]:
-    """Where an item stands in commit order: (commit LSN, position); a start is position 0."""
+    """Where an item stands in commit order: (commit LSN, place). A start is place 0, change
+    number n place 2n, a table's columns after n changes place 2n + 1, the end last."""
     if isinstance(item, RowChange | LogicalMessage):
-        return item.commit_lsn, item.position
+        return item.commit_lsn, 2 * item.position
+    if isinstance(item, TableColumns):
+        return item.commit_lsn, 2 * item.position + 1
     if isinstance(item, TransactionStart):
         return item.commit_lsn, 0
     return item.commit_lsn, _END

@@ -18,6 +18,8 @@ from cdc.progress import READ_AHEAD_BYTES
 from gateway.errors import ConfigError
 
 __all__ = [
+    "MIN_SECRET_BYTES",
+    "RESERVED_NAMESPACES",
     "ConfigError",
     "MaskRule",
     "NamespaceConfig",
@@ -27,6 +29,11 @@ __all__ = [
     "load_realtime_config",
     "parse_realtime_config",
 ]
+
+#: Broadcast namespaces walcast keeps for its own events (`auth:token-invalidated`).
+RESERVED_NAMESPACES = frozenset({"auth"})
+#: The shortest `ACCESS_TOKEN` secret accepted: HMAC-SHA256 keys want 256 bits.
+MIN_SECRET_BYTES = 32
 
 MaskType = Literal["email", "phone", "ssn", "creditCard", "name", "redact", "custom"]
 
@@ -82,6 +89,19 @@ class TableConfig(_Strict):
     def qualified_name(self) -> str:
         return f"{self.schema_name}.{self.table_name}"
 
+    def named_columns(self) -> dict[str, tuple[str, ...]]:
+        """Each config key that names columns of the table → the columns it names."""
+        keys: dict[str, tuple[str, ...]] = {"organizationColumn": (self.organizationColumn,)}
+        if self.userColumn:
+            keys["userColumn"] = (self.userColumn,)
+        if self.ownerColumn:
+            keys["ownerColumn"] = (self.ownerColumn,)
+        if self.fields is not None:
+            keys["fields"] = tuple(self.fields)
+        if self.masking:
+            keys["masking"] = tuple(self.masking)
+        return keys
+
 
 class NamespaceConfig(_Strict):
     """A declared broadcast namespace: events named `namespace:event` (defineRealtime())."""
@@ -119,6 +139,17 @@ class RealtimeConfig(_Strict):
                 body = {**body, "schema_name": schema, "table_name": table}
             qualified[name] = body
         return qualified
+
+    @field_validator("namespaces")
+    @classmethod
+    def _no_reserved_namespace(cls, value: dict[str, NamespaceConfig]) -> Any:
+        for name in value:
+            if name in RESERVED_NAMESPACES:
+                raise ValueError(
+                    f"namespace {name!r} is reserved for walcast's own events"
+                    f" ({name}:token-invalidated); choose another name"
+                )
+        return value
 
     def table(self, schema: str, name: str) -> TableConfig | None:
         return self.tables.get(f"{schema}.{name}")
@@ -162,7 +193,8 @@ def load_realtime_config(path: str | os.PathLike[str] | None) -> RealtimeConfig:
 class Settings(BaseModel):
     """Process settings; `from_env` reads them from the environment (`DATABASE_URL`, ...)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors never repeat the input: it may be a secret or a URL with a password.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     database_url: str | None = None
     access_tokens: tuple[str, ...] = ()
@@ -205,6 +237,20 @@ class Settings(BaseModel):
     broadcast_burst: int = Field(default=2000, ge=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
+
+    @field_validator("access_tokens")
+    @classmethod
+    def _secrets_long_enough(cls, secrets: tuple[str, ...]) -> tuple[str, ...]:
+        for number, secret in enumerate(secrets, 1):
+            size = len(secret.encode())
+            if size < MIN_SECRET_BYTES:
+                which = f"secret {number} of {len(secrets)} in " if len(secrets) > 1 else ""
+                raise ValueError(
+                    f"{which}ACCESS_TOKEN is {size} bytes long; each secret must be at least"
+                    f" {MIN_SECRET_BYTES} bytes. Make one with `openssl rand -hex 32` or"
+                    ' `python -c "import secrets; print(secrets.token_hex(32))"`'
+                )
+        return secrets
 
     @property
     def signing_secret(self) -> str:
@@ -255,10 +301,18 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-            )
-            raise ConfigError(f"invalid settings: {details}") from None
+            raise ConfigError(f"invalid settings: {_settings_errors(exc)}") from None
+
+
+def _settings_errors(exc: ValidationError) -> str:
+    """One line per error; a validator's own message (it names its variable) stands alone."""
+    details = []
+    for error in exc.errors():
+        if error["type"] == "value_error":
+            details.append(str(error["ctx"]["error"]))
+        else:
+            details.append(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}")
+    return "; ".join(details)
 
 
 def split_secrets(raw: str) -> tuple[str, ...]:

@@ -26,7 +26,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cdc.lsn import format_lsn, parse_lsn
-from gateway.config import RealtimeConfig, Settings
+from gateway.broadcasts import BroadcastSigner, namespace_roles, target_roles
+from gateway.config import Settings
 from gateway.events import BROADCAST_PREFIX
 from gateway.limits import LimitExceeded, RateLimiter
 from gateway.state import STATE, GatewayState
@@ -34,6 +35,7 @@ from gateway.tickets import DEFAULT_TTL, JtiStoreUnavailableError, mint_ticket
 
 __all__ = [
     "API_LIMITS",
+    "BROADCAST_SIGNER",
     "MAX_PAYLOAD_DEPTH",
     "RETRY_AFTER_SECONDS",
     "ApiLimits",
@@ -80,6 +82,9 @@ def too_many_requests(refused: LimitExceeded) -> web.Response:
     return response
 
 
+BROADCAST_SIGNER = web.AppKey("walcast_broadcast_signer", BroadcastSigner)
+
+
 class ApiLimits:
     """The token buckets of ws-ticket and broadcast (see gateway.limits); 0 disables one."""
 
@@ -99,6 +104,7 @@ API_LIMITS = web.AppKey("walcast_api_limits", ApiLimits)
 def install(app: web.Application) -> None:
     """Serve the endpoints of this module on `app`, with their limits and error mapping."""
     app[API_LIMITS] = ApiLimits(app[STATE].settings)
+    app[BROADCAST_SIGNER] = BroadcastSigner(app[STATE].settings.access_tokens)
     app.middlewares.append(unavailable_as_503)
     app.add_routes(routes)
 
@@ -290,41 +296,6 @@ def _access_token(request: web.Request, state: GatewayState) -> str | None:
     return presented if matched else None
 
 
-def check_namespace(config: RealtimeConfig, event: str) -> tuple[str, ...] | str:
-    """The namespace's default target roles, or an error message for an undeclared event."""
-    namespace, sep, name = event.partition(":")
-    if not sep:
-        return ()
-    declared = config.namespaces.get(namespace)
-    if declared is None:
-        return f"namespace {namespace!r} is not declared in the realtime config"
-    if declared.events is not None and name not in declared.events:
-        return f"event {name!r} is not declared in namespace {namespace!r}"
-    return declared.requiredRoles
-
-
-def target_roles(
-    namespace: str, required: tuple[str, ...], asked: list[str] | None
-) -> tuple[str, ...] | str:
-    """Who a broadcast reaches: the namespace's `requiredRoles` bound `targetRoles`.
-
-    No roles means every member, so the rule is written here once: absent or empty
-    `targetRoles` mean the namespace's roles (an empty list never widens them); otherwise the
-    intersection, and an intersection that is empty (nobody) is an error message, not "everyone".
-    """
-    if not asked:
-        return required
-    if not required:
-        return tuple(dict.fromkeys(asked))
-    both = tuple(role for role in dict.fromkeys(asked) if role in required)
-    if not both:
-        return (
-            f"targetRoles share no role with the requiredRoles of namespace {namespace!r} "
-            f"({', '.join(required)}): nobody would receive it"
-        )
-    return both
-
-
 async def broadcast(request: web.Request) -> web.Response:
     state = request.app[STATE]
     limits = request.app[API_LIMITS]
@@ -347,13 +318,13 @@ async def broadcast(request: web.Request) -> web.Response:
     organization = ask.organizationId or request.query.get("organizationId")
     if not organization:
         return error_response(400, "invalid body", "organizationId is required")
-    namespace_roles = check_namespace(state.config, ask.event)
-    if isinstance(namespace_roles, str):
-        return error_response(400, "undeclared event", namespace_roles)
-    roles = target_roles(ask.event.partition(":")[0], namespace_roles, ask.targetRoles)
+    required = namespace_roles(state.config, ask.event)
+    if isinstance(required, str):
+        return error_response(400, "undeclared event", required)
+    roles = target_roles(ask.event.partition(":")[0], required, ask.targetRoles)
     if isinstance(roles, str):
         return error_response(400, "invalid body", roles)
-    message = orjson.dumps(
+    body = orjson.dumps(
         {
             "organizationId": organization,
             "event": ask.event,
@@ -362,8 +333,10 @@ async def broadcast(request: web.Request) -> web.Response:
             "targetUserId": ask.targetUserId or ask.userId,
         }
     )
-    if len(message) > state.settings.max_broadcast_bytes:
+    if len(body) > state.settings.max_broadcast_bytes:
         return error_response(413, "payload too large", too_large)
+    # Signed, so the router can tell it from a message any database role could write.
+    message = request.app[BROADCAST_SIGNER].sign(body)
     if state.pool is None:
         return error_response(503, "unavailable", "no database connection")
     lsn_text = await state.pool.fetchval(

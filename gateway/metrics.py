@@ -51,6 +51,17 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.forged_messages = Counter(
+            "walcast_forged_messages",
+            "Broadcast messages in the WAL without a valid signature, dropped",
+            registry=registry,
+        )
+        self.withheld_events = Counter(
+            "walcast_withheld_events",
+            "Row changes withheld because a column the realtime config names is gone",
+            ["table"],
+            registry=registry,
+        )
         self.replication_lag = Gauge(
             "walcast_replication_lag_bytes",
             "Server WAL end minus the reader's received position",

@@ -43,7 +43,14 @@ from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.state import STATE
 
-__all__ = ["ConnectionGuard", "ConnectionLimits", "LimitedSite", "address_key", "raise_fd_limit"]
+__all__ = [
+    "ConnectionGuard",
+    "ConnectionLimits",
+    "LimitedSite",
+    "Throttle",
+    "address_key",
+    "raise_fd_limit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +128,7 @@ def raise_fd_limit() -> int:
     return hard
 
 
-class _Throttle:
+class Throttle:
     """`due()` is true at most once per `interval`, the first time at once."""
 
     def __init__(self, interval: float, clock: Callable[[], float]) -> None:
@@ -150,9 +157,9 @@ class ConnectionGuard:
         self.limits = limits
         self._metrics = metrics
         self._open: dict[str, int] = {}
-        self._cap_log = _Throttle(LOG_INTERVAL, clock)
+        self._cap_log = Throttle(LOG_INTERVAL, clock)
         self._cap_refused = 0
-        self._fd_log = _Throttle(LOG_INTERVAL, clock)
+        self._fd_log = Throttle(LOG_INTERVAL, clock)
         self._fd_errors = 0
         self._fd_refused = 0
         self._fd_limit = -1

@@ -26,6 +26,7 @@ import psycopg
 import pytest
 from aiohttp import web
 
+from gateway.broadcasts import BroadcastSigner
 from gateway.config import RealtimeConfig, Settings, parse_realtime_config
 from gateway.state import STATE
 from walcast.app import make_app
@@ -74,6 +75,12 @@ CREATE TABLE notifications (
 );
 ALTER TABLE notifications REPLICA IDENTITY FULL;
 """
+
+
+def signed_broadcast(body: dict[str, Any], secret: str = ACCESS_TOKEN) -> str:
+    """The content walcast's broadcast API would write for `body`, signed with `secret`: for
+    tests that write broadcasts straight into the WAL with pg_logical_emit_message."""
+    return BroadcastSigner([secret]).sign(orjson.dumps(body)).decode()
 
 
 def free_port() -> int:
@@ -267,12 +274,8 @@ async def start_gateway(
     # Tests open hundreds of sockets from one address; the per-address ticket rate limit has its
     # own attack tests (tests/test_attacks_http.py), which set it explicitly.
     settings.setdefault("ticket_rate", 0)
-    cfg = Settings(
-        database_url=dsn,
-        access_tokens=(ACCESS_TOKEN,),
-        port=port,
-        **settings,
-    )
+    values = {"database_url": dsn, "access_tokens": (ACCESS_TOKEN,), "port": port, **settings}
+    cfg = Settings(**values)
     app = make_app(cfg, config)
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()

@@ -21,8 +21,8 @@ import psycopg
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.broadcasts import target_roles
 from gateway.config import Settings
-from gateway.http import target_roles
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, Gateway, add_member, running_gateway
 

@@ -20,6 +20,7 @@ from cdc.changes import (
     ChangeBuilder,
     LogicalMessage,
     RowChange,
+    TableColumns,
     TransactionEnd,
     TransactionStart,
     TypeDescription,
@@ -108,6 +109,7 @@ def test_insert_transaction(builder: ChangeBuilder) -> None:
     )
     assert items == [
         TransactionStart(xid=700, commit_lsn=0x16B3748, commit_time=T0),
+        TableColumns(0x16B3748, 0, "public", "accounts", ("id", "name", "body", "price")),
         RowChange(
             0x16B3748,
             1,
@@ -130,14 +132,18 @@ def test_insert_transaction(builder: ChangeBuilder) -> None:
         ),
         TransactionEnd(commit_lsn=0x16B3748, end_lsn=0x16B3780, commit_time=T0),
     ]
-    price = items[1].new["price"]
+    price = items[2].new["price"]
     assert type(price) is RawJson
-    assert type(items[2].new["price"]) is str  # NaN is a JSON string, as in to_jsonb
-    assert dumps(items[1].new) == b'{"id":1,"name":"alice","body":null,"price":10.50}'
+    assert type(items[3].new["price"]) is str  # NaN is a JSON string, as in to_jsonb
+    assert dumps(items[2].new) == b'{"id":1,"name":"alice","body":null,"price":10.50}'
 
 
-def test_relation_yields_nothing(builder: ChangeBuilder) -> None:
-    assert builder.feed(ACCOUNTS) == []
+def test_relation_yields_the_table_columns(builder: ChangeBuilder) -> None:
+    assert builder.feed(ACCOUNTS) == [
+        TableColumns(0, 0, "public", "accounts", ("id", "name", "body", "price"))
+    ]
+    (_, _, columns) = feed_all(builder, begin(0x200), Insert(ORDERS, (b"1", b"x")), ORDERS)
+    assert columns == TableColumns(0x200, 1, "shop", "orders", ("order_id", "note"))
 
 
 def test_positions_restart_with_each_transaction(builder: ChangeBuilder) -> None:

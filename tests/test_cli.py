@@ -261,7 +261,7 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
         assert (message["event"], message["payload"]) == ("hello", {"n": 1})
         # A refusal is walcast's own answer, said once, with its status.
         code, out, err = await _run(
-            "broadcast", "--org", ORG, "--event", "hello", env=env | {"ACCESS_TOKEN": "wrong"}
+            "broadcast", "--org", ORG, "--event", "hello", env=env | {"ACCESS_TOKEN": "w" * 32}
         )
         assert (code, out) == (2, ""), err
         assert "broadcast refused (401)" in err and "Traceback" not in err
@@ -410,6 +410,28 @@ def test_missing_access_token(database_url: str) -> None:
     _fails_cleanly(
         walcast("broadcast", "--org", "o", "--event", "e", env=clean_env()), "ACCESS_TOKEN"
     )
+
+
+SHORT_SECRET_FIX = (
+    "Make one with `openssl rand -hex 32` or"
+    ' `python -c "import secrets; print(secrets.token_hex(32))"`'
+)
+
+
+def test_short_access_token_is_refused_at_start(database_url: str) -> None:
+    """Every configured secret is at least 32 bytes; the message says how to make one."""
+    short = "secret"
+    result = walcast("serve", env=clean_env(DATABASE_URL=database_url, ACCESS_TOKEN=short))
+    _fails_cleanly(result)
+    assert result.stderr == (
+        "walcast: invalid settings: ACCESS_TOKEN is 6 bytes long; each secret must be at least"
+        f" 32 bytes. {SHORT_SECRET_FIX}\n"
+    )
+    rotated = clean_env(DATABASE_URL=database_url, ACCESS_TOKEN=f"{ACCESS_TOKEN},{'x' * 31}")
+    result = walcast("serve", env=rotated)
+    _fails_cleanly(result, "secret 2 of 2 in ACCESS_TOKEN is 31 bytes long")
+    assert ACCESS_TOKEN not in result.stderr and "x" * 31 not in result.stderr
+    _fails_cleanly(walcast("check", env=rotated), "secret 2 of 2 in ACCESS_TOKEN")
 
 
 def test_bad_config_file(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from gateway.config import (
     ConfigError,
@@ -16,6 +17,9 @@ from gateway.config import (
     parse_realtime_config,
     split_secrets,
 )
+
+NEW_SECRET = "new-secret-0123456789-0123456789-abc"
+OLD_SECRET = "old-secret-0123456789-0123456789-abc"
 
 SPEC_EXAMPLE = """
 manageReplicaIdentity = false            # optional
@@ -163,6 +167,13 @@ def test_invalid_values_name_the_key(data: dict[str, Any], where: str) -> None:
     assert where in _error(data)
 
 
+def test_the_auth_namespace_is_reserved() -> None:
+    message = _error({"namespaces": {"auth": {}}})
+    assert "namespaces: Value error, namespace 'auth' is reserved for walcast's own events" in (
+        message
+    )
+
+
 def test_custom_mask_needs_fn() -> None:
     message = _error({"tables": {"t": {"masking": {"ssn": {"type": "custom"}}}}})
     assert "tables.public.t.masking.ssn" in message
@@ -237,7 +248,7 @@ def test_settings_defaults() -> None:
 def test_settings_from_env() -> None:
     env = {
         "DATABASE_URL": "postgresql://localhost/app",
-        "ACCESS_TOKEN": " new-secret , old-secret,,",
+        "ACCESS_TOKEN": f" {NEW_SECRET} , {OLD_SECRET},,",
         "WALCAST_CONFIG": "/etc/walcast.toml",
         "WALCAST_HOST": "0.0.0.0",
         "WALCAST_PORT": "4100",
@@ -253,8 +264,8 @@ def test_settings_from_env() -> None:
     }
     settings = Settings.from_env(env)
     assert settings.database_url == "postgresql://localhost/app"
-    assert settings.access_tokens == ("new-secret", "old-secret")
-    assert settings.signing_secret == "new-secret"
+    assert settings.access_tokens == (NEW_SECRET, OLD_SECRET)
+    assert settings.signing_secret == NEW_SECRET
     assert settings.config_path == "/etc/walcast.toml"
     assert (settings.host, settings.port) == ("0.0.0.0", 4100)
     assert settings.redis_url == "redis://r:6379/1"
@@ -265,6 +276,35 @@ def test_settings_from_env() -> None:
     assert settings.max_broadcast_bytes == 2048
     assert settings.jwt_session_secret == "jwt-secret"
     assert settings.jwt_session_jwks == "/etc/jwks.json"
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("secret", "ACCESS_TOKEN is 6 bytes long"),
+        ("x" * 31, "ACCESS_TOKEN is 31 bytes long"),
+        ("é" * 15, "ACCESS_TOKEN is 30 bytes long"),  # bytes, not characters
+        (f"{NEW_SECRET},short", "secret 2 of 2 in ACCESS_TOKEN is 5 bytes long"),
+        (f"tiny,{NEW_SECRET}", "secret 1 of 2 in ACCESS_TOKEN is 4 bytes long"),
+    ],
+)
+def test_short_access_token_secrets_are_refused(raw: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"ACCESS_TOKEN": raw})
+    assert str(caught.value) == (
+        f"invalid settings: {message}; each secret must be at least 32 bytes. Make one with"
+        ' `openssl rand -hex 32` or `python -c "import secrets; print(secrets.token_hex(32))"`'
+    )
+    # Never the secrets themselves, by either way of making settings.
+    with pytest.raises(ValidationError) as direct:
+        Settings(access_tokens=tuple(raw.split(",")))
+    for secret in raw.split(","):
+        if secret != "secret":  # that word is in the message
+            assert secret not in str(caught.value) and secret not in str(direct.value)
+
+
+def test_access_token_of_32_bytes_is_enough() -> None:
+    assert Settings.from_env({"ACCESS_TOKEN": "x" * 32}).signing_secret == "x" * 32
 
 
 def test_settings_empty_variables_mean_unset() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cdc.changes import Item, RowChange, TransactionEnd, TransactionStart
+from cdc.changes import Item, RowChange, TableColumns, TransactionEnd, TransactionStart
 from cdc.progress import INVALID_LSN, Ack, Progress
 
 WHEN = datetime(2026, 1, 1, tzinfo=UTC)
@@ -28,7 +28,20 @@ def tx(commit: int, end: int, rows: int = 1) -> list[Item]:
     return [TransactionStart(7, commit, WHEN), *body, TransactionEnd(commit, end, WHEN)]
 
 
+def described(transaction: list[Item], *afters: int) -> list[Item]:
+    """`transaction` with the table's columns (a Relation) after each count of its changes."""
+    commit = transaction[0].commit_lsn
+    items: list[Item] = []
+    for index, item in enumerate(transaction):
+        if index in (after + 1 for after in afters):  # after the start and `after` changes
+            items.append(TableColumns(commit, index - 1, "public", "t", ("id",)))
+        items.append(item)
+    return items
+
+
 def name(item: Item) -> str:
+    if isinstance(item, TableColumns):
+        return f"columns {item.commit_lsn:x}.{item.position}"
     if isinstance(item, TransactionStart):
         return f"start {item.commit_lsn:x}"
     if isinstance(item, TransactionEnd):
@@ -241,6 +254,28 @@ CASES: list[tuple[str, list[tuple[str, Any]], list[Any]]] = [
         "the skip ends at the first new item",
         [start(0), read(tx(0x10, 0x20)), hand(3), start(0x20), read(tx(0x30, 0x40)), hand(3)],
         [0, ["start 10", "row 10.1", "end 10"], 0x20, ["start 30", "row 30.1", "end 30"]],
+    ),
+    (
+        "a table's columns cut off from their rows by a reconnect are handed out, once",
+        [
+            start(0),
+            read(described(tx(0x10, 0x20, rows=2), 0, 1)),
+            hand(3),  # the session dies between row 1 and the columns that precede row 2
+            start(0),  # the new session describes the table before row 1 and again before 2
+            read(described(tx(0x10, 0x20, rows=2), 0, 1)),
+            hand(10),
+            start(0x20),
+            read(described(tx(0x30, 0x40), 0)),
+            hand(10),
+        ],
+        [
+            0,
+            ["start 10", "columns 10.0", "row 10.1"],
+            0,
+            ["columns 10.1", "row 10.2", "end 10"],
+            0x20,
+            ["start 30", "columns 30.0", "row 30.1", "end 30"],
+        ],
     ),
     (
         "a keepalive reply: the regular update, then everything received with no flush",

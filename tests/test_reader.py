@@ -17,7 +17,14 @@ import psycopg
 import pytest
 
 from cdc import catalog
-from cdc.changes import Item, LogicalMessage, RowChange, TransactionEnd, TransactionStart
+from cdc.changes import (
+    Item,
+    LogicalMessage,
+    RowChange,
+    TableColumns,
+    TransactionEnd,
+    TransactionStart,
+)
 from cdc.errors import ReplicationError
 from cdc.reader import ReplicationReader
 from tests.pg import PostgresServer
@@ -107,7 +114,8 @@ def check_transaction(items: list[Item]) -> None:
     assert isinstance(start, TransactionStart)
     assert isinstance(end, TransactionEnd)
     assert end.commit_lsn == start.commit_lsn < end.end_lsn
-    for position, item in enumerate(body, 1):
+    changed = [item for item in body if not isinstance(item, TableColumns)]
+    for position, item in enumerate(changed, 1):
         assert isinstance(item, RowChange | LogicalMessage)
         assert (item.commit_lsn, item.position) == (start.commit_lsn, position)
 
@@ -210,7 +218,8 @@ async def test_logical_message_in_commit_order(database_url: str) -> None:
     async with streaming(make_reader(database_url, ["public.app"])) as it:
         first, second = await take_transactions(it, 2)
     check_transaction(first)
-    _, before, message, after, _ = first
+    _, columns, before, message, after, _ = first
+    assert columns == TableColumns(first[0].commit_lsn, 0, "public", "app", ("id",))
     assert isinstance(before, RowChange) and before.new == {"id": 1}
     assert isinstance(message, LogicalMessage)
     assert message.prefix == "walcast"
@@ -327,6 +336,8 @@ async def test_large_transaction_streams_in_order(database_url: str) -> None:
             async for item in it:
                 if isinstance(item, TransactionEnd):
                     break
+                if isinstance(item, TableColumns):
+                    continue
                 assert isinstance(item, RowChange) and item.new is not None
                 assert (item.position, item.new["id"]) == (expected, expected)
                 if expected == 1000:

@@ -30,6 +30,7 @@ from tests.fix_gateway import (
     clean_env,
     free_port,
     running_gateway,
+    signed_broadcast,
     walcast_command,
 )
 from tests.pg import PostgresServer
@@ -117,7 +118,7 @@ async def test_resume_after_disconnect_replays_exactly_what_the_client_may_see(
                         body = {"organizationId": ORG, "event": event, "targetRoles": target}
                         conn.execute(
                             "SELECT pg_logical_emit_message(true, 'walcast', %s)",
-                            (orjson.dumps(body).decode(),),
+                            (signed_broadcast(body),),
                         )
                         if not target:
                             expected.append(("broadcast", event))

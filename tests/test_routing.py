@@ -10,12 +10,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc.changes import LogicalMessage, RowChange, TransactionStart
+from cdc.changes import LogicalMessage, RowChange, TableColumns, TransactionStart
 from cdc.cursors import format_cursor, parse_cursor
-from gateway.config import parse_realtime_config
+from gateway.broadcasts import BroadcastSigner
+from gateway.config import RealtimeConfig, parse_realtime_config
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
+from gateway.metrics import Metrics
 from walcast.pipeline import RetentionWindow
 from walcast.routing import Router
+
+SECRET = "routing-test-secret-0123456789-abcdefgh"
+OLD_SECRET = "routing-test-old-secret-0123456789-abcd"
 
 CONFIG = parse_realtime_config(
     {
@@ -28,10 +33,17 @@ CONFIG = parse_realtime_config(
 WHEN = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
 
-def _router() -> Router:
-    router = Router(CONFIG)
+def _router(
+    config: RealtimeConfig = CONFIG, secrets: tuple[str, ...] = (SECRET,), **options: Any
+) -> Router:
+    router = Router(config, BroadcastSigner(secrets), Metrics(), **options)
     router.route(TransactionStart(xid=1, commit_lsn=0x100, commit_time=WHEN))
     return router
+
+
+def _metric(router: Router, name: str, **labels: str) -> float:
+    value = router._metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
 
 
 def _change(
@@ -62,8 +74,7 @@ def test_kind_switches_and_unconfigured_tables() -> None:
 
 
 def test_moving_between_organizations_is_delete_then_insert() -> None:
-    router = Router(parse_realtime_config({"tables": {"t": {}}}))
-    router.route(TransactionStart(1, 0x100, WHEN))
+    router = _router(parse_realtime_config({"tables": {"t": {}}}))
     old = {"id": 1, "organizationId": "a", "v": "before"}
     new = {"id": 1, "organizationId": "b", "v": "after"}
     leave, arrive = router.route(_change("UPDATE", "t", new=new, old=old))
@@ -110,8 +121,7 @@ def test_owner_exception_needs_the_same_owner_in_both_versions() -> None:
 
 
 def test_truncate_goes_to_every_organization() -> None:
-    router = Router(parse_realtime_config({"tables": {"t": {}}}))
-    router.route(TransactionStart(1, 0x100, WHEN))
+    router = _router(parse_realtime_config({"tables": {"t": {}}}))
     (event,) = router.route(_change("TRUNCATE", "t"))
     assert isinstance(event, ChangeEvent) and event.organization_id is None
 
@@ -226,14 +236,146 @@ def test_broadcast_messages() -> None:
         "targetUserId": None,
     }
     router = _router()
-    (event,) = router.route(LogicalMessage(0x100, 2, "walcast", orjson.dumps(body)))
+    (event,) = router.route(LogicalMessage(0x100, 2, "walcast", _signed(body)))
     assert isinstance(event, BroadcastEvent)
     assert event.target_roles == frozenset({"r"}) and event.target_user is None
     assert orjson.loads(orjson.dumps(event.payload)) == {"x": [1, 2]}
     assert router.route(LogicalMessage(0x100, 3, "other-prefix", b"{}")) == []
+    signer = BroadcastSigner([SECRET])
     for bad in (b"not json", b"{}", b'{"organizationId": 1, "event": "e"}'):
-        assert router.route(LogicalMessage(0x100, 4, "walcast", bad)) == []
+        assert router.route(LogicalMessage(0x100, 4, "walcast", signer.sign(bad))) == []
     assert router.dropped_bad_broadcast == 3
+    assert _metric(router, "walcast_forged_messages_total") == 0
+
+
+def _signed(body: dict[str, Any], secret: str = SECRET) -> bytes:
+    return BroadcastSigner([secret]).sign(orjson.dumps(body))
+
+
+BODY = {"organizationId": "o", "event": "e", "payload": {"n": 1}}
+
+
+def test_unsigned_and_forged_broadcasts_are_dropped_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    router = _router(clock=lambda: now[0])
+    plain = orjson.dumps(BODY)
+    signed = _signed(BODY)
+    forged = [
+        plain,  # what any database role can write
+        _signed(BODY, "someone-elses-secret-0123456789-abcdefgh"),
+        signed[:-1] + b"}}",  # content changed after signing
+        signed.replace(b"v1.", b"v2.", 1),  # a version this node does not know
+        signed[:40],  # cut short
+        b"v1." + b"A" * 43 + b"." + plain,
+        b"",
+    ]
+    for content in forged:
+        assert router.route(LogicalMessage(0x100, 2, "walcast", content)) == []
+    assert _metric(router, "walcast_forged_messages_total") == len(forged)
+    # One log line per interval, without the content.
+    assert len(caplog.records) == 1 and "without a valid signature" in caplog.text
+    assert '"payload"' not in caplog.text and "organizationId" not in caplog.text
+    now[0] = 61.0
+    router.route(LogicalMessage(0x200, 1, "walcast", plain))
+    first, second = (record.getMessage() for record in caplog.records)
+    assert first.startswith("dropped 1 broadcast message(s) without a valid signature")
+    assert second.startswith("dropped 7 broadcast message(s)")  # the six held back, and this
+    assert router.dropped_bad_broadcast == 0
+
+
+def test_rotation_signs_with_the_first_secret_and_accepts_any() -> None:
+    router = _router(secrets=(SECRET, OLD_SECRET))
+    for secret in (SECRET, OLD_SECRET):
+        (event,) = router.route(LogicalMessage(0x100, 2, "walcast", _signed(BODY, secret)))
+        assert isinstance(event, BroadcastEvent)
+    signer = BroadcastSigner([SECRET, OLD_SECRET])
+    assert signer.sign(b"{}") == BroadcastSigner([SECRET]).sign(b"{}")
+    assert BroadcastSigner([OLD_SECRET]).verify(signer.sign(b"{}")) is None
+
+
+def test_signed_broadcasts_still_obey_the_namespace_rules() -> None:
+    config = parse_realtime_config(
+        {"namespaces": {"screening": {"events": ["started"], "requiredRoles": ["recruiter"]}}}
+    )
+    router = _router(config)
+    for event in ("auth:token-invalidated", "evil:x", "screening:other"):
+        body = {**BODY, "event": event}
+        assert router.route(LogicalMessage(0x100, 2, "walcast", _signed(body))) == []
+    wide = {**BODY, "event": "screening:started", "targetRoles": ["owner"]}
+    assert router.route(LogicalMessage(0x100, 3, "walcast", _signed(wide))) == []
+    assert router.dropped_bad_broadcast == 4
+    assert _metric(router, "walcast_dropped_events_total", reason="refused_broadcast") == 4
+    (event,) = router.route(
+        LogicalMessage(0x100, 4, "walcast", _signed({**BODY, "event": "screening:started"}))
+    )
+    assert isinstance(event, BroadcastEvent) and event.target_roles == {"recruiter"}
+
+
+MASKED = parse_realtime_config(
+    {
+        "tables": {
+            "applications": {
+                "userColumn": "assigneeId",
+                "masking": {"ssn": {"type": "ssn", "show": {"roles": ["owner"]}}},
+            }
+        }
+    }
+)
+COLUMNS = ("id", "organizationId", "assigneeId", "ssn")
+
+
+def test_a_table_missing_a_named_column_is_withheld_until_it_is_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    router = _router(MASKED)
+    row = {"id": 1, "organizationId": "o", "assigneeId": "u", "ssn": "123-45-6789"}
+    router.route(TableColumns(0x100, 1, "public", "applications", COLUMNS))
+    assert len(router.route(_change("INSERT", new=row))) == 1
+    assert router.withheld == frozenset()
+
+    renamed = ("id", "organizationId", "assigneeId", "ssn_number")
+    router.route(TableColumns(0x200, 1, "public", "applications", renamed))
+    raw = {**{k: v for k, v in row.items() if k != "ssn"}, "ssn_number": "123-45-6789"}
+    for kind in ("INSERT", "UPDATE", "DELETE", "TRUNCATE"):
+        assert router.route(_change(kind, new=raw, old=raw)) == []
+    assert router.withheld == {"public.applications"}
+    assert _metric(router, "walcast_withheld_events_total", table="public.applications") == 4
+    (error,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    message = error.getMessage()
+    assert 'column "ssn" (named by masking.ssn)' in message
+    assert 'tables."public.applications".masking.ssn' in message
+    assert "rename the column back" in message and "ssn_number" in message
+    assert "123-45-6789" not in caplog.text
+
+    router.route(TableColumns(0x300, 1, "public", "applications", renamed))  # said once
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1
+    router.route(TableColumns(0x400, 1, "public", "applications", COLUMNS))
+    assert router.withheld == frozenset()
+    assert len(router.route(_change("INSERT", new=row))) == 1
+
+
+@pytest.mark.parametrize(
+    ("gone", "key"),
+    [("organizationId", "organizationColumn"), ("assigneeId", "userColumn")],
+)
+def test_a_dropped_routing_column_withholds_the_table(
+    gone: str, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    router = _router(MASKED)
+    left = tuple(column for column in COLUMNS if column != gone)
+    router.route(TableColumns(0x100, 1, "public", "applications", left))
+    row = {c: "x" for c in COLUMNS if c != gone}
+    assert router.route(_change("INSERT", new=row)) == []
+    assert f'column "{gone}" (named by {key})' in caplog.text
+
+
+def test_columns_of_other_tables_change_nothing() -> None:
+    router = _router(MASKED)
+    router.route(TableColumns(0x100, 1, "public", "other", ("x",)))
+    router.route(TableColumns(0x100, 1, "public", "member", ("x",)))
+    assert router.withheld == frozenset()
 
 
 @given(st.integers(0, 2**64 - 1), st.integers(1, 2**63))

@@ -37,6 +37,7 @@ from cdc.cursors import NO_EPOCH
 from cdc.identity import Identity, identify
 from cdc.reader import ReplicationReader
 from cdc.setup import Requirements
+from gateway.broadcasts import BroadcastSigner
 from gateway.config import RealtimeConfig, Settings
 from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
 from gateway.metrics import Metrics
@@ -63,19 +64,7 @@ SYNC_PREFIX = "walcast-sync"
 
 def config_columns(config: RealtimeConfig) -> dict[str, dict[str, tuple[str, ...]]]:
     """Per configured table, each config key that names columns → the columns it names."""
-    named: dict[str, dict[str, tuple[str, ...]]] = {}
-    for name, table in config.tables.items():
-        keys: dict[str, tuple[str, ...]] = {"organizationColumn": (table.organizationColumn,)}
-        if table.userColumn:
-            keys["userColumn"] = (table.userColumn,)
-        if table.ownerColumn:
-            keys["ownerColumn"] = (table.ownerColumn,)
-        if table.fields is not None:
-            keys["fields"] = tuple(table.fields)
-        if table.masking:
-            keys["masking"] = tuple(table.masking)
-        named[name] = keys
-    return named
+    return {name: table.named_columns() for name, table in config.tables.items()}
 
 
 def setup_requirements(
@@ -151,7 +140,7 @@ class Pipeline:
         self._metrics = metrics
         self._on_ready = on_ready
         self._clock = clock
-        self.router = Router(config)
+        self.router = Router(config, BroadcastSigner(settings.access_tokens), metrics)
         self.reader: ReplicationReader | None = None
         self.retention: RetentionWindow | None = None
         #: The tables the publication covers, once `prepare()` has run.

@@ -11,20 +11,41 @@ It also turns changes of the session store's `member` and `session` tables into
 names what it applies to (organization, user, session; None: any): a member whose role changed
 or who left, a session deleted or ended by an UPDATE (it expires at or before the commit, or
 its token changed), and every socket after ``TRUNCATE member`` or ``TRUNCATE "session"``.
+
+Two rules fail closed:
+
+* **Only walcast's own broadcasts.** Any database role may write a `walcast` message with
+  `pg_logical_emit_message`; one without a valid signature (gateway.broadcasts) is dropped,
+  counted (`walcast_forged_messages_total`) and logged at most once per interval, never with its
+  content. A signed one is still refused if its event is reserved (`auth:`) or its namespace is
+  not declared, and its `targetRoles` are bounded by the namespace as the API bounds them.
+* **Only tables whose columns match the config.** The reader hands out a `TableColumns` item
+  before a table's first row and again after its schema changes. If a column the config names
+  (a masking key, `organizationColumn`, `userColumn`, `ownerColumn`, a `fields` entry) is gone,
+  a RENAME or DROP while walcast runs, the table's events are withheld from everyone, counted
+  (`walcast_withheld_events_total{table}`) and the fix is logged, until a later `TableColumns`
+  shows the columns back. A mask on a column that is no longer there would otherwise let the
+  renamed column through raw. The check runs once per `TableColumns`; the row path only looks
+  the table up, as it always did.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from cdc.changes import Item, LogicalMessage, RowChange, TransactionStart
+from cdc.changes import Item, LogicalMessage, RowChange, TableColumns, TransactionStart
 from cdc.cursors import NO_EPOCH, format_cursor
+from gateway.broadcasts import BroadcastSigner, namespace_roles, target_roles
 from gateway.config import RealtimeConfig, TableConfig
 from gateway.events import BROADCAST_PREFIX, AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
+from gateway.metrics import Metrics
+from gateway.server import LOG_INTERVAL, Throttle
 
 __all__ = ["Router"]
 
@@ -39,13 +60,37 @@ def _text(value: Any) -> str | None:
 
 
 class Router:
-    """Turns reader items into routed events; counts what it had to drop."""
+    """Turns reader items into routed events; counts what it had to drop.
 
-    def __init__(self, config: RealtimeConfig) -> None:
+    Args:
+        config: the realtime config.
+        signer: verifies broadcast messages (keyed from `ACCESS_TOKEN`).
+        metrics: where forged messages and withheld events are counted.
+        clock: for spacing out the log lines about forged messages.
+    """
+
+    def __init__(
+        self,
+        config: RealtimeConfig,
+        signer: BroadcastSigner,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config
+        self._signer = signer
+        self._metrics = metrics
         self._commit_time: datetime | None = None
         #: The history epoch every cursor carries (set by the pipeline once it knows it).
         self.epoch = NO_EPOCH
+        #: The configured tables whose events flow: not withheld.
+        self._tables: dict[tuple[str, str], TableConfig] = {
+            (table.schema_name, table.table_name): table for table in config.tables.values()
+        }
+        #: Withheld tables → the config keys and columns found missing.
+        self._withheld: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
+        self._forged_log = Throttle(LOG_INTERVAL, clock)
+        self._forged_unlogged = 0
         self.dropped_null_organization = 0
         self.dropped_bad_broadcast = 0
 
@@ -56,10 +101,12 @@ class Router:
                 return self._member_change(item)
             if key == _SESSION_TABLE:
                 return self._session_change(item)
-            table = self._config.table(item.schema, item.table)
-            if table is None:
-                return []
-            return self._row_change(item, table)
+            table = self._tables.get(key)
+            if table is not None:
+                return self._row_change(item, table)
+            if key in self._withheld:
+                self._metrics.withheld_events.labels(f"{item.schema}.{item.table}").inc()
+            return []
         if isinstance(item, LogicalMessage):
             if item.prefix != BROADCAST_PREFIX:
                 return []
@@ -67,7 +114,60 @@ class Router:
             return [event] if event is not None else []
         if isinstance(item, TransactionStart):
             self._commit_time = item.commit_time
+        elif isinstance(item, TableColumns):
+            self._check_columns(item)
         return []
+
+    @property
+    def withheld(self) -> frozenset[str]:
+        """The tables whose events are withheld now, as "schema.table"."""
+        return frozenset(f"{schema}.{table}" for schema, table in self._withheld)
+
+    # -- the columns the config names --------------------------------------------------------
+
+    def _check_columns(self, described: TableColumns) -> None:
+        key = (described.schema, described.table)
+        table = self._config.table(*key)
+        if table is None:
+            return
+        present = set(described.columns)
+        missing = tuple(
+            (config_key, column)
+            for config_key, columns in table.named_columns().items()
+            for column in dict.fromkeys(columns)
+            if column not in present
+        )
+        name = table.qualified_name
+        if not missing:
+            if self._withheld.pop(key, None) is not None:
+                self._tables[key] = table
+                log.info(
+                    "table %s has every column the realtime config names again: its events"
+                    " flow again (from %X)",
+                    name,
+                    described.commit_lsn,
+                )
+            return
+        self._tables.pop(key, None)
+        if self._withheld.get(key) == missing:
+            return
+        self._withheld[key] = missing
+        named_by = [
+            (column, f"masking.{column}" if config_key == "masking" else config_key)
+            for config_key, column in missing
+        ]
+        log.error(
+            "table %s: %s gone (renamed or dropped while walcast runs). Its events are withheld"
+            " from every subscriber from %X on (counted in walcast_withheld_events_total)"
+            " rather than sent without the mask or routing the config asks for. Fix: rename the"
+            " column back, or make %s in the realtime config name the table's columns (now: %s)"
+            " and restart walcast",
+            name,
+            ", ".join(f'column "{column}" (named by {key})' for column, key in named_by),
+            described.commit_lsn,
+            " and ".join(f'tables."{name}".{key}' for key in dict.fromkeys(k for _, k in named_by)),
+            ", ".join(described.columns),
+        )
 
     # -- row changes -----------------------------------------------------------------------
 
@@ -259,8 +359,12 @@ class Router:
     # -- broadcasts ------------------------------------------------------------------------
 
     def _broadcast(self, message: LogicalMessage) -> BroadcastEvent | None:
+        content = self._signer.verify(message.content)
+        if content is None:
+            self._forged(message)
+            return None
         try:
-            body = orjson.loads(message.content)
+            body = orjson.loads(content)
             org = body["organizationId"]
             name = body["event"]
             roles = body.get("targetRoles") or []
@@ -269,8 +373,17 @@ class Router:
                 raise TypeError("organizationId, event and targetRoles have the wrong types")
             payload = orjson.Fragment(orjson.dumps(body.get("payload", {})))
         except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-            self.dropped_bad_broadcast += 1
-            log.warning("dropped a malformed broadcast message at %X: %s", message.commit_lsn, exc)
+            self._refused(message, f"malformed: {exc}")
+            return None
+        # The API checked all this before signing; a signed message breaking it means a bug
+        # or a leaked ACCESS_TOKEN, and walcast's reserved events stay walcast's.
+        required = namespace_roles(self._config, name)
+        if isinstance(required, str):
+            self._refused(message, required)
+            return None
+        bounded = target_roles(name.partition(":")[0], required, [str(r) for r in roles])
+        if isinstance(bounded, str):
+            self._refused(message, bounded)
             return None
         return BroadcastEvent(
             organization_id=org,
@@ -278,6 +391,28 @@ class Router:
             commit_lsn=message.commit_lsn,
             event=name,
             payload=payload,
-            target_roles=frozenset(str(role) for role in roles),
+            target_roles=frozenset(bounded),
             target_user=_text(user),
         )
+
+    def _refused(self, message: LogicalMessage, reason: str) -> None:
+        self.dropped_bad_broadcast += 1
+        self._metrics.dropped.labels("refused_broadcast").inc()
+        log.warning("dropped a broadcast message at %X: %s", message.commit_lsn, reason)
+
+    def _forged(self, message: LogicalMessage) -> None:
+        """Count a message without a valid signature; log it, never its content, at most once
+        per interval (whoever writes them chooses how many)."""
+        self._metrics.forged_messages.inc()
+        self._forged_unlogged += 1
+        if not self._forged_log.due():
+            return
+        log.error(
+            "dropped %d broadcast message(s) without a valid signature since the last report,"
+            " the last at %X: a database role wrote them with pg_logical_emit_message, or a"
+            " walcast node signs with an ACCESS_TOKEN secret this one does not accept (keep"
+            " retired secrets configured for historySeconds after rotating)",
+            self._forged_unlogged,
+            message.commit_lsn,
+        )
+        self._forged_unlogged = 0
