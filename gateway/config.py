@@ -198,6 +198,10 @@ class Settings(BaseModel):
     broadcast_burst: int = Field(default=2000, ge=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
+    #: ``snapshot=true`` (gateway.snapshot): rows per snapshot at most (over it, an error frame
+    #: instead of rows), and snapshots running at once per node (the rest wait).
+    snapshot_max_rows: int = Field(default=10_000, gt=0)
+    max_snapshots: int = Field(default=4, gt=0)
 
     @property
     def signing_secret(self) -> str:
@@ -237,6 +241,8 @@ class Settings(BaseModel):
             "ticket_burst",
             "broadcast_rate",
             "broadcast_burst",
+            "snapshot_max_rows",
+            "max_snapshots",
         ):
             raw = env.get(f"WALCAST_{key.upper()}")
             if raw:

@@ -44,6 +44,7 @@ class Router:
     def __init__(self, config: RealtimeConfig) -> None:
         self._config = config
         self._commit_time: datetime | None = None
+        self._xid = 0
         #: The history epoch every cursor carries (set by the pipeline once it knows it).
         self.epoch = NO_EPOCH
         self.dropped_null_organization = 0
@@ -67,6 +68,7 @@ class Router:
             return [event] if event is not None else []
         if isinstance(item, TransactionStart):
             self._commit_time = item.commit_time
+            self._xid = item.xid
         return []
 
     # -- row changes -----------------------------------------------------------------------
@@ -77,6 +79,7 @@ class Router:
         cursor = format_cursor(change.commit_lsn, change.position, self.epoch)
         commit_time = self._commit_time
         assert commit_time is not None, "a RowChange always follows its TransactionStart"
+        xid = self._xid
 
         def event(
             event_type: str,
@@ -98,6 +101,7 @@ class Router:
                 unchanged=change.unchanged,
                 target_user=user,
                 owner_id=owner,
+                xid=xid,
             )
 
         kind = change.kind
