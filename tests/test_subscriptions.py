@@ -342,3 +342,47 @@ async def test_snapshot_over_the_limit_gets_an_error_frame(database_url: str) ->
         await big.wait_for(lambda m: m.get("type") == "postgres_changes")
         moved = await small.wait_for(lambda m: m.get("type") == "postgres_changes")
         assert moved["eventType"] == "INSERT" and moved["new"]["id"] == 20
+
+
+async def test_the_python_client_takes_a_filtered_snapshot_then_follows(gw: Gateway) -> None:
+    from walcast.client import RealtimeClient
+
+    owner = gw.add_member("own", "org1", "owner")
+    gw.sql(
+        'INSERT INTO applications (id, "organizationId", stage) VALUES'
+        " ('s1', 'org1', 'interview'), ('s2', 'org1', 'screening')"
+    )
+    rows: list[dict[str, Any]] = []
+    changes: list[dict[str, Any]] = []
+    complete = asyncio.Event()
+
+    async def on_snapshot(message: dict[str, Any]) -> None:
+        rows.extend(message["rows"])
+
+    async def on_system(message: dict[str, Any]) -> None:
+        if message["event"] == "snapshot-complete":
+            complete.set()
+
+    async def on_change(message: dict[str, Any]) -> None:
+        changes.append(message)
+
+    async with RealtimeClient(
+        gw.url,
+        owner,
+        "org1",
+        tables=["applications"],
+        filters=["applications:stage=eq.interview"],
+        snapshot=True,
+        on_snapshot=on_snapshot,
+        on_system=on_system,
+        on_change=on_change,
+    ) as client:
+        await asyncio.wait_for(complete.wait(), 10)
+        assert [row["id"] for row in rows] == ["s1"]
+        gw.sql("UPDATE applications SET stage = 'interview' WHERE id = 's2'")
+        for _ in range(100):
+            if changes:
+                break
+            await asyncio.sleep(0.05)
+        assert [(m["eventType"], m["new"]["id"]) for m in changes] == [("INSERT", "s2")]
+        assert client.cursor == changes[-1]["id"]
