@@ -237,6 +237,10 @@ class Settings(BaseModel):
     broadcast_burst: int = Field(default=2000, ge=0)
     jwt_session_secret: str | None = None
     jwt_session_jwks: str | None = None
+    #: ``snapshot=true`` (gateway.snapshot): rows per snapshot at most (over it, an error frame
+    #: instead of rows), and snapshots running at once per node (the rest wait).
+    snapshot_max_rows: int = Field(default=10_000, gt=0)
+    max_snapshots: int = Field(default=4, gt=0)
 
     @field_validator("access_tokens")
     @classmethod
@@ -293,6 +297,8 @@ class Settings(BaseModel):
             "ticket_burst",
             "broadcast_rate",
             "broadcast_burst",
+            "snapshot_max_rows",
+            "max_snapshots",
         ):
             raw = env.get(f"WALCAST_{key.upper()}")
             if raw:

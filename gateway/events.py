@@ -41,6 +41,9 @@ class ChangeEvent:
     unchanged: tuple[str, ...]
     target_user: str | None  #: only this user receives it (userColumn)
     owner_id: str | None  #: the row's owner (ownerColumn), for show.or = "owner"
+    #: The transaction's id (pgoutput's Begin; 0: unknown), by which a snapshot tells the
+    #: changes it already reflects (`gateway.snapshot`).
+    xid: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from gateway.protocol import CloseCode
+from gateway.subscriptions import ALL, Subscription
 
 __all__ = [
     "DEFAULT_COALESCE_SECONDS",
@@ -207,6 +208,7 @@ class Connection:
         "organization_id",
         "roles",
         "session_id",
+        "subscription",
         "user_id",
         "ws",
     )
@@ -223,12 +225,15 @@ class Connection:
         max_send_buffer: int,
         on_slow: Callable[[Connection], None],
         writes: WriteScheduler,
+        subscription: Subscription = ALL,
     ) -> None:
         self.ws = ws
         self._transport = transport
         self.user_id = user_id
         self.organization_id = organization_id
         self.roles = roles
+        #: Which tables and rows of them it asked for (`gateway.subscriptions`).
+        self.subscription = subscription
         self.session_id = session_id
         self.max_send_buffer = max_send_buffer
         self._on_slow = on_slow

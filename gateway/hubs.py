@@ -29,10 +29,20 @@ replay and live delivery and nothing is delivered twice:
 
 A socket without a cursor is registered at once.
 
-Masking and serialization happen in `Hub._deliver`, once per visibility class per live event
-(`walcast_serializations_total` counts them). A replay is per socket by nature (its own roles,
-its own cursor): its frames are built for it alone, and its cost per event is that one
-serialization; the slot semaphore bounds how many run at once.
+Masking and serialization happen in `Hub._deliver`, once per visibility class per event
+(`walcast_serializations_total` counts them). Sockets are grouped by roles and subscription
+(`gateway.subscriptions`: tables and filters); a change is shaped once per subscription group
+(kept, or turned into an INSERT or a DELETE by a filter it enters or leaves) and each distinct
+(masking, shape) is serialized once, so filters cost at most one frame per group, never one
+per socket.
+
+A socket that asked for a snapshot is *held* from ``ready`` on: it collects what its hub
+handles (references) until `Hub.release`, which delivers the collected events its snapshot
+does not already reflect, then lets it join its group (`gateway.snapshot`).
+
+A replay is per socket by nature (its own roles, its own cursor): its frames are built for
+it alone, and its cost per event is that one serialization; the slot semaphore bounds how many
+run at once.
 """
 
 from __future__ import annotations
@@ -40,10 +50,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from cdc.cursors import CursorKey, cursor_key, format_cursor, parse_cursor
-from gateway.events import AccessRevoked, BroadcastEvent, RoutedEvent
+from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 from gateway.fanout import Audience, Connection, WriteScheduler
 from gateway.history import History, HistoryUnavailable
 from gateway.metrics import Metrics
@@ -56,6 +66,7 @@ from gateway.protocol import (
     system_frame,
     text_frame,
 )
+from gateway.subscriptions import Subscription
 from gateway.tickets import StaleTicketError, TicketClaims, TicketError
 
 __all__ = ["Hub", "HubRegistry"]
@@ -69,6 +80,8 @@ DEFAULT_MAX_REPLAYS = 4
 DEFAULT_REPLAY_STALL_SECONDS = 10.0
 
 Roles = frozenset[str]
+#: What sockets share frames by: their roles and their subscription.
+Group = tuple[Roles, Subscription]
 #: What a revocation applies to: (organization, user, session), None meaning any.
 _Scope = tuple[str | None, str | None, str | None]
 
@@ -168,26 +181,32 @@ class Hub:
     def __init__(self, organization_id: str, registry: HubRegistry) -> None:
         self.organization_id = organization_id
         self._registry = registry
-        self.by_roles: dict[Roles, Audience] = {}
+        self.audiences: dict[Group, Audience] = {}
         self.by_user: dict[str, set[Connection]] = {}
         self.attaching: list[_Attaching] = []
+        #: Sockets to hold at `register` (they asked for a snapshot), and those held: what
+        #: the hub handled for each since its ``ready``.
+        self.hold_at_ready: set[Connection] = set()
+        self.held: dict[Connection, list[RoutedEvent]] = {}
 
     @property
     def size(self) -> int:
-        return sum(len(conns) for conns in self.by_roles.values())
+        return sum(len(conns) for conns in self.audiences.values()) + len(self.held)
 
     @property
     def idle(self) -> bool:
         """No socket, and none attaching: the registry may forget this hub."""
-        return not self.by_roles and not self.attaching
+        return not self.audiences and not self.attaching and not self.held
 
     def register(self, conn: Connection) -> None:
-        """Add `conn` to its audience and send `ready`: from now on it gets live events."""
+        """Add `conn` to its audience and send `ready`: from now on it gets live events (or,
+        held for a snapshot, collects them until `release`)."""
         registry = self._registry
-        audience = self.by_roles.get(conn.roles)
-        if audience is None:
-            audience = self.by_roles[conn.roles] = Audience(registry.writes)
-        audience.add(conn)
+        if conn in self.hold_at_ready:
+            self.hold_at_ready.discard(conn)
+            self.held[conn] = []
+        else:
+            self._join(conn)
         self.by_user.setdefault(conn.user_id, set()).add(conn)
         registry.metrics.connections.inc()
         conn.write(
@@ -202,13 +221,32 @@ class Hub:
             )
         )
 
-    def detach(self, conn: Connection) -> None:
-        audience = self.by_roles.get(conn.roles)
-        if audience is None or conn not in audience.members:
+    def _join(self, conn: Connection) -> None:
+        group = (conn.roles, conn.subscription)
+        audience = self.audiences.get(group)
+        if audience is None:
+            audience = self.audiences[group] = Audience(self._registry.writes)
+        audience.add(conn)
+
+    def release(self, conn: Connection, reflected: Callable[[RoutedEvent], bool]) -> None:
+        """End a hold: deliver what `conn` collected, except what its snapshot already
+        `reflected`, then make it a member of its group. No await: nothing falls between."""
+        collected = self.held.pop(conn, None)
+        if collected is None or conn.closed:
             return
-        audience.discard(conn)
-        if not audience:
-            del self.by_roles[conn.roles]
+        self.replay(conn, [event for event in collected if not reflected(event)])
+        self._join(conn)
+
+    def detach(self, conn: Connection) -> None:
+        self.hold_at_ready.discard(conn)
+        if self.held.pop(conn, None) is None:
+            group = (conn.roles, conn.subscription)
+            audience = self.audiences.get(group)
+            if audience is None or conn not in audience.members:
+                return
+            audience.discard(conn)
+            if not audience:
+                del self.audiences[group]
         user_conns = self.by_user.get(conn.user_id)
         if user_conns is not None:
             user_conns.discard(conn)
@@ -217,46 +255,51 @@ class Hub:
         self._registry.metrics.connections.dec()
 
     def connections(self) -> Iterable[Connection]:
-        for conns in self.by_roles.values():
+        for conns in self.audiences.values():
             yield from conns
+        yield from self.held
 
     def deliver_live(self, event: RoutedEvent) -> None:
         """Deliver to the registered sockets; sockets still attaching get it afterwards."""
         self._deliver(event, self._audience(event.target_user), replay=False)
         for waiting in self.attaching:
             waiting.buffer.append(event)
+        for collected in self.held.values():
+            collected.append(event)
 
     def replay(self, conn: Connection, events: Iterable[RoutedEvent]) -> None:
         """Deliver past events to one socket, with its roles and masks as if live."""
-        audience = ((conn.roles, (conn,)),)
+        audience = (((conn.roles, conn.subscription), (conn,)),)
         for event in events:
             self._deliver(event, audience, replay=True)
 
-    def _audience(self, user: str | None) -> Iterable[tuple[Roles, Iterable[Connection]]]:
+    def _audience(self, user: str | None) -> Iterable[tuple[Group, Iterable[Connection]]]:
         if user is None:
-            return list(self.by_roles.items())
-        grouped: dict[Roles, list[Connection]] = {}
+            return list(self.audiences.items())
+        grouped: dict[Group, list[Connection]] = {}
+        held = self.held
         for conn in self.by_user.get(user, ()):
-            grouped.setdefault(conn.roles, []).append(conn)
+            if conn not in held:
+                grouped.setdefault((conn.roles, conn.subscription), []).append(conn)
         return grouped.items()
 
     def _deliver(
         self,
         event: RoutedEvent,
-        audience: Iterable[tuple[Roles, Iterable[Connection]]],
+        audience: Iterable[tuple[Group, Iterable[Connection]]],
         *,
         replay: bool,
     ) -> None:
         if replay and event.target_user is not None:
             audience = [
-                (roles, [c for c in conns if c.user_id == event.target_user])
-                for roles, conns in audience
+                (group, [c for c in conns if c.user_id == event.target_user])
+                for group, conns in audience
             ]
         metrics = self._registry.metrics
         delivered = 0
         if isinstance(event, BroadcastEvent):
             frame: bytes | None = None
-            for roles, conns in audience:
+            for (roles, _), conns in audience:
                 if event.target_roles and not event.target_roles & roles:
                     continue
                 if not conns:
@@ -267,27 +310,36 @@ class Hub:
                 delivered += _write_all(conns, frame)
         else:
             policy = self._registry.policies.get(event.table)
-            frames: dict[frozenset[str], bytes] = {}
+            #: Per (masked columns seen raw, event type as the subscription shapes it).
+            frames: dict[tuple[frozenset[str], str], bytes] = {}
+            views: dict[Subscription, ChangeEvent | None] = {}
             owner = event.owner_id if policy.has_owner_rule else None
-            for roles, conns in audience:
+            for (roles, subscription), conns in audience:
                 if not policy.allows(roles):
+                    continue
+                if subscription in views:
+                    view = views[subscription]
+                else:
+                    view = views[subscription] = subscription.view(event)
+                if view is None:
                     continue
                 raw = policy.raw_columns(roles)
                 if owner is None:  # the whole class sees the same frame: no per-socket choice
                     if not conns:
                         continue
-                    frame = frames.get(raw)
+                    key = (raw, view.event_type)
+                    frame = frames.get(key)
                     if frame is None:
-                        frame = frames[raw] = text_frame(change_message(event, policy, raw))
+                        frame = frames[key] = text_frame(change_message(view, policy, raw))
                         metrics.serializations.inc()
                     delivered += _write_all(conns, frame)
                     continue
                 owner_raw = policy.raw_columns(roles, True)
                 for conn in conns:
-                    visible = owner_raw if conn.user_id == owner else raw
-                    frame = frames.get(visible)
+                    key = (owner_raw if conn.user_id == owner else raw, view.event_type)
+                    frame = frames.get(key)
                     if frame is None:
-                        frame = frames[visible] = text_frame(change_message(event, policy, visible))
+                        frame = frames[key] = text_frame(change_message(view, policy, key[0]))
                         metrics.serializations.inc()
                     delivered += conn.write(frame)
         if delivered:

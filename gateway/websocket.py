@@ -11,6 +11,11 @@ and the client fetches a new one. The revocation check runs again just before th
 joins its hub, with no await in between, so an access change handled during the handshake
 closes the socket (4403) before any event reaches it.
 
+`tables=`, `filter=` and `snapshot=` (gateway.subscriptions) are checked before the upgrade
+too: 400 for a malformed or unknown one, 403 for a table or column the caller's roles may not
+see. Filtered columns' types are looked up in the catalog (503 if the database cannot answer).
+A snapshot (gateway.snapshot) runs after ``ready``, beside the read loop.
+
 After the upgrade the socket is only read for `ping` (answered `pong`); anything else gets an
 error frame. Heartbeats are aiohttp's: a ping every `heartbeat_seconds`, and a peer that does
 not answer is dropped.
@@ -18,9 +23,12 @@ not answer is dropped.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
+import asyncpg
 from aiohttp import WSMsgType, web
 
 from gateway.config import Settings
@@ -29,7 +37,16 @@ from gateway.http import error_response
 from gateway.limits import ConnectionLimiter, HandshakeRateLimiter, LimitExceeded
 from gateway.protocol import CloseCode, error_frame, revoked_frame, text_frame
 from gateway.readiness import Readiness
-from gateway.state import STATE
+from gateway.snapshot import Snapshots, column_types
+from gateway.state import STATE, GatewayState
+from gateway.subscriptions import (
+    ALL,
+    Subscription,
+    SubscriptionError,
+    SubscriptionRequest,
+    compile_subscription,
+    parse_subscription,
+)
 from gateway.tickets import (
     JtiStoreFullError,
     JtiStoreUnavailableError,
@@ -51,12 +68,16 @@ _UNSUPPORTED = error_frame("unsupported message: only the text 'ping' is underst
 
 
 class UpgradeLimits:
-    """The handshake rate limiter and connection counts of one app (see gateway.limits)."""
+    """The handshake rate limiter and connection counts of one app (see gateway.limits), and
+    its snapshot slots (gateway.snapshot)."""
 
     def __init__(self, settings: Settings) -> None:
         self.handshakes = HandshakeRateLimiter(settings.handshake_rate, settings.handshake_burst)
         self.connections = ConnectionLimiter(
             settings.max_connections_per_user, settings.max_connections_per_org
+        )
+        self.snapshots = Snapshots(
+            max_rows=settings.snapshot_max_rows, concurrency=settings.max_snapshots
         )
 
 
@@ -100,6 +121,23 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if len(since_values) > 1:
         return error_response(400, "invalid request", "since may be given once")
     since = since_values[0] if since_values else None
+    try:
+        asked = parse_subscription(
+            query.getall("tables", []),
+            query.getall("filter", []),
+            query.getall("snapshot", []),
+            config=state.config,
+            roles=claims.roles,
+            policies=state.registry.policies,
+        )
+        subscription = await _compile(state, asked)
+    except SubscriptionError as exc:
+        detail = exc.message
+        return error_response(
+            exc.status, "forbidden" if exc.status == 403 else "invalid request", detail
+        )
+    except _Unavailable as exc:
+        return error_response(503, "unavailable", str(exc))
     ws = web.WebSocketResponse(
         heartbeat=state.settings.heartbeat_seconds,
         compress=False,
@@ -111,13 +149,39 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return _too_many(refused)
     try:
-        return await _open(request, claims, since, ws)
+        return await _open(request, claims, since, ws, subscription, asked.snapshot)
     finally:
         limits.connections.release(claims.organization_id, claims.user_id)
 
 
+class _Unavailable(Exception):
+    """What a subscription needs from the database cannot be had now (503)."""
+
+
+async def _compile(state: GatewayState, asked: SubscriptionRequest) -> Subscription:
+    if asked.default:
+        return ALL
+    if state.pool is None and (asked.filters or asked.snapshot):
+        raise _Unavailable("filters and snapshots need the database, and this node has none")
+    wanted = asked.columns_to_type()
+    types = {}
+    if wanted:
+        assert state.pool is not None
+        try:
+            types = await column_types(state.pool, wanted)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("could not read column types: %s", type(exc).__name__)
+            raise _Unavailable("the database cannot be reached, try again") from None
+    return compile_subscription(asked, types)
+
+
 async def _open(
-    request: web.Request, claims: TicketClaims, since: str | None, ws: web.WebSocketResponse
+    request: web.Request,
+    claims: TicketClaims,
+    since: str | None,
+    ws: web.WebSocketResponse,
+    subscription: Subscription,
+    snapshot: bool,
 ) -> web.StreamResponse:
     state = request.app[STATE]
     registry = state.registry
@@ -149,7 +213,9 @@ async def _open(
         max_send_buffer=state.settings.max_send_buffer,
         on_slow=lambda _conn: state.metrics.slow_consumers.inc(),
         writes=state.registry.writes,
+        subscription=subscription,
     )
+    snapshotting: asyncio.Task[None] | None = None
     try:
         # No await between this check and the attach's first step: an access change handled
         # while the handshake was written closes the socket before any event reaches it.
@@ -158,13 +224,29 @@ async def _open(
             conn.write(revoked_frame(reason))
             conn.close(CloseCode.ACCESS_REVOKED, reason)
         else:
+            hub = registry.hub(conn.organization_id)
+            if snapshot:
+                hub.hold_at_ready.add(conn)
             await registry.attach(conn, since)
+            if snapshot and conn in hub.held:
+                # No await since `ready`: this is the position the socket was held at.
+                cursor = registry.position_cursor()
+                assert state.pool is not None
+                snapshotting = asyncio.create_task(
+                    request.app[LIMITS].snapshots.send(
+                        conn, hub, cursor, state.pool, state.config, registry.policies
+                    )
+                )
         async for message in ws:
             if message.type is WSMsgType.TEXT and message.data.strip() == "ping":
                 conn.write(_PONG)
             elif message.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 conn.write(_UNSUPPORTED)
     finally:
+        if snapshotting is not None:
+            snapshotting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await snapshotting
         registry.detach(conn)
         conn.closed = True
     return ws

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -150,6 +150,11 @@ class RealtimeClient:
             `system` messages (`ready`, `resync_required`, `error`).
         on_resync: called with the `resync_required` message (after `on_system`).
         since: resume from this cursor on the first connection (e.g. one saved to disk).
+        tables: only these tables' changes (`["public.applications", "notes"]`).
+        filters: row filters, `"<table>:<column>=<op>.<value>"` (AND within a table).
+        snapshot: on a connection without a cursor (the first, or after `resync_required`),
+            ask for the current rows first: `on_snapshot` gets each `snapshot` message, then
+            `on_system` gets `snapshot-complete`, then changes follow.
         backoff_base / backoff_cap: reconnect delay, seconds: full jitter over
             `min(cap, base * 2**attempt)`; the attempt count resets after each `ready`.
         heartbeat: seconds between client pings; a peer that does not answer is dropped.
@@ -167,6 +172,10 @@ class RealtimeClient:
         on_system: Handler | None = None,
         on_resync: Handler | None = None,
         since: str | None = None,
+        tables: Sequence[str] | None = None,
+        filters: Sequence[str] = (),
+        snapshot: bool = False,
+        on_snapshot: Handler | None = None,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         heartbeat: float | None = 30.0,
@@ -181,7 +190,16 @@ class RealtimeClient:
             "postgres_changes": on_change,
             "broadcast": on_broadcast,
             "system": on_system,
+            "snapshot": on_snapshot,
         }
+        self._subscription: list[tuple[str, str]] = []
+        if tables is not None:
+            self._subscription.append(("tables", ",".join(tables)))
+        self._subscription += [("filter", item) for item in filters]
+        self._snapshot = snapshot
+        #: This connection asked for a snapshot that has not completed: until it does, a
+        #: reconnect must ask again rather than resume.
+        self._snapshotting = False
         self._on_resync = on_resync
         self._cursor = since
         self._backoff_base = backoff_base
@@ -314,16 +332,23 @@ class RealtimeClient:
     async def _connect_once(self) -> bool:
         """One ticket, one socket, until it closes; True if it got as far as `ready`."""
         ticket = await self.fetch_ticket()
-        params = {"ws_ticket": ticket, "organizationId": self.organization_id}
+        params = [("ws_ticket", ticket), ("organizationId", self.organization_id)]
         if self._cursor is not None:
-            params["since"] = self._cursor
+            params.append(("since", self._cursor))
+        elif self._snapshot:
+            params.append(("snapshot", "true"))
+            self._snapshotting = True
+        params += self._subscription
         try:
             ws = await self._http().ws_connect(
                 self.base_url + WEBSOCKET_PATH, params=params, heartbeat=self._heartbeat
             )
         except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 403:
-                raise AuthenticationError(exc.status, "organizationId does not match") from None
+            if exc.status in (400, 403):
+                # A wrong organization, or tables/filters the server refuses: not transient.
+                raise AuthenticationError(
+                    exc.status, "organization or subscription refused"
+                ) from None
             # 401 here is a ticket that expired or was used meanwhile: get a new one.
             raise _Transient(f"handshake refused ({exc.status})") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -363,12 +388,18 @@ class RealtimeClient:
                 # with the new one's ids): the `ready` that follows gives the new one.
                 self._cursor = None
                 await _call(self._on_resync, message)
-            elif event == "ready":
+            elif event in ("ready", "snapshot-complete"):
                 payload = message.get("payload")
                 cursor = payload.get("cursor") if isinstance(payload, dict) else None
-                self._advance(cursor)
-                self.ready.set()
-                return True
+                if event == "snapshot-complete":
+                    self._snapshotting = False
+                if not self._snapshotting:
+                    self._advance(cursor)
+                if event == "ready":
+                    self.ready.set()
+                    return True
+        elif kind == "snapshot":
+            pass  # rows carry no cursor
         else:
             self._advance(message.get("id"))
         return False

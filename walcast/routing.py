@@ -81,6 +81,7 @@ class Router:
         self._signer = signer
         self._metrics = metrics
         self._commit_time: datetime | None = None
+        self._xid = 0
         #: The history epoch every cursor carries (set by the pipeline once it knows it).
         self.epoch = NO_EPOCH
         #: The configured tables whose events flow: not withheld.
@@ -114,6 +115,7 @@ class Router:
             return [event] if event is not None else []
         if isinstance(item, TransactionStart):
             self._commit_time = item.commit_time
+            self._xid = item.xid
         elif isinstance(item, TableColumns):
             self._check_columns(item)
         return []
@@ -177,6 +179,7 @@ class Router:
         cursor = format_cursor(change.commit_lsn, change.position, self.epoch)
         commit_time = self._commit_time
         assert commit_time is not None, "a RowChange always follows its TransactionStart"
+        xid = self._xid
 
         def event(
             event_type: str,
@@ -198,6 +201,7 @@ class Router:
                 unchanged=change.unchanged,
                 target_user=user,
                 owner_id=owner,
+                xid=xid,
             )
 
         kind = change.kind

@@ -115,7 +115,9 @@ async function connect(generation) {
   // Step 2: the ticket in the URL; `since` resumes after the last event we showed.
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const params = new URLSearchParams({ ws_ticket: wsTicket, organizationId: org });
+  // Without a cursor (a fresh page): the current rows first, so a reload shows them at once.
   if (state.lastId) params.set("since", state.lastId);
+  else params.set("snapshot", "true");
   const ws = new WebSocket(`${scheme}://${location.host}/realtime/v1/websocket?${params}`);
   state.ws = ws;
   ws.onmessage = (event) => {
@@ -145,10 +147,17 @@ function handleMessage(msg) {
       state.attempts = 0;
       const roles = (msg.payload.roles || []).join(", ");
       setStatus("live", `live as ${state.user.name} (${roles})`);
+    } else if (msg.event === "snapshot-complete") {
+      state.lastId = msg.payload.cursor;
+      addNotice("Current rows loaded; live changes follow.");
     } else if (msg.event === "resync_required") {
       clearFeed();
       addNotice("The server's history no longer reaches back to our last event: starting afresh.");
     }
+    return;
+  }
+  if (msg.type === "snapshot") {
+    for (const row of msg.rows) addEntry("snapshot", "CURRENT", msg.table, "", null, fieldList(msg.table, row, Object.keys(row)));
     return;
   }
   if (state.paused) return;

@@ -63,6 +63,7 @@ def _encode_one(event: Event) -> list[Any]:
             list(event.unchanged),
             event.target_user,
             event.owner_id,
+            event.xid,
         ]
     if isinstance(event, BroadcastEvent):
         return [
@@ -103,6 +104,7 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
         if kind == "c":
             org, cursor, lsn, when, schema, name, event_type, new, old = item[1:10]
             unchanged, user, owner = item[10:13]
+            xid = item[13] if len(item) > 13 else 0  # entries written before xids travelled
             table = config.table(schema, name)
             if table is None:
                 log.warning("dropped an event of %s.%s: not in this node's config", schema, name)
@@ -122,6 +124,7 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
                     unchanged=tuple(unchanged),
                     target_user=user,
                     owner_id=owner,
+                    xid=xid,
                 )
             )
         elif kind == "b":
