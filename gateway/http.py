@@ -1,4 +1,4 @@
-"""The plain HTTP endpoints of spec §4: ws-ticket, broadcast, health, readiness, metrics.
+"""The plain HTTP endpoints: ws-ticket, broadcast, health, readiness, metrics.
 
 Every body is validated with pydantic; every failure is a JSON `{"error", "detail"}` with a 4xx
 status that says what was wrong. Secrets are compared in constant time and never echoed.
@@ -246,7 +246,7 @@ async def ws_ticket(request: web.Request) -> web.Response:
 
 
 class BroadcastRequest(BaseModel):
-    """The body of POST /realtime/v1/broadcast (spec §4)."""
+    """The body of POST /realtime/v1/broadcast."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics (spec §11). One registry per app, so several apps can live in one process
+"""Prometheus metrics. One registry per app, so several apps can live in one process
 (tests, and a reader + gateway in `walcast serve`). Hot paths increment by batch, once per event,
 never once per socket.
 """

@@ -1,4 +1,4 @@
-"""A real browser runs the seed page's client code against walcast (spec: the seed's snippet
+"""A real browser runs the seed page's client code against walcast (the Quickback page's snippet
 works unchanged).
 
 Headless Debian Chromium, driven over the DevTools protocol (tests/browser/cdp.py), loads
