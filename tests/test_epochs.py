@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import psycopg
 import pytest
 import redis.asyncio as aioredis
@@ -195,8 +196,17 @@ def _gateway(dsn: str, **settings: Any) -> contextlib.AbstractAsyncContextManage
 
 
 async def _socket(gw: Gateway, since: str | None = None) -> Socket:
-    ticket = mint_ticket(ACCESS_TOKEN, user_id="u", organization_id=ORG, roles=["owner"])
-    return await gw.connect_ticket(ticket, ORG, since=since)
+    """Connect as a client does: a fresh ticket per attempt, and another attempt after a 401
+    or 503 — a node that has just switched epochs refuses tickets minted before the switch."""
+    for attempt in range(20):
+        ticket = mint_ticket(ACCESS_TOKEN, user_id="u", organization_id=ORG, roles=["owner"])
+        try:
+            return await gw.connect_ticket(ticket, ORG, since=since)
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status not in (401, 503) or attempt == 19:
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("unreachable")
 
 
 def _insert(dsn: str, seqs: range) -> None:
