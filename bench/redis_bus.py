@@ -58,8 +58,8 @@ def make_events(count: int, orgs: int, transaction: int) -> list[list[ChangeEven
             [
                 ChangeEvent(
                     organization_id=f"org-{i % orgs}",
-                    cursor=format_cursor(lsn, position),
-                    commit_lsn=lsn,
+                    key=(lsn, position),
+                    epoch="",
                     commit_time=now,
                     table=table,
                     event_type="INSERT",

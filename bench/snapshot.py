@@ -27,7 +27,6 @@ import aiohttp
 import orjson
 
 from bench.common import add_common_args, database, emit, median
-from cdc.cursors import format_cursor
 from gateway.config import parse_realtime_config
 from gateway.events import ChangeEvent
 from gateway.fanout import Connection, WriteScheduler
@@ -151,8 +150,8 @@ async def fanout_round(sockets: int, events: int, filtered: bool) -> dict[str, f
     prepared = [
         ChangeEvent(
             "org1",
-            format_cursor(0x20 + i, 1),
-            0x20 + i,
+            (0x20 + i, 1),
+            "",
             when,
             table,
             "UPDATE",

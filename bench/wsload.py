@@ -32,7 +32,6 @@ import orjson
 from aiohttp import web
 
 from bench.common import raise_nofile
-from cdc.cursors import format_cursor
 from gateway.config import Settings, parse_realtime_config
 from gateway.events import BroadcastEvent, ChangeEvent
 from gateway.hubs import HubRegistry
@@ -172,8 +171,8 @@ def change_event(server: Server, i: int, *, new: dict[str, Any] | None = None) -
     table = server.app[STATE].config.tables["public.orders"]
     return ChangeEvent(
         organization_id=ORG,
-        cursor=format_cursor(lsn, 1),
-        commit_lsn=lsn,
+        key=(lsn, 1),
+        epoch="",
         commit_time=datetime.now(UTC),
         table=table,
         event_type="INSERT",
@@ -189,8 +188,8 @@ def end_event(server: Server) -> BroadcastEvent:
     lsn = server.next_lsn()
     return BroadcastEvent(
         organization_id=ORG,
-        cursor=format_cursor(lsn, 1),
-        commit_lsn=lsn,
+        key=(lsn, 1),
+        epoch="",
         event=END_MARKER.decode(),
         payload=orjson.Fragment(b"{}"),
         target_roles=frozenset(),

@@ -31,6 +31,7 @@ __all__ = [
     "format_cursor",
     "is_epoch",
     "parse_cursor",
+    "split_cursor",
 ]
 
 CursorKey = tuple[int, int]
@@ -85,6 +86,15 @@ def cursor_key(text: str) -> CursorKey | None:
         return None
     match = _CURSOR.fullmatch(text)
     return None if match is None else _key(match)
+
+
+def split_cursor(text: str) -> tuple[CursorKey, str] | None:
+    """The key and the epoch of a well-formed cursor, or None (never raises): for cursors
+    walcast made itself and stored (the Redis bus), read back into events."""
+    if not isinstance(text, str):
+        return None
+    match = _CURSOR.fullmatch(text)
+    return None if match is None else (_key(match), match.group(3) or NO_EPOCH)
 
 
 def _key(match: re.Match[str]) -> CursorKey:

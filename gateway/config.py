@@ -115,6 +115,7 @@ class RealtimeConfig(_Strict):
     historySeconds: float = Field(default=120.0, gt=0)
     historyMaxEvents: int = Field(default=100_000, gt=0)
     historyMaxTotalEvents: int = Field(default=500_000, gt=0)
+    historyMaxBytes: int = Field(default=256 * 1024 * 1024, gt=0)
     tables: dict[str, TableConfig] = Field(default_factory=dict)
     namespaces: dict[str, NamespaceConfig] = Field(default_factory=dict)
 

@@ -2,6 +2,10 @@
 
 The routing layer (`walcast.routing`) builds these from the reader's items; hubs, history and
 the Redis bus carry them unchanged. Frozen and slotted: one is made per change, in the hot path.
+
+An event carries its place as a key, ``(commit_lsn, position)``, and the history epoch; the
+cursor string (`cdc.cursors`) is formatted only where it is sent, so a change no socket
+receives is never formatted, and history and replays compare keys without parsing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from cdc.cursors import CursorKey, format_cursor
 from gateway.config import TableConfig
 
 __all__ = [
@@ -31,8 +36,8 @@ class ChangeEvent:
     """A row change for one organization (or every organization, for TRUNCATE)."""
 
     organization_id: str | None  #: None: every organization (TRUNCATE has no rows to route by)
-    cursor: str
-    commit_lsn: int
+    key: CursorKey  #: (commit LSN, position in the transaction)
+    epoch: str  #: the history epoch the cursor names
     commit_time: datetime
     table: TableConfig
     event_type: str  #: INSERT, UPDATE, DELETE or TRUNCATE
@@ -45,18 +50,34 @@ class ChangeEvent:
     #: changes it already reflects (`gateway.snapshot`).
     xid: int = 0
 
+    @property
+    def cursor(self) -> str:
+        return format_cursor(self.key[0], self.key[1], self.epoch)
+
+    @property
+    def commit_lsn(self) -> int:
+        return self.key[0]
+
 
 @dataclass(frozen=True, slots=True)
 class BroadcastEvent:
     """A custom event written with pg_logical_emit_message by the broadcast API."""
 
     organization_id: str
-    cursor: str
-    commit_lsn: int
+    key: CursorKey
+    epoch: str
     event: str
     payload: orjson.Fragment  #: already serialized: a broadcast is sent as the API received it
     target_roles: frozenset[str]  #: empty: every member
     target_user: str | None
+
+    @property
+    def cursor(self) -> str:
+        return format_cursor(self.key[0], self.key[1], self.epoch)
+
+    @property
+    def commit_lsn(self) -> int:
+        return self.key[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,11 @@ Rules a `History` keeps:
 * `append` is called for every event the node delivers, in cursor order.
 
 `MemoryHistory` keeps each event for `seconds` (and at most `max_events` per organization, and
-at most `max_total_events` on the node, oldest first across organizations). It knows per
-organization up to which key it has evicted, so a cursor below that gets a resync instead of a
-silent gap. Entries are plain ``(key, kept_at, event)`` tuples: nothing per event but the
-tuple and its deque slot.
+at most `max_total_events` and `max_total_bytes` on the node, oldest first across
+organizations). It knows per organization up to which key it has evicted, so a cursor below
+that gets a resync instead of a silent gap. Each entry is one `bytes` object (see
+`MemoryHistory`): a few hundred bytes for a 200-byte row, and nothing for the garbage
+collector to walk.
 """
 
 from __future__ import annotations
@@ -32,14 +33,20 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from operator import itemgetter
-from typing import Protocol
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, overload
 
-from cdc.cursors import NO_EPOCH, CursorKey, cursor_key
-from gateway.events import RoutedEvent
+import orjson
+
+from cdc.cursors import NO_EPOCH, CursorKey
+from cdc.render import RawJson
+from gateway.config import TableConfig
+from gateway.events import BroadcastEvent, ChangeEvent, RoutedEvent
 
 __all__ = ["History", "HistoryUnavailable", "MemoryHistory"]
 
@@ -92,33 +99,70 @@ class History(Protocol):
         ...
 
 
-Entry = tuple[CursorKey, float, RoutedEvent]
-"""(cursor key, when it was kept, the event): one history entry."""
+_ENTRY = struct.Struct("<QQdqQI")
+"""An entry's header: commit LSN, position (its key), kept at, commit time (µs since the Unix
+epoch, UTC), transaction id, context (table and epoch, `MemoryHistory._contexts`)."""
+_KEY = struct.Struct("<QQ")
+_KEPT_AT = struct.Struct("<d")
+_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NUL = "\x00"
 
-#: Entries (key, time, event) and the node-wide order (key, kept) both sort by their key.
-_by_key = itemgetter(0)
-_event = itemgetter(2)
+ENTRY_OVERHEAD = sys.getsizeof(b"") + 3 * 8
+"""Bytes an entry costs besides its length: the bytes object's header, and one slot in its
+organization's deque and two in the node-wide order."""
 
 
-def _after(entries: deque[Entry], key: CursorKey) -> list[Entry]:
+def _entry_key(entry: bytes) -> CursorKey:
+    return _KEY.unpack_from(entry)
+
+
+def _tag(value: object) -> str:
+    """`RawJson` cells (numbers, json) keep their kind: written as a string starting with NUL,
+    which no PostgreSQL text value can contain."""
+    if type(value) is RawJson:
+        return _NUL + value
+    raise TypeError(f"cannot keep {type(value).__name__} in history")
+
+
+def _untag(value: Any) -> Any:
+    kind = type(value)
+    if kind is str:
+        return RawJson(value[1:]) if value.startswith(_NUL) else value
+    if kind is list:
+        return [_untag(item) for item in value]
+    if kind is dict:
+        return {name: _untag(item) for name, item in value.items()}
+    return value
+
+
+def _after(entries: deque[bytes], key: CursorKey) -> list[bytes]:
     """The entries above `key` (entries are in key order): found by bisection, not by a scan
     of the whole history, so a resume costs what it returns."""
-    start = bisect.bisect_right(entries, key, key=_by_key)
+    start = bisect.bisect_right(entries, key, key=_entry_key)
     return list(itertools.islice(entries, start, None))
 
 
 class _Kept:
     """The history of one organization (or of the events for every organization)."""
 
-    __slots__ = ("entries", "evicted_up_to")
+    __slots__ = ("entries", "evicted_up_to", "organization_id")
 
-    def __init__(self) -> None:
-        self.entries: deque[Entry] = deque()
+    def __init__(self, organization_id: str | None) -> None:
+        self.organization_id = organization_id
+        self.entries: deque[bytes] = deque()
         self.evicted_up_to: CursorKey | None = None  #: complete above this key
 
 
 class MemoryHistory:
-    """This node's own history, in memory, bounded by time and by count (per org, per node)."""
+    """This node's own history, in memory, bounded by time, by count (per org, per node) and
+    by bytes (per node).
+
+    Each event is kept as one `bytes` entry: a fixed header (key, time kept, commit time,
+    transaction id, table and epoch) and the rest as JSON, values exactly as the reader typed
+    them. Bytes hold no references, so the cyclic garbage collector neither tracks nor walks
+    them: a full history costs a collection nothing but its deques. A replay turns entries
+    back into events, masked per visibility class like live ones.
+    """
 
     def __init__(
         self,
@@ -126,19 +170,29 @@ class MemoryHistory:
         seconds: float = 120.0,
         max_events: int = 100_000,
         max_total_events: int = 500_000,
+        max_total_bytes: int = 256 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.seconds = seconds
         self.max_events = max_events
         self.max_total_events = max_total_events
+        self.max_total_bytes = max_total_bytes
         self._clock = clock
         self._orgs: dict[str, _Kept] = {}
         #: Events for every organization (TRUNCATE), kept once rather than per organization.
-        self._shared = _Kept()
-        #: (key, history) in the order kept: the node-wide bound evicts from the front
-        #: (entries a per-organization trim already evicted are skipped).
-        self._order: deque[tuple[CursorKey, _Kept]] = deque()
+        self._shared = _Kept(None)
+        #: The node-wide order, as two deques in step: each entry and the history holding it.
+        #: The node-wide bounds evict from the front (entries a per-organization trim already
+        #: evicted are skipped).
+        self._order_entries: deque[bytes] = deque()
+        self._order_kept: deque[_Kept] = deque()
         self._size = 0
+        self._bytes = 0
+        #: (table or None for a broadcast, epoch) of the entries, by the id their header names.
+        self._contexts: list[tuple[TableConfig | None, str]] = []
+        self._context_ids: dict[tuple[int, str], int] = {}
+        #: (commit time, table, epoch, µs, context) of the last change kept.
+        self._last_change: tuple[object, object, str, int, int] = (None, None, "", 0, 0)
         self.complete_from: CursorKey | None = None
         self.position: CursorKey = (0, 0)
         #: Set by the pipeline once it has identified the database.
@@ -147,6 +201,11 @@ class MemoryHistory:
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def nbytes(self) -> int:
+        """What the entries take in memory (the node-wide byte bound counts this)."""
+        return self._bytes
+
     def follow(self, organization_id: str) -> None:
         """Nothing to do: every event of the node passes through `append`."""
 
@@ -154,9 +213,11 @@ class MemoryHistory:
         """Forget everything kept: the slot the history came from was re-created, so nothing
         before it can be vouched for (`complete_from` is set again once streaming is back)."""
         self._orgs.clear()
-        self._shared = _Kept()
-        self._order.clear()
+        self._shared = _Kept(None)
+        self._order_entries.clear()
+        self._order_kept.clear()
         self._size = 0
+        self._bytes = 0
         self.complete_from = None
 
     def advance(self, key: CursorKey) -> None:
@@ -164,31 +225,105 @@ class MemoryHistory:
         if key > self.position:
             self.position = key
 
+    def _context(self, table: TableConfig | None, epoch: str) -> int:
+        found = self._context_ids.get((id(table), epoch))
+        if found is None:
+            found = self._context_ids[(id(table), epoch)] = len(self._contexts)
+            self._contexts.append((table, epoch))
+        return found
+
+    def _encode(self, event: RoutedEvent, now: float) -> bytes:
+        key = event.key
+        if isinstance(event, ChangeEvent):
+            commit_time, table, epoch = event.commit_time, event.table, event.epoch
+            last = self._last_change  # a transaction's events share these: worked out once
+            if last[0] is commit_time and last[1] is table and last[2] == epoch:
+                micros, context = last[3], last[4]
+            else:
+                when = commit_time - _UTC_EPOCH
+                micros = (when.days * 86_400 + when.seconds) * 1_000_000 + when.microseconds
+                context = self._context(table, epoch)
+                self._last_change = (commit_time, table, epoch, micros, context)
+            head = _ENTRY.pack(key[0], key[1], now, micros, event.xid, context)
+            body: list[Any] = [
+                event.event_type,
+                event.new,
+                event.old,
+                event.unchanged,
+                event.target_user,
+                event.owner_id,
+            ]
+        else:
+            head = _ENTRY.pack(key[0], key[1], now, 0, 0, self._context(None, event.epoch))
+            body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
+        return head + orjson.dumps(body, default=_tag, option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+    def _decode(self, entry: bytes, organization_id: str | None) -> RoutedEvent:
+        lsn, position, _, micros, xid, context = _ENTRY.unpack_from(entry)
+        table, epoch = self._contexts[context]
+        body = orjson.loads(memoryview(entry)[_ENTRY.size :])
+        if table is None:
+            name, payload, roles, user = body
+            assert organization_id is not None, "a broadcast names its organization"
+            return BroadcastEvent(
+                organization_id,
+                (lsn, position),
+                epoch,
+                name,
+                orjson.Fragment(orjson.dumps(payload)),
+                frozenset(roles),
+                user,
+            )
+        event_type, new, old, unchanged, user, owner = body
+        if entry.find(b"\\u0000", _ENTRY.size) >= 0:  # a RawJson cell: restore its kind
+            new, old = _untag(new), _untag(old)
+        return ChangeEvent(
+            organization_id,
+            (lsn, position),
+            epoch,
+            _UTC_EPOCH + timedelta(microseconds=micros),
+            table,
+            event_type,
+            new,
+            old,
+            tuple(unchanged),
+            user,
+            owner,
+            xid,
+        )
+
     def append(self, event: RoutedEvent) -> None:
-        key = cursor_key(event.cursor)
-        assert key is not None, "events carry a cursor the reader formatted"
+        key = event.key
         org = event.organization_id
         if org is None:
             kept = self._shared
         else:
-            kept = self._orgs.get(org) or self._orgs.setdefault(org, _Kept())
+            kept = self._orgs.get(org) or self._orgs.setdefault(org, _Kept(org))
         now = self._clock()
-        kept.entries.append((key, now, event))
-        order = self._order
-        order.append((key, kept))
+        entry = self._encode(event, now)
+        kept.entries.append(entry)
+        self._order_entries.append(entry)
+        self._order_kept.append(kept)
         self._size += 1
+        self._bytes += len(entry) + ENTRY_OVERHEAD
         self._expire(kept, now)
-        while self._size > self.max_total_events:
-            oldest_key, oldest = order.popleft()
-            entries = oldest.entries
-            if entries and entries[0][0] == oldest_key:
-                self._evict_oldest(oldest)
-        if len(order) > 2 * self._size + 1024:
+        if self._size > self.max_total_events or self._bytes > self.max_total_bytes:
+            self._evict_node_wide()
+        if len(self._order_entries) > 2 * self._size + 1024:
             self._forget_evicted()
         if key > self.position:
             self.position = key
 
-    def events_after(self, organization_id: str, key: CursorKey) -> list[RoutedEvent] | None:
+    def _evict_node_wide(self) -> None:
+        """The oldest events of any organization go first, until both node bounds hold."""
+        order_entries, order_kept = self._order_entries, self._order_kept
+        while self._size > self.max_total_events or self._bytes > self.max_total_bytes:
+            oldest_entry, oldest = order_entries.popleft(), order_kept.popleft()
+            entries = oldest.entries
+            if entries and entries[0] is oldest_entry:
+                self._evict_oldest(oldest)
+
+    def events_after(self, organization_id: str, key: CursorKey) -> Sequence[RoutedEvent] | None:
         """`since`, synchronously."""
         if self.complete_from is None or key > self.position:
             return None  # not streaming yet, or a cursor from the future: another database
@@ -200,13 +335,17 @@ class MemoryHistory:
                     return None
         if key < self.complete_from:
             return None
-        own = _after(kept.entries, key) if kept is not None else []
-        shared = _after(self._shared.entries, key)
+        own: list[tuple[bytes, str | None]] = (
+            [(entry, organization_id) for entry in _after(kept.entries, key)] if kept else []
+        )
+        shared: list[tuple[bytes, str | None]] = [
+            (entry, None) for entry in _after(self._shared.entries, key)
+        ]
         if shared:
-            own = list(heapq.merge(own, shared, key=_by_key))
-        return list(map(_event, own))
+            own = list(heapq.merge(own, shared, key=lambda pair: _entry_key(pair[0])))
+        return _Replayed(self._decode, own)
 
-    async def since(self, organization_id: str, key: CursorKey) -> list[RoutedEvent] | None:
+    async def since(self, organization_id: str, key: CursorKey) -> Sequence[RoutedEvent] | None:
         return self.events_after(organization_id, key)
 
     def trim(self) -> None:
@@ -214,37 +353,77 @@ class MemoryHistory:
         self._expire(self._shared, now)
         for kept in self._orgs.values():
             self._expire(kept, now)
-        order = self._order
-        while order:
-            key, kept = order[0]
-            if kept.entries and kept.entries[0][0] <= key:
+        order_entries, order_kept = self._order_entries, self._order_kept
+        while order_entries:
+            entries = order_kept[0].entries
+            if entries and _entry_key(entries[0]) <= _entry_key(order_entries[0]):
                 break  # still held (history is in key order: an older head means evicted)
-            order.popleft()
+            order_entries.popleft()
+            order_kept.popleft()
 
     def _expire(self, kept: _Kept, now: float) -> None:
         entries, oldest = kept.entries, now - self.seconds
-        while entries and (entries[0][1] < oldest or len(entries) > self.max_events):
+        while entries and (
+            _KEPT_AT.unpack_from(entries[0], 16)[0] < oldest or len(entries) > self.max_events
+        ):
             self._evict_oldest(kept)
 
     def _evict_oldest(self, kept: _Kept) -> None:
-        kept.evicted_up_to = kept.entries.popleft()[0]
+        entry = kept.entries.popleft()
+        kept.evicted_up_to = _entry_key(entry)
         self._size -= 1
+        self._bytes -= len(entry) + ENTRY_OVERHEAD
 
     def _forget_evicted(self) -> None:
         """Rebuild the node-wide order from what is held (per-org trims leave stale entries)."""
         held = [self._shared, *self._orgs.values()]
-        self._order = deque(
+        merged = list(
             heapq.merge(
-                *([(key, kept) for key, _, _ in kept.entries] for kept in held), key=_by_key
+                *([(entry, kept) for entry in kept.entries] for kept in held),
+                key=lambda pair: _entry_key(pair[0]),
             )
         )
+        self._order_entries = deque(entry for entry, _ in merged)
+        self._order_kept = deque(kept for _, kept in merged)
 
     def held(self, organization_id: str | None) -> list[RoutedEvent]:
         """The events kept for `organization_id` (None: for every organization), oldest first."""
         kept = self._shared if organization_id is None else self._orgs.get(organization_id)
-        return [event for _, _, event in kept.entries] if kept is not None else []
+        if kept is None:
+            return []
+        return [self._decode(entry, kept.organization_id) for entry in kept.entries]
 
     @property
     def order_length(self) -> int:
         """Entries in the node-wide eviction order (stale ones included): stays bounded."""
-        return len(self._order)
+        return len(self._order_entries)
+
+
+class _Replayed(Sequence[RoutedEvent]):
+    """A resume's answer: the entries it found, turned into events only as the replay reaches
+    them (a replay runs in slices; decoding all at once would hold the loop)."""
+
+    __slots__ = ("_decode", "_found")
+
+    def __init__(
+        self,
+        decode: Callable[[bytes, str | None], RoutedEvent],
+        found: list[tuple[bytes, str | None]],
+    ) -> None:
+        self._decode = decode
+        self._found = found
+
+    def __len__(self) -> int:
+        return len(self._found)
+
+    @overload
+    def __getitem__(self, index: int) -> RoutedEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[RoutedEvent]: ...
+
+    def __getitem__(self, index: int | slice) -> RoutedEvent | list[RoutedEvent]:
+        if isinstance(index, slice):
+            return [self._decode(entry, org) for entry, org in self._found[index]]
+        entry, org = self._found[index]
+        return self._decode(entry, org)

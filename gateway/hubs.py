@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from cdc.cursors import CursorKey, cursor_key, format_cursor, parse_cursor
+from cdc.cursors import CursorKey, format_cursor, parse_cursor
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 from gateway.fanout import Audience, Connection, WriteScheduler
 from gateway.history import History, HistoryUnavailable
@@ -130,8 +130,8 @@ class _Replay:
         #: The client has every event up to here: collected ones at or below it are skipped.
         self.floor = after
         if missed:
-            last = cursor_key(missed[-1].cursor)
-            if last is not None and (after is None or last > after):
+            last = missed[-1].key
+            if after is None or last > after:
                 self.floor = last
 
     @property
@@ -156,10 +156,8 @@ class _Replay:
                 self.next_collected += 1
                 if isinstance(item, AccessRevoked):
                     continue  # looked at before the slice began
-                if floor is not None:
-                    key = cursor_key(item.cursor)
-                    if key is not None and key <= floor:
-                        continue  # the client has it (replayed, or from another node)
+                if floor is not None and item.key <= floor:
+                    continue  # the client has it (replayed, or from another node)
                 yield item
             else:
                 return

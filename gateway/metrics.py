@@ -5,6 +5,11 @@ never once per socket.
 
 from __future__ import annotations
 
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Metrics"]
@@ -96,6 +101,31 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
             registry=registry,
         )
+
+        self.gc_pauses = Histogram(
+            "walcast_gc_pause_seconds",
+            "Python garbage-collection passes: how long each held the process, by generation",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every collection into `walcast_gc_pause_seconds` (`gc.callbacks`, for the whole
+        process); returns what stops it. A pause here is a pause of the event loop."""
+        children = [self.gc_pauses.labels(str(generation)) for generation in range(3)]
+        clock = time.perf_counter
+        started = 0.0
+
+        def callback(phase: str, info: dict[str, Any]) -> None:
+            nonlocal started
+            if phase == "start":
+                started = clock()
+            else:
+                children[info["generation"]].observe(clock() - started)
+
+        gc.callbacks.append(callback)
+        return lambda: gc.callbacks.remove(callback)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,15 +1,22 @@
 """`MemoryHistory` as pure code: what a resume after a cursor gets, when a cursor is too old
 (or from elsewhere) to answer without a gap, and the three bounds (time, per organization,
-per node). No hubs, no sockets: the hubs' side of a resume is in tests/test_hubs.py."""
+per node in events and in bytes). No hubs, no sockets: the hubs' side of a resume is in
+tests/test_hubs.py."""
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
+
+import orjson
 
 from cdc.cursors import CursorKey, format_cursor
+from cdc.render import RawJson
 from gateway.config import parse_realtime_config
-from gateway.events import ChangeEvent, RoutedEvent
+from gateway.events import BroadcastEvent, ChangeEvent, RoutedEvent
 from gateway.history import MemoryHistory
 
 TABLE = parse_realtime_config({"tables": {"notes": {}}}).tables["public.notes"]
@@ -19,9 +26,7 @@ WHEN = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 def _event(lsn: int, org: str | None = "o") -> ChangeEvent:
     kind = "INSERT" if org is not None else "TRUNCATE"
     row = {"id": f"{org}-{lsn:x}"} if org is not None else None
-    return ChangeEvent(
-        org, format_cursor(lsn, 1), lsn, WHEN, TABLE, kind, row, None, (), None, None
-    )
+    return ChangeEvent(org, (lsn, 1), "", WHEN, TABLE, kind, row, None, (), None, None)
 
 
 def _ids(events: Sequence[RoutedEvent] | None) -> list[str] | None:
@@ -129,3 +134,106 @@ async def test_since_is_events_after_without_a_pause() -> None:
     history, _ = _streaming()
     history.append(_event(0x20))
     assert _ids(await history.since("o", (0x10, 0))) == [format_cursor(0x20, 1)]
+
+
+def _row(n: int) -> dict[str, Any]:
+    """A row of about 200 bytes as the reader types it: text, ints, numeric and json cells."""
+    return {
+        "id": RawJson(str(n)),
+        "organizationId": f"org_{n % 10}",
+        "title": f"title number {n} of the benchmark",
+        "amount": n % 1000,
+        "price": RawJson("123.45"),
+        "created": "2026-11-28T12:00:00.123456+00:00",
+        "doc": RawJson('{"k": "v", "n": 1}'),
+    }
+
+
+def test_an_event_comes_back_from_history_exactly_as_it_was_kept() -> None:
+    history, _ = _streaming()
+    when = datetime(2026, 11, 28, 11, 46, 37, 123456, tzinfo=UTC)
+    change = ChangeEvent(
+        "o", (0x20, 3), "9f2c41ab", when, TABLE, "UPDATE", _row(7), {"id": RawJson("7")},
+        ("body",), "alice", "bob", 4242,
+    )  # fmt: skip
+    broadcast = BroadcastEvent(
+        "o", (0x30, 1), "9f2c41ab", "screening:started",
+        orjson.Fragment(b'{"s":"x","f":1.5}'), frozenset({"recruiter"}), "alice",
+    )  # fmt: skip
+    for event in (change, broadcast):
+        history.append(event)
+    back = history.held("o")
+    assert back[0] == change and type(back[0].new["price"]) is RawJson  # type: ignore[index, union-attr]
+    got = back[1]
+    assert isinstance(got, BroadcastEvent) and got.cursor == broadcast.cursor
+    assert (got.event, got.target_roles, got.target_user) == (
+        "screening:started",
+        {"recruiter"},
+        "alice",
+    )
+    assert orjson.loads(orjson.dumps(got.payload)) == {"s": "x", "f": 1.5}
+
+
+def test_a_kept_event_of_a_200_byte_row_takes_at_most_400_bytes() -> None:
+    history, _ = _streaming()
+    assert 180 <= len(orjson.dumps(_row(123_456), default=str)) <= 220
+    count = 20_000
+    events = [
+        ChangeEvent(
+            f"org_{n % 10}",
+            (0x100 + n // 1000, n % 1000 + 1),
+            "9f2c41ab",
+            WHEN,
+            TABLE,
+            "INSERT",
+            _row(n),
+            None,
+            (),
+            None,
+            None,
+            n // 1000,
+        )
+        for n in range(count)
+    ]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for event in events:
+            history.append(event)
+        del events, event  # the history holds no reference to them: rows are freed
+        gc.collect()
+        per_event = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    assert len(history) == count
+    assert per_event <= 400, per_event
+    assert abs(history.nbytes / count - per_event) < 40  # what the byte bound counts is real
+    assert gc.is_tracked(history._orgs["org_1"].entries[0]) is False
+
+
+def test_the_node_wide_byte_bound_evicts_the_oldest_of_any_org() -> None:
+    now = [0.0]
+    history = MemoryHistory(max_total_bytes=100 * 400, clock=lambda: now[0])
+    history.complete_from = (0x10, 0)
+    for n in range(1, 301):
+        event = ChangeEvent(
+            f"org_{n % 3}",
+            (0x10 + n, 1),
+            "",
+            WHEN,
+            TABLE,
+            "INSERT",
+            _row(n),
+            None,
+            (),
+            None,
+            None,
+        )
+        history.append(event)
+        assert history.nbytes <= 100 * 400
+    assert 90 <= len(history) <= 130
+    assert history.order_length <= 2 * len(history) + 1024
+    # The oldest went first, whatever its organization: a cursor before them must resync.
+    assert history.events_after("org_1", (0x10, 0)) is None
+    kept = history.events_after("org_1", (0x10 + 290, 1))
+    assert kept is not None and [e.key for e in kept] == [(0x10 + n, 1) for n in (292, 295, 298)]

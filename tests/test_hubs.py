@@ -140,9 +140,7 @@ def _change(
         "email": "paul@example.com",
         "createdBy": owner,
     }
-    return ChangeEvent(
-        org, format_cursor(lsn, 1), lsn, WHEN, table, "INSERT", row, None, (), user, owner
-    )
+    return ChangeEvent(org, (lsn, 1), "", WHEN, table, "INSERT", row, None, (), user, owner)
 
 
 def _registry(writes: WriteScheduler | None = None, **history_options: Any) -> HubRegistry:
@@ -187,9 +185,7 @@ async def test_user_targeted_events_reach_only_that_user() -> None:
         await registry.attach(rec.conn, None)
     registry.publish(_change(0x20, "for-alice", user="alice"))
     registry.publish(
-        BroadcastEvent(
-            "o", format_cursor(0x30, 1), 0x30, "b", orjson.Fragment(b"{}"), frozenset(), "bob"
-        )
+        BroadcastEvent("o", (0x30, 1), "", "b", orjson.Fragment(b"{}"), frozenset(), "bob")
     )
     assert [m.get("id") for m in alice.messages[1:]] == [format_cursor(0x20, 1)]
     assert [m.get("event") for m in bob.messages[1:]] == ["b"]
@@ -249,9 +245,7 @@ async def test_replay_applies_roles_and_masks_as_if_live() -> None:
 
 async def test_truncate_is_replayed_in_hubs_made_later() -> None:
     registry = _registry()
-    truncate = ChangeEvent(
-        None, format_cursor(0x20, 1), 0x20, WHEN, TABLE, "TRUNCATE", None, None, (), None, None
-    )
+    truncate = ChangeEvent(None, (0x20, 1), "", WHEN, TABLE, "TRUNCATE", None, None, (), None, None)
     registry.publish(truncate)
     late = Recording("late", {"owner"}, writes=registry.writes, org="new-org")
     await registry.attach(late.conn, format_cursor(0x10, 0))

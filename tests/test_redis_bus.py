@@ -670,8 +670,8 @@ def _events() -> list[Any]:
     when = datetime(2026, 11, 28, 11, 46, 37, 123456, tzinfo=UTC)
     change = ChangeEvent(
         organization_id="org-1",
-        cursor="00000000016B3748-0003",
-        commit_lsn=0x16B3748,
+        key=(0x16B3748, 3),
+        epoch="",
         commit_time=when,
         table=table,
         event_type="UPDATE",
@@ -689,8 +689,8 @@ def _events() -> list[Any]:
     )
     broadcast = BroadcastEvent(
         organization_id="org-1",
-        cursor="00000000016B3748-0004",
-        commit_lsn=0x16B3748,
+        key=(0x16B3748, 4),
+        epoch="",
         event="screening:started",
         payload=orjson.Fragment(orjson.dumps({"s": "\u0000not raw", "f": 1.5})),
         target_roles=frozenset({"recruiter"}),
@@ -788,8 +788,7 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     lsns = [0x2000 + 0x100 * i for i in range(500)]
     async with _running(sink):
         for lsn in lsns:
-            cursor = format_cursor(lsn, 1)
-            await sink.publish([dataclasses.replace(change, cursor=cursor, commit_lsn=lsn)])
+            await sink.publish([dataclasses.replace(change, key=(lsn, 1))])
             sink.mark_position(lsn + 0x10)
             assert sink._handled < lsn  # queued, not stored yet: the commit does not count
         await sink.flush()
@@ -810,7 +809,7 @@ async def test_sink_sends_one_round_trip_per_batch_and_reloads_a_forgotten_scrip
     redis = aioredis.Redis.from_url(private_redis.url)
     keys = BusKeys("walcast-test:")
     change = _events()[0]
-    later = dataclasses.replace(change, cursor=format_cursor(0x16B4000, 1), commit_lsn=0x16B4000)
+    later = dataclasses.replace(change, key=(0x16B4000, 1))
     sink = RedisSink(redis, keys, history_seconds=120)
     try:
         await sink.start(0x16B3000, IDENTITY, WAL_END)

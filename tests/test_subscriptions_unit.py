@@ -310,9 +310,7 @@ def test_filters_on_one_table_are_anded() -> None:
 
 
 def _event(kind: str, new: dict[str, Any] | None, old: dict[str, Any] | None) -> ChangeEvent:
-    return ChangeEvent(
-        "o", format_cursor(0x20, 1), 0x20, WHEN, ORDERS, kind, new, old, (), None, None, 42
-    )
+    return ChangeEvent("o", (0x20, 1), "", WHEN, ORDERS, kind, new, old, (), None, None, 42)
 
 
 VIEWS = [
@@ -413,8 +411,8 @@ def _order_update(old: int, new: int) -> ChangeEvent:
     row = {"id": 1, "organizationId": "o", "ssn": "123-45-6789", "email": "p@example.com"}
     return ChangeEvent(
         "o",
-        format_cursor(0x20, 1),
-        0x20,
+        (0x20, 1),
+        "",
         WHEN,
         table,
         "UPDATE",
@@ -505,12 +503,12 @@ async def test_a_held_socket_gets_what_its_snapshot_does_not_reflect() -> None:
     from dataclasses import replace
 
     seen = replace(_order_update(1, 2), xid=100)
-    unseen = replace(_order_update(2, 3), xid=200, cursor=format_cursor(0x21, 1))
+    unseen = replace(_order_update(2, 3), xid=200, key=(0x21, 1))
     registry.publish(seen)
     registry.publish(unseen)
     assert [m["event"] for m in rec.messages] == ["ready"]  # held: nothing yet
     hub.release(rec.conn, Visibility(150, 150, frozenset()).reflects)
-    registry.publish(replace(_order_update(3, 4), xid=300, cursor=format_cursor(0x22, 1)))
+    registry.publish(replace(_order_update(3, 4), xid=300, key=(0x22, 1)))
     news = [m["new"]["amount"] for m in rec.messages if m["type"] == "postgres_changes"]
     assert news == [3, 4]
     assert rec.conn not in hub.held

@@ -95,6 +95,7 @@ def make_app(
             seconds=config.historySeconds,
             max_events=config.historyMaxEvents,
             max_total_events=config.historyMaxTotalEvents,
+            max_total_bytes=config.historyMaxBytes,
         )
         jti_store = MemoryJtiStore()
     registry = HubRegistry(
@@ -115,6 +116,7 @@ def make_app(
     )
     app = make_gateway_app(state, static_dir=static_dir)
     app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_gc_pauses)
     if settings.redis_url:
         install_node(app, keys=keys, feed=feed, redis=tickets_redis, with_reader=run_pipeline)
     elif run_pipeline:
@@ -147,6 +149,15 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     finally:
         if state.pool is not None:
             await state.pool.close()
+
+
+async def _gc_pauses(app: web.Application) -> AsyncIterator[None]:
+    """`walcast_gc_pause_seconds` while the app runs."""
+    stop = app[STATE].metrics.watch_gc()
+    try:
+        yield
+    finally:
+        stop()
 
 
 def _session_store(settings: Settings, pool: asyncpg.Pool | None) -> SessionStore | None:

@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 
@@ -121,6 +121,32 @@ class RetentionWindow:
         return samples[0][1]
 
 
+class _ChangeCounter:
+    """`walcast_changes_total`, counted per batch: the stream adds to `pending` per row, and
+    `flush` (at each commit, and before the loop gets a turn) adds it to the labelled
+    children, each looked up once per table and kind rather than once per row."""
+
+    __slots__ = ("_children", "_metrics", "pending")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._children: dict[tuple[str, str, str], Any] = {}
+        self.pending: dict[tuple[str, str, str], int] = {}
+
+    def flush(self) -> None:
+        pending = self.pending
+        if not pending:
+            return
+        children = self._children
+        for relation, n in pending.items():
+            child = children.get(relation)
+            if child is None:
+                schema, table, kind = relation
+                child = children[relation] = self._metrics.changes.labels(f"{schema}.{table}", kind)
+            child.inc(n)
+        pending.clear()
+
+
 class Pipeline:
     def __init__(
         self,
@@ -200,13 +226,15 @@ class Pipeline:
         )
         reader.retain_from(start_lsn)
         route, sink, metrics = self.router.route, self._sink, self._metrics
-        changes = metrics.changes
+        counted = _ChangeCounter(metrics)
+        count = counted.pending
         timer = time.perf_counter
         turn_ends = timer() + YIELD_SECONDS
         try:
             async for item in reader.items():
                 if isinstance(item, RowChange):
-                    changes.labels(f"{item.schema}.{item.table}", item.kind).inc()
+                    relation = (item.schema, item.table, item.kind)
+                    count[relation] = count.get(relation, 0) + 1
                     events = route(item)
                     if events:
                         await sink.publish(events)
@@ -221,6 +249,7 @@ class Pipeline:
                         log.info("caught up with the WAL at %X", item.commit_lsn)
                         self._on_ready(start_lsn)
                 elif isinstance(item, TransactionEnd):
+                    counted.flush()
                     sink.mark_position(item.end_lsn)
                     retention.record(item.end_lsn)
                     reader.retain_from(retention.retained())
@@ -230,9 +259,11 @@ class Pipeline:
                     # Neither the reader (data keeps arriving) nor the local sink need await
                     # anything, so without this a catch-up or a large transaction would hold
                     # the event loop: no write pass, no /healthz, no heartbeat until its end.
+                    counted.flush()  # a scrape in this turn sees a large transaction's rows
                     await asyncio.sleep(0)
                     turn_ends = timer() + YIELD_SECONDS
         finally:
+            counted.flush()
             await reader.aclose()
 
     def tick(self) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from cdc.changes import Item, LogicalMessage, RowChange, TableColumns, TransactionStart
-from cdc.cursors import NO_EPOCH, format_cursor
+from cdc.cursors import NO_EPOCH
 from gateway.broadcasts import BroadcastSigner, namespace_roles, target_roles
 from gateway.config import RealtimeConfig, TableConfig
 from gateway.events import BROADCAST_PREFIX, AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
@@ -176,10 +176,67 @@ class Router:
     def _row_change(
         self, change: RowChange, table: TableConfig
     ) -> list[RoutedEvent | AccessRevoked]:
-        cursor = format_cursor(change.commit_lsn, change.position, self.epoch)
         commit_time = self._commit_time
         assert commit_time is not None, "a RowChange always follows its TransactionStart"
-        xid = self._xid
+        # One event per change, built directly (no cursor string: formatted where it is sent).
+        key, epoch, xid, unchanged = (
+            (change.commit_lsn, change.position),
+            self.epoch,
+            self._xid,
+            change.unchanged,
+        )
+        kind = change.kind
+        if kind == "TRUNCATE":
+            if not table.onDelete:
+                return []
+            return [
+                ChangeEvent(
+                    None,
+                    key,
+                    epoch,
+                    commit_time,
+                    table,
+                    "TRUNCATE",
+                    None,
+                    None,
+                    unchanged,
+                    None,
+                    None,
+                    xid,
+                )
+            ]
+
+        org_column, user_column, owner_column = (
+            table.organizationColumn,
+            table.userColumn,
+            table.ownerColumn,
+        )
+        new, old = change.new, change.old
+        if kind == "INSERT" or kind == "DELETE":
+            if not (table.onInsert if kind == "INSERT" else table.onDelete):
+                return []
+            row = new if kind == "INSERT" else old
+            assert row is not None
+            org = row.get(org_column)
+            if org is None:
+                self.dropped_null_organization += 1
+                return []
+            return [
+                ChangeEvent(
+                    org if type(org) is str else str(org),
+                    key,
+                    epoch,
+                    commit_time,
+                    table,
+                    kind,
+                    new if kind == "INSERT" else None,
+                    old if kind == "DELETE" else None,
+                    unchanged,
+                    _text(row.get(user_column)) if user_column else None,
+                    _text(row.get(owner_column)) if owner_column else None,
+                    xid,
+                )
+            ]
 
         def event(
             event_type: str,
@@ -188,60 +245,27 @@ class Router:
             old: dict[str, Any] | None,
             user: str | None,
             owner: str | None,
-        ) -> ChangeEvent:
-            return ChangeEvent(
-                organization_id=org,
-                cursor=cursor,
-                commit_lsn=change.commit_lsn,
-                commit_time=commit_time,
-                table=table,
-                event_type=event_type,
-                new=new,
-                old=old,
-                unchanged=change.unchanged,
-                target_user=user,
-                owner_id=owner,
-                xid=xid,
-            )
-
-        kind = change.kind
-        if kind == "TRUNCATE":
-            return [event("TRUNCATE", None, None, None, None, None)] if table.onDelete else []
-
-        org_column, user_column, owner_column = (
-            table.organizationColumn,
-            table.userColumn,
-            table.ownerColumn,
-        )
-        new, old = change.new, change.old
-        if kind == "INSERT":
-            if not table.onInsert:
+        ) -> list[RoutedEvent | AccessRevoked]:
+            if org is None:
+                self.dropped_null_organization += 1
                 return []
-            assert new is not None
-            return self._with_org(
-                event(
-                    "INSERT",
-                    _text(new.get(org_column)),
+            return [
+                ChangeEvent(
+                    org,
+                    key,
+                    epoch,
+                    commit_time,
+                    table,
+                    event_type,
                     new,
-                    None,
-                    _text(new.get(user_column)) if user_column else None,
-                    _text(new.get(owner_column)) if owner_column else None,
-                )
-            )
-        if kind == "DELETE":
-            if not table.onDelete:
-                return []
-            assert old is not None
-            return self._with_org(
-                event(
-                    "DELETE",
-                    _text(old.get(org_column)),
-                    None,
                     old,
-                    _text(old.get(user_column)) if user_column else None,
-                    _text(old.get(owner_column)) if owner_column else None,
+                    unchanged,
+                    user,
+                    owner,
+                    xid,
                 )
-            )
+            ]
+
         # UPDATE: without an old row (REPLICA IDENTITY DEFAULT and no key change) the routing
         # columns are assumed unchanged, which is all PostgreSQL lets us know.
         assert new is not None
@@ -256,21 +280,13 @@ class Router:
                 return []
             # The owner sees raw values only if they own both versions of the row.
             owner = new_owner if new_owner == old_owner else None
-            return self._with_org(event("UPDATE", new_org, new, old, new_user, owner))
+            return event("UPDATE", new_org, new, old, new_user, owner)
         routed: list[RoutedEvent | AccessRevoked] = []
         if table.onDelete:
-            routed += self._with_org(
-                event("DELETE", old_org, None, old or new, old_user, old_owner)
-            )
+            routed += event("DELETE", old_org, None, old or new, old_user, old_owner)
         if table.onInsert:
-            routed += self._with_org(event("INSERT", new_org, new, None, new_user, new_owner))
+            routed += event("INSERT", new_org, new, None, new_user, new_owner)
         return routed
-
-    def _with_org(self, event: ChangeEvent) -> list[RoutedEvent | AccessRevoked]:
-        if event.organization_id is None:
-            self.dropped_null_organization += 1
-            return []
-        return [event]
 
     # -- the session store -----------------------------------------------------------------
 
@@ -391,8 +407,8 @@ class Router:
             return None
         return BroadcastEvent(
             organization_id=org,
-            cursor=format_cursor(message.commit_lsn, message.position, self.epoch),
-            commit_lsn=message.commit_lsn,
+            key=(message.commit_lsn, message.position),
+            epoch=self.epoch,
             event=name,
             payload=payload,
             target_roles=frozenset(bounded),

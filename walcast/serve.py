@@ -83,10 +83,12 @@ async def run_until_stopped(
     loop = asyncio.get_running_loop()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    # Before the app starts (its pipeline streams from then on): the collection that comes
+    # with the freeze walks only start-up objects, not a catch-up's first events.
+    freeze_startup_objects()
     await runner.setup()
     try:
         await start_site(runner, host, port, guard)
-        freeze_startup_objects()
         bound = runner.addresses[0][1] if port == 0 else port
         url_host = f"[{host}]" if ":" in host else host
         await started(f"http://{url_host}:{bound}", stop)

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from cdc.cursors import split_cursor
 from cdc.render import RawJson
 from gateway.config import RealtimeConfig
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
@@ -105,7 +106,11 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
             org, cursor, lsn, when, schema, name, event_type, new, old = item[1:10]
             unchanged, user, owner = item[10:13]
             xid = item[13] if len(item) > 13 else 0  # entries written before xids travelled
+            place = split_cursor(cursor)
             table = config.table(schema, name)
+            if place is None:
+                log.warning("dropped an event with a malformed cursor %r", cursor)
+                continue
             if table is None:
                 log.warning("dropped an event of %s.%s: not in this node's config", schema, name)
                 continue
@@ -114,8 +119,8 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
             events.append(
                 ChangeEvent(
                     organization_id=org,
-                    cursor=cursor,
-                    commit_lsn=lsn,
+                    key=place[0],
+                    epoch=place[1],
                     commit_time=datetime.fromisoformat(when),
                     table=table,
                     event_type=event_type,
@@ -129,11 +134,15 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
             )
         elif kind == "b":
             _, org, cursor, lsn, name, payload, roles, user = item
+            place = split_cursor(cursor)
+            if place is None:
+                log.warning("dropped an event with a malformed cursor %r", cursor)
+                continue
             events.append(
                 BroadcastEvent(
                     organization_id=org,
-                    cursor=cursor,
-                    commit_lsn=lsn,
+                    key=place[0],
+                    epoch=place[1],
                     event=name,
                     payload=orjson.Fragment(orjson.dumps(payload)),
                     target_roles=frozenset(roles),

@@ -53,7 +53,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from cdc.backoff import full_jitter
-from cdc.cursors import NO_EPOCH, CursorKey, cursor_key, format_cursor, parse_cursor
+from cdc.cursors import NO_EPOCH, CursorKey, format_cursor, parse_cursor
 from cdc.identity import Identity
 from gateway.events import AccessRevoked
 from walcast.bus.client import TRANSIENT, StatusCallback
@@ -279,9 +279,7 @@ class RedisSink:
             key: CursorKey = (lsn, count)
             groups[self._keys.control] = list(events)
         else:
-            parsed = cursor_key(first.cursor)
-            assert parsed is not None
-            key = parsed
+            key = first.key
             for event in events:
                 org = event.organization_id
                 stream = self._keys.org(org) if org is not None else self._keys.shared
