@@ -6,6 +6,7 @@ descriptors (gateway.server). Timeouts are set to a second or two so each attack
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
 import resource
@@ -70,7 +71,10 @@ def walcast_serve(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        asyncio.run(wait_ready(url, process=process, log=log))
+        # Synchronous, and sometimes called from inside a test's event loop: wait on a loop of
+        # its own, in a thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, wait_ready(url, process=process, log=log)).result()
         yield Walcast(url, port, dsn, log)
     finally:
         stop_process(process)
