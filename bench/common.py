@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "machine",
     "median",
     "percentile",
+    "process_cpu_seconds",
+    "process_rss_bytes",
     "raise_nofile",
 ]
 
@@ -61,6 +64,20 @@ def raise_nofile(wanted: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid`, bytes; 0 once it has exited (a zombie has none)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def machine() -> dict[str, Any]:

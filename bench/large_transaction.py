@@ -34,7 +34,13 @@ import aiohttp
 import orjson
 import psycopg
 
-from bench.common import add_common_args, database, emit
+from bench.common import (
+    add_common_args,
+    database,
+    emit,
+    process_cpu_seconds,
+    process_rss_bytes,
+)
 from gateway.tickets import mint_ticket
 
 ACCESS_TOKEN = "bench-access-token-0123456789-abcdefghij"
@@ -73,20 +79,6 @@ SELECT g, %(org)s,
        g::bigint * 1000003
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g
 """
-
-
-def cpu_of(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_of(pid: int) -> int:
-    """Resident memory of process `pid`, bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 def insert_rows(dsn: str, org: str, first: int, last: int, insert: str = INSERT) -> float:
@@ -247,7 +239,7 @@ class Probes:
 
     async def _sample_rss(self) -> None:
         while True:
-            self.rss.append((time.monotonic(), rss_of(self.pid)))
+            self.rss.append((time.monotonic(), process_rss_bytes(self.pid)))
             await asyncio.sleep(PROBE_SECONDS)
 
 
@@ -350,8 +342,8 @@ async def _run(
         await _until(lambda: len(subscriber.ids) >= warm, 30)
         await asyncio.sleep(0.5)
         probes.reset()
-        rss_before = rss_of(pid)
-        cpu_before = cpu_of(pid)
+        rss_before = process_rss_bytes(pid)
+        cpu_before = process_cpu_seconds(pid)
         first, last = warm + 1, warm + rows
         started = time.monotonic()
         big_commit = await asyncio.to_thread(insert_rows, dsn, BIG_ORG, first, last, insert)
@@ -362,9 +354,9 @@ async def _run(
         await _until(lambda: subscriber.ids[-1] >= last or subscriber.closed.done(), 30)
         other_at = probes.other_ids[0][0] if probes.other_ids else float("nan")
         big_done = subscriber.last_at
-        cpu = cpu_of(pid) - cpu_before
+        cpu = process_cpu_seconds(pid) - cpu_before
         await asyncio.sleep(0.5)
-        rss_after = rss_of(pid)
+        rss_after = process_rss_bytes(pid)
     finally:
         await probes.stop()
         transport.close()

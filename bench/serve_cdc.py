@@ -62,11 +62,25 @@ import aiohttp
 import psycopg
 
 from bench.cdc_throughput import find_pg_recvlogical
-from bench.common import add_common_args, database, emit, median, percentile
+from bench.common import (
+    add_common_args,
+    database,
+    emit,
+    median,
+    percentile,
+    process_cpu_seconds,
+    process_rss_bytes,
+)
 from cdc.lsn import format_lsn, parse_lsn
 from tests.fix_gateway import ACCESS_TOKEN, clean_env, free_port, walcast_command
 
-__all__ = ["GC_HOOK", "ServeProcess", "gc_pauses", "proc_cpu_seconds", "proc_rss_bytes"]
+__all__ = [
+    "GC_HOOK",
+    "ServeProcess",
+    "add_gc_threshold_arg",
+    "gc_pauses",
+    "gc_threshold_env",
+]
 
 TABLE = "bench_serve"
 PUBLICATION = "bench_serve_pub"
@@ -154,19 +168,18 @@ if _path:
 """
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of process `pid`, from /proc/<pid>/stat."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def add_gc_threshold_arg(parser: argparse.ArgumentParser) -> None:
+    """`--gc-threshold`: the collector setting GC_HOOK gives serve, for an experiment."""
+    parser.add_argument(
+        "--gc-threshold",
+        default="",
+        help='an experiment: serve\'s collector "off" or "g0,g1,g2" (default: as shipped)',
+    )
 
 
-def proc_rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def gc_threshold_env(threshold: str) -> dict[str, str]:
+    """What serve's environment needs for GC_HOOK to apply `threshold` ("": as shipped)."""
+    return {"WALCAST_BENCH_GC_THRESHOLD": threshold} if threshold else {}
 
 
 @dataclass
@@ -394,7 +407,7 @@ class WalcastRun:
 async def run_walcast(
     dsn: str, slot: str, rows: int, workdir: Path, py_spy: Path | None, gc_threshold: str
 ) -> WalcastRun:
-    env = {"WALCAST_BENCH_GC_THRESHOLD": gc_threshold} if gc_threshold else {}
+    env = gc_threshold_env(gc_threshold)
     async with serve_process(
         dsn, CONFIG, slot=slot, publication=PUBLICATION, workdir=workdir, **env
     ) as serve:
@@ -405,7 +418,7 @@ async def run_walcast(
         polls, stop = Polls(), asyncio.Event()
 
         def reading(body: str) -> tuple[float, float]:
-            return changes_total(body), proc_cpu_seconds(pid)
+            return changes_total(body), process_cpu_seconds(pid)
 
         async with aiohttp.ClientSession() as http:
             pollers = [
@@ -424,7 +437,7 @@ async def run_walcast(
             stop.set()
             await asyncio.gather(*pollers)
         profile = _stop_py_spy(spy, py_spy) if spy is not None and py_spy is not None else None
-        rss = proc_rss_bytes(pid)
+        rss = process_rss_bytes(pid)
     start, end, spans = window(polls.metrics, rows)
     changes = end.changes - start.changes
     logged_rate = rows / logged_catchup_seconds(serve.log)
@@ -534,11 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--orgs", type=int, default=10, help="organizations the rows spread over")
     parser.add_argument("--runs", type=int, default=3, help="runs of each side (A B A B ...)")
     parser.add_argument("--py-spy", type=Path, help="profile the first walcast run into FILE")
-    parser.add_argument(
-        "--gc-threshold",
-        default="",
-        help='an experiment: serve\'s collector "off" or "g0,g1,g2" (default: as shipped)',
-    )
+    add_gc_threshold_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     binary = find_pg_recvlogical()

@@ -44,8 +44,21 @@ from typing import Any
 import aiohttp
 import psycopg
 
-from bench.common import add_common_args, database, emit, median, percentile
-from bench.serve_cdc import gc_pauses, proc_rss_bytes, serve_process, summarize_gc
+from bench.common import (
+    add_common_args,
+    database,
+    emit,
+    median,
+    percentile,
+    process_rss_bytes,
+)
+from bench.serve_cdc import (
+    add_gc_threshold_arg,
+    gc_pauses,
+    gc_threshold_env,
+    serve_process,
+    summarize_gc,
+)
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN
 from walcast.cli import apply_migrations
@@ -136,7 +149,7 @@ def prepare(dsn: str, scale: int) -> None:
 
 async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     slot = f"sustained_{uuid.uuid4().hex[:8]}"
-    env = {"WALCAST_BENCH_GC_THRESHOLD": args.gc_threshold} if args.gc_threshold else {}
+    env = gc_threshold_env(args.gc_threshold)
     async with serve_process(
         dsn, CONFIG, slot=slot, publication="bench_sustained", workdir=workdir, **env
     ) as serve:
@@ -160,7 +173,7 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
 
             async def sample_rss() -> None:
                 while True:
-                    rss.append((round(time.time() - started, 1), proc_rss_bytes(pid) / 2**20))
+                    rss.append((round(time.time() - started, 1), process_rss_bytes(pid) / 2**20))
                     await asyncio.sleep(RSS_EVERY)
 
             sampler = asyncio.create_task(sample_rss())
@@ -197,7 +210,7 @@ async def run(dsn: str, args: argparse.Namespace, workdir: Path) -> dict[str, An
                 elif time.monotonic() - quiet_since > DRAIN_QUIET_SECONDS:
                     break  # reported as missing
                 await asyncio.sleep(0.2)
-            rss.append((round(time.time() - started, 1), proc_rss_bytes(pid) / 2**20))
+            rss.append((round(time.time() - started, 1), process_rss_bytes(pid) / 2**20))
             sampler.cancel()
             # A socket serve closed meanwhile (e.g. 1013 for a slow consumer) explains missing
             # changes: its close code is reported.
@@ -269,11 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=int, default=150, help="pgbench -T")
     parser.add_argument("--scale", type=int, default=4, help="pgbench -i -s")
     parser.add_argument("--clients", type=int, default=4, help="pgbench -c")
-    parser.add_argument(
-        "--gc-threshold",
-        default="",
-        help='an experiment: serve\'s collector "off" or "g0,g1,g2" (default: as shipped)',
-    )
+    add_gc_threshold_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="sustained-") as tmp:

@@ -82,6 +82,21 @@ async def _rows(
         return await cur.fetchall()
 
 
+async def _relation(
+    conn: AsyncConn, qualified: str, select: LiteralString, *, tables_only: bool
+) -> Any:
+    """`select`, an expression over the relation's pg_class row `c`, for the relation named
+    `qualified` (with `tables_only`, a table or partitioned table); None when there is none."""
+    schema, name = split_name(qualified)
+    kinds: LiteralString = " AND c.relkind IN ('r', 'p')" if tables_only else ""
+    query = sql.SQL(
+        "SELECT {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = %s{}"
+    ).format(sql.SQL(select), sql.SQL(kinds))
+    rows = await _rows(conn, query, (schema, name))
+    return rows[0][0] if rows else None
+
+
 # -- prerequisites -----------------------------------------------------------------------------
 
 
@@ -123,14 +138,8 @@ async def existing_tables(conn: AsyncConn, tables: Iterable[str]) -> list[str]:
     """The subset of `tables` (qualified names) that exist as tables, in the given order."""
     found = []
     for name in tables:
-        schema, table = split_name(name)
-        rows = await _rows(
-            conn,
-            "SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-            (schema, table),
-        )
-        if rows:
+        if await _relation(conn, name, "true", tables_only=True):
+            schema, table = split_name(name)
             found.append(f"{schema}.{table}")
     return found
 
@@ -154,15 +163,10 @@ async def not_owned(conn: AsyncConn, tables: Iterable[str]) -> list[str]:
     privileges (superusers own everything)."""
     refused = []
     for name in tables:
-        schema, table = split_name(name)
-        rows = await _rows(
-            conn,
-            "SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s",
-            (schema, table),
+        may_alter = await _relation(
+            conn, name, "pg_has_role(current_user, c.relowner, 'USAGE')", tables_only=False
         )
-        if rows and not rows[0][0]:
+        if may_alter is False:
             refused.append(name)
     return refused
 
@@ -175,14 +179,8 @@ async def replica_identity_problems(conn: AsyncConn, tables: Iterable[str]) -> l
     """
     fixes = []
     for name in tables:
-        schema, table = split_name(name)
-        rows = await _rows(
-            conn,
-            "SELECT c.relreplident FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
-            (schema, table),
-        )
-        if rows and rows[0][0] != "f":
+        identity = await _relation(conn, name, "c.relreplident", tables_only=True)
+        if identity is not None and identity != "f":
             statement = sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL;").format(table_sql(name))
             fixes.append(statement.as_string(conn))
     return fixes

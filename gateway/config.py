@@ -265,50 +265,35 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Each field from its variable (`_env_name`); unset or empty means the default."""
         env = os.environ if env is None else env
-        values: dict[str, Any] = {
-            "database_url": env.get("DATABASE_URL") or None,
-            "access_tokens": split_secrets(env.get("ACCESS_TOKEN", "")),
-            "config_path": env.get("WALCAST_CONFIG") or None,
-            "host": env.get("WALCAST_HOST") or "127.0.0.1",
-            "port": env.get("WALCAST_PORT") or "4000",
-            "redis_url": env.get("REDIS_URL") or None,
-            "slot": env.get("WALCAST_SLOT", "walcast"),
-            "publication": env.get("WALCAST_PUBLICATION", "walcast"),
-            "jwt_session_secret": env.get("WALCAST_JWT_SESSION_SECRET") or None,
-            "jwt_session_jwks": env.get("WALCAST_JWT_SESSION_JWKS") or None,
-        }
-        for key in (
-            "heartbeat_seconds",
-            "max_send_buffer",
-            "max_replays",
-            "replay_stall_seconds",
-            "write_coalesce_ms",
-            "max_broadcast_bytes",
-            "read_ahead_bytes",
-            "max_connections_per_user",
-            "max_connections_per_org",
-            "handshake_rate",
-            "handshake_burst",
-            "max_connections_per_address",
-            "idle_timeout_seconds",
-            "header_timeout_seconds",
-            "keepalive_timeout_seconds",
-            "ticket_rate",
-            "ticket_burst",
-            "broadcast_rate",
-            "broadcast_burst",
-            "snapshot_max_rows",
-            "max_snapshots",
-        ):
-            raw = env.get(f"WALCAST_{key.upper()}")
-            if raw:
+        values: dict[str, Any] = {"access_tokens": split_secrets(env.get("ACCESS_TOKEN", ""))}
+        for key in cls.model_fields:
+            if key == "access_tokens":
+                continue
+            raw = env.get(_env_name(key))
+            if raw or (raw is not None and key in _EMPTY_IS_REFUSED):
                 values[key] = raw
         values.update({key: value for key, value in overrides.items() if value is not None})
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
             raise ConfigError(f"invalid settings: {_settings_errors(exc)}") from None
+
+
+#: Fields whose variable is not `WALCAST_<FIELD>` (`access_tokens` is split from ACCESS_TOKEN).
+_ENV_NAMES = {
+    "database_url": "DATABASE_URL",
+    "config_path": "WALCAST_CONFIG",
+    "redis_url": "REDIS_URL",
+}
+#: Names PostgreSQL objects are made with: an empty one is refused, never taken as the default.
+_EMPTY_IS_REFUSED = frozenset({"slot", "publication"})
+
+
+def _env_name(field: str) -> str:
+    """The environment variable a Settings field is read from."""
+    return _ENV_NAMES.get(field, f"WALCAST_{field.upper()}")
 
 
 def _settings_errors(exc: ValidationError) -> str:

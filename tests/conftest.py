@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pg import PostgresServer, describe_source, start_postgres
+from tests.pg import PostgresServer, describe_source, running_postgres
 
-pytest_plugins = ["tests.fix_gateway"]
+pytest_plugins = ["tests.fix_gateway", "tests.fix_redis"]
 
 
 def pytest_report_header() -> str:
@@ -23,11 +23,8 @@ def pytest_report_header() -> str:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
+    with running_postgres() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

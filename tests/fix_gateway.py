@@ -15,7 +15,7 @@ import secrets
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,14 +221,31 @@ class Gateway:
         assert answer["expiresIn"] == 60
         return str(answer["wsTicket"])
 
-    async def connect(self, token: str, org: str, *, since: str | None = None) -> Socket:
+    async def connect(
+        self,
+        token: str,
+        org: str,
+        *,
+        since: str | None = None,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> Socket:
         ticket = await self.ticket(token, org)
-        return await self.connect_ticket(ticket, org, since=since)
+        return await self.connect_ticket(ticket, org, since=since, extra=extra)
 
-    async def connect_ticket(self, ticket: str, org: str, *, since: str | None = None) -> Socket:
-        params = {"ws_ticket": ticket, "organizationId": org}
+    async def connect_ticket(
+        self,
+        ticket: str,
+        org: str,
+        *,
+        since: str | None = None,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> Socket:
+        """A socket that has been told `ready`; `extra` are more query parameters (a name may
+        repeat)."""
+        params = [("ws_ticket", ticket), ("organizationId", org)]
         if since is not None:
-            params["since"] = since
+            params.append(("since", since))
+        params.extend(extra)
         ws = await self.http.ws_connect(f"{self.url}/realtime/v1/websocket", params=params)
         sock = Socket(ws)
         sock.start()

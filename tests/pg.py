@@ -391,3 +391,13 @@ def start_postgres(extra_settings: Mapping[str, str] | None = None) -> PostgresS
             " initdb, pg_ctl and postgres"
         )
     return _start_local_cluster(_default_bin_dir(), extra_settings)
+
+
+@contextlib.contextmanager
+def running_postgres(extra_settings: Mapping[str, str] | None = None) -> Iterator[PostgresServer]:
+    """`start_postgres`, stopped again on the way out."""
+    server = start_postgres(extra_settings)
+    try:
+        yield server
+    finally:
+        server.stop()

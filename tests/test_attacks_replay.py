@@ -15,12 +15,9 @@ socket that never reads must not cost the server more than about twice its send 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import re
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -47,7 +44,8 @@ from tests.fix_gateway import (
     running_gateway,
     walcast_command,
 )
-from walcast.cli import apply_migrations
+from tests.fix_rawws import close_codes, frames, read_to_end, stalled_socket
+from tests.fix_serve import prepare_database, stop_process, wait_ready
 
 pytestmark = pytest.mark.integration
 
@@ -125,11 +123,7 @@ def _spawn(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 @contextlib.asynccontextmanager
 async def _serve(dsn: str, tmp_path: Path, **env: str) -> AsyncIterator[Server]:
-    apply_migrations(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(SCHEMA.encode())
-    config = tmp_path / "walcast.toml"
-    config.write_text(CONFIG)
+    config = prepare_database(dsn, tmp_path, schema=SCHEMA, config=CONFIG)
     port = free_port()
     values = {
         "DATABASE_URL": dsn,
@@ -138,27 +132,14 @@ async def _serve(dsn: str, tmp_path: Path, **env: str) -> AsyncIterator[Server]:
         "WALCAST_PORT": str(port),
         **env,
     }
-    process = _spawn(values, tmp_path / "serve.log")
+    log = tmp_path / "serve.log"
+    process = _spawn(values, log)
     server = Server(f"http://127.0.0.1:{port}", port, process)
     try:
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as http:
-            while True:
-                assert process.poll() is None, (tmp_path / "serve.log").read_text()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with http.get(f"{server.url}/readyz") as response:
-                        if response.status == 200:
-                            break
-                assert time.monotonic() < deadline, "walcast did not become ready"
-                await asyncio.sleep(0.1)
+        await wait_ready(server.url, process=process, log=log)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        stop_process(process)
 
 
 async def _ready_cursor(http: aiohttp.ClientSession, url: str, org: str = ORG) -> str:
@@ -290,68 +271,17 @@ STALLED = 20  #: half live, half resuming from before the history
 RSS_BOUND_PER_SOCKET = 2.5 * SEND_BUFFER
 
 
-async def _stalled(
-    port: int, org: str, *, since: str | None = None, ticket: str | None = None
-) -> socket.socket:
-    """A raw WebSocket that stops reading right after the handshake (live: after `ready`); its
-    receive buffer is tiny, so the server soon has to hold what it sends."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    query = f"ws_ticket={ticket or _ticket('stalled', org)}&organizationId={org}"
-    if since is not None:
-        query += f"&since={since}"
-    request = (
-        f"GET {WS}?{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await loop.sock_sendall(sock, request.encode())
-    received = b""
-    # A resume reads the response head byte by byte: its frames are read later, whole.
-    until, size = (b"\r\n\r\n", 1) if since is not None else (b'"ready"', 1024)
-    while until not in received:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, size), 10)
-        assert chunk, received
-        received += chunk
-    assert received.startswith(b"HTTP/1.1 101"), received
-    return sock
-
-
-def _frames(data: bytes) -> list[tuple[int, bytes]]:
-    """(opcode, payload) of each complete server frame in `data`."""
-    out, index = [], 0
-    while index + 2 <= len(data):
-        opcode, size = data[index] & 0x0F, data[index + 1] & 0x7F
-        index += 2
-        if size == 126:
-            size = struct.unpack_from("!H", data, index)[0]
-            index += 2
-        elif size == 127:
-            size = struct.unpack_from("!Q", data, index)[0]
-            index += 8
-        if index + size > len(data):
-            break
-        out.append((opcode, bytes(data[index : index + size])))
-        index += size
-    return out
+async def _stalled(port: int, *, since: str | None = None) -> socket.socket:
+    return await stalled_socket(port, _ticket("stalled", ORG), ORG, since=since)
 
 
 async def _drain(sock: socket.socket, timeout: float = 5.0) -> bytes | None:
     """Read a raw socket to its end (or a reset); None if the server keeps it open."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # the server waits 2 s at most
-    loop = asyncio.get_running_loop()
-    data = bytearray()
     try:
-        while chunk := await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), timeout):
-            data += chunk
-    except ConnectionResetError:
-        pass
+        return await read_to_end(sock, timeout)
     except TimeoutError:
         return None
-    return bytes(data)
 
 
 async def test_never_reading_sockets_cost_at_most_about_twice_the_send_buffer(
@@ -383,8 +313,8 @@ async def test_never_reading_sockets_cost_at_most_about_twice_the_send_buffer(
         await publish(10_001)
         kept = server.peak_since_reset() - before_control
         baseline = server.reset_peak()
-        sockets = [await _stalled(server.port, ORG) for _ in range(STALLED // 2)]
-        sockets += [await _stalled(server.port, ORG, since=cursor) for _ in range(STALLED // 2)]
+        sockets = [await _stalled(server.port) for _ in range(STALLED // 2)]
+        sockets += [await _stalled(server.port, since=cursor) for _ in range(STALLED // 2)]
         await publish(20_001)
         deadline = time.monotonic() + 20
         while await server.metric(http, "walcast_slow_consumers_total") < STALLED:
@@ -409,12 +339,7 @@ async def test_never_reading_sockets_cost_at_most_about_twice_the_send_buffer(
         assert None not in streams  # the server closed every one of them...
         for stream in streams:  # ...and where the close frame got through, it says 1013
             assert stream is not None
-            codes = [
-                struct.unpack_from("!H", payload)[0]
-                for opcode, payload in _frames(stream)
-                if opcode == 0x8 and len(payload) >= 2
-            ]
-            assert codes in ([], [CloseCode.TRY_AGAIN_LATER])
+            assert close_codes(stream) in ([], [CloseCode.TRY_AGAIN_LATER])
         # The reading socket got everything.
         expected = [*range(1, 2001), *range(10_001, 14_001), *range(20_001, 24_001)]
         assert sorted(probe.arrived) == expected
@@ -489,7 +414,7 @@ async def test_a_revocation_during_a_replay_closes_it_with_4403_and_nothing_afte
         await _until_held(gw, 5000)
         port = int(gw.url.rsplit(":", 1)[1])
         # A resume that reads nothing for now.
-        sock = await _stalled(port, ORG, since=cursor, ticket=await gw.ticket(token, ORG))
+        sock = await stalled_socket(port, await gw.ticket(token, ORG), ORG, since=cursor)
         await asyncio.sleep(0.3)  # the replay has filled the socket's buffer and waits
         gw.sql(
             "BEGIN;"
@@ -500,9 +425,8 @@ async def test_a_revocation_during_a_replay_closes_it_with_4403_and_nothing_afte
         stream = await _drain(sock)
         sock.close()
         assert stream is not None
-        frames = _frames(stream)
-        texts = [orjson.loads(payload) for opcode, payload in frames if opcode == 0x1]
-        closes = [struct.unpack_from("!H", p)[0] for opcode, p in frames if opcode == 0x8]
+        texts = [orjson.loads(payload) for opcode, payload in frames(stream) if opcode == 0x1]
+        closes = close_codes(stream)
         seqs = [t["new"]["seq"] for t in texts if t["type"] == "postgres_changes"]
         assert seqs == list(range(1, len(seqs) + 1))  # part of the replay, in order
         assert len(seqs) < 5000  # ...cut short:

@@ -43,10 +43,9 @@ from tests.fix_gateway import (
     TEST_SCHEMA,
     Gateway,
     Socket,
-    clean_env,
 )
-from tests.test_redis_bus import Cluster, PrivateRedis, Walcast
-from walcast.cli import apply_migrations
+from tests.fix_redis import PrivateRedis
+from tests.fix_serve import Cluster, Walcast, prepare_database, serve_env
 
 pytestmark = pytest.mark.integration
 
@@ -59,30 +58,14 @@ WEBSOCKET = "/realtime/v1/websocket"
 
 @pytest.fixture
 def config_file(database_url: str, tmp_path: Path) -> Path:
-    apply_migrations(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(TEST_SCHEMA.encode())
-    path = tmp_path / "realtime.toml"
-    path.write_text(TEST_CONFIG, encoding="utf-8")
-    return path
-
-
-def _env(database_url: str, config_file: Path, **more: str) -> dict[str, str]:
-    return clean_env(
-        DATABASE_URL=database_url,
-        ACCESS_TOKEN=ACCESS_TOKEN,
-        WALCAST_CONFIG=str(config_file),
-        WALCAST_SLOT=f"w_{uuid.uuid4().hex[:12]}",
-        WALCAST_PUBLICATION=f"w_{uuid.uuid4().hex[:12]}",
-        **more,
-    )
+    return prepare_database(database_url, tmp_path, schema=TEST_SCHEMA, config=TEST_CONFIG)
 
 
 @pytest.fixture
 async def single(database_url: str, config_file: Path) -> AsyncIterator[Cluster]:
     """Plain `walcast serve` processes (the in-process bus), started by the test."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        cluster = Cluster(_env(database_url, config_file), database_url, http)
+        cluster = Cluster(serve_env(database_url, config_file), database_url, http)
         try:
             yield cluster
         finally:
@@ -90,44 +73,19 @@ async def single(database_url: str, config_file: Path) -> AsyncIterator[Cluster]
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await client.ping()
-    except (aioredis.ConnectionError, OSError) as exc:
-        pytest.skip(f"no Redis at {redis_url}: {exc}")
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
 async def bus(
-    database_url: str, config_file: Path, redis_url: str, redis: aioredis.Redis
+    database_url: str, config_file: Path, redis_url: str, redis_prefix: str
 ) -> AsyncIterator[Cluster]:
     """Processes on the Redis bus, with a key prefix of this test's own (deleted afterwards)."""
-    prefix = f"walcast-test:{uuid.uuid4().hex[:10]}:"
-    env = _env(database_url, config_file, REDIS_URL=redis_url, WALCAST_REDIS_PREFIX=prefix)
+    env = serve_env(
+        database_url, config_file, REDIS_URL=redis_url, WALCAST_REDIS_PREFIX=redis_prefix
+    )
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         cluster = Cluster(env, database_url, http)
         try:
             yield cluster
         finally:
             await cluster.close()
-            keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await redis.delete(*keys)
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -349,10 +307,7 @@ async def test_not_ready_upgrades_get_503_and_keep_the_ticket(gw: Gateway) -> No
 async def test_node_started_after_a_demotion_refuses_the_stale_ticket(bus: Cluster) -> None:
     """Redis bus: a `--no-cdc` node started after the demotion never saw it on the control
     stream; it must still refuse the owner's old ticket (503 while starting, then 401)."""
-    reader = await bus.start("reader")
-    node_a = await bus.start("node")
-    await reader.wait_ready(bus.http)
-    await node_a.wait_ready(bus.http)
+    _, node_a = await bus.reader_and_node()
     _, stale = await _demoted_ticket(bus, node_a)
 
     node_b = await bus.start("node")
@@ -401,17 +356,13 @@ async def test_used_ticket_is_refused_after_redis_restarts_empty(
     bus: Cluster, private_redis: PrivateRedis
 ) -> None:
     url = private_redis.url
-    reader = await bus.start("reader", redis_url=url)
-    node = await bus.start("node", redis_url=url)
-    await reader.wait_ready(bus.http)
-    await node.wait_ready(bus.http)
+    reader, node = await bus.reader_and_node(redis_url=url)
     token = bus.add_member("once", "org-u", "owner")
     ticket = await _used_ticket(bus, node, token)
 
     await private_redis.kill()  # no persistence: every jti key is gone
     await private_redis.start()
-    await reader.wait_ready(bus.http)
-    await node.wait_ready(bus.http)
+    await bus.wait_ready(reader, node)
     refused = await _refused(bus, node.url, ticket, "org-u")
     assert refused.status == 401
     assert "new ticket" in refused.detail
@@ -424,10 +375,7 @@ async def test_used_ticket_is_refused_after_redis_is_flushed(
 ) -> None:
     """Data lost without a reconnect (FLUSHALL): the claim itself notices, atomically."""
     url = private_redis.url
-    reader = await bus.start("reader", redis_url=url)
-    node = await bus.start("node", redis_url=url)
-    await reader.wait_ready(bus.http)
-    await node.wait_ready(bus.http)
+    reader, node = await bus.reader_and_node(redis_url=url)
     token = bus.add_member("once", "org-u", "owner")
     ticket = await _used_ticket(bus, node, token)
 
@@ -439,8 +387,7 @@ async def test_used_ticket_is_refused_after_redis_is_flushed(
     refused = await _refused(bus, node.url, ticket, "org-u")
     assert refused.status == 401
     assert "new ticket" in refused.detail
-    await reader.wait_ready(bus.http)
-    await node.wait_ready(bus.http)
+    await bus.wait_ready(reader, node)
     fresh = await bus.connect(node, token, "org-u")
     assert fresh.messages[-1]["event"] == "ready"
 
@@ -482,10 +429,7 @@ async def test_truncate_session_closes_every_socket_and_refuses_older_tickets(
 
 
 async def test_truncate_member_on_the_redis_bus(bus: Cluster) -> None:
-    reader = await bus.start("reader")
-    node = await bus.start("node")
-    await reader.wait_ready(bus.http)
-    await node.wait_ready(bus.http)
+    _, node = await bus.reader_and_node()
     socks = [
         await bus.connect(node, bus.add_member("b-owner", "org-1", "owner"), "org-1"),
         await bus.connect(node, bus.add_member("b-rec", "org-2", "recruiter"), "org-2"),

@@ -28,6 +28,7 @@ import pytest
 
 from gateway.tickets import verify_ticket
 from tests.fix_gateway import add_member, clean_env, free_port, walcast_command
+from tests.fix_serve import run_walcast
 from walcast.cli import main
 
 pytestmark = pytest.mark.integration
@@ -57,19 +58,6 @@ UNEXPLAINED = re.compile(r"§|\bspec\b|\bseed\b|SPEC\.md", re.IGNORECASE)
 SYSTEM_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres?connect_timeout=3"
 
 
-def walcast(
-    *args: str, env: dict[str, str], timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*walcast_command(), "--log-format", "text", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def _fails_cleanly(result: subprocess.CompletedProcess[str], *needles: str) -> None:
     assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
@@ -79,7 +67,7 @@ def _fails_cleanly(result: subprocess.CompletedProcess[str], *needles: str) -> N
 
 
 def _prepare(dsn: str, tmp_path: Path, config: str = CONFIG) -> Path:
-    result = walcast("migrate", env=clean_env(DATABASE_URL=dsn))
+    result = run_walcast("migrate", env=clean_env(DATABASE_URL=dsn))
     assert result.returncode == 0, result.stderr
     assert "001_better_auth.sql" in result.stdout
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -296,7 +284,7 @@ async def test_serve_end_to_end_and_graceful_sigterm(database_url: str, tmp_path
 
 
 def test_ticket_prints_a_ticket_that_verifies() -> None:
-    result = walcast(
+    result = run_walcast(
         "ticket",
         "--user",
         "U",
@@ -321,7 +309,9 @@ def test_check_names_missing_tables_and_replica_identity(database_url: str, tmp_
         tmp_path,
         CONFIG + '[tables."public.plain"]\n[tables."public.nope"]\n',
     )
-    result = walcast("check", env=clean_env(DATABASE_URL=database_url, WALCAST_CONFIG=str(config)))
+    result = run_walcast(
+        "check", env=clean_env(DATABASE_URL=database_url, WALCAST_CONFIG=str(config))
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "table public.nope does not exist" in result.stdout
     assert 'ALTER TABLE "public"."plain" REPLICA IDENTITY FULL;' in result.stdout
@@ -351,8 +341,10 @@ def test_wal_level_not_logical(system_postgres: str) -> None:
         WALCAST_PORT=str(free_port()),
         PGOPTIONS="-c default_transaction_read_only=on",
     )
-    _fails_cleanly(walcast("serve", env=env), "wal_level", "ALTER SYSTEM SET wal_level = logical")
-    result = walcast("check", env=env)
+    _fails_cleanly(
+        run_walcast("serve", env=env), "wal_level", "ALTER SYSTEM SET wal_level = logical"
+    )
+    result = run_walcast("check", env=env)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "wal_level = replica" in result.stdout
 
@@ -361,13 +353,13 @@ def test_missing_table_and_replica_identity_stop_serve(database_url: str, tmp_pa
     base = {"DATABASE_URL": database_url, "ACCESS_TOKEN": ACCESS_TOKEN}
     missing = _prepare(database_url, tmp_path, CONFIG + '[tables."public.nope"]\n')
     env = clean_env(**base, WALCAST_CONFIG=str(missing), WALCAST_PORT=str(free_port()))
-    _fails_cleanly(walcast("serve", env=env), "do not exist", "public.nope")
+    _fails_cleanly(run_walcast("serve", env=env), "do not exist", "public.nope")
 
     identity = tmp_path / "identity.toml"
     identity.write_text(CONFIG + '[tables."public.plain"]\n', encoding="utf-8")
     env = clean_env(**base, WALCAST_CONFIG=str(identity), WALCAST_PORT=str(free_port()))
     _fails_cleanly(
-        walcast("serve", env=env),
+        run_walcast("serve", env=env),
         'ALTER TABLE "public"."plain" REPLICA IDENTITY FULL;',
         "manageReplicaIdentity",
     )
@@ -379,13 +371,13 @@ def test_wrong_database_url() -> None:
         env = clean_env(
             DATABASE_URL=refused, ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_PORT=str(free_port())
         )
-        _fails_cleanly(walcast(*args, env=env), "cannot connect to PostgreSQL", "DATABASE_URL")
+        _fails_cleanly(run_walcast(*args, env=env), "cannot connect to PostgreSQL", "DATABASE_URL")
     garbled = clean_env(DATABASE_URL="postgres:/x:secret-pw@?port=abc", ACCESS_TOKEN=ACCESS_TOKEN)
-    result = walcast("check", env=garbled)
+    result = run_walcast("check", env=garbled)
     _fails_cleanly(result, "DATABASE_URL")
     assert "secret-pw" not in result.stderr
     _fails_cleanly(
-        walcast("serve", env=clean_env(ACCESS_TOKEN=ACCESS_TOKEN)), "DATABASE_URL is not set"
+        run_walcast("serve", env=clean_env(ACCESS_TOKEN=ACCESS_TOKEN)), "DATABASE_URL is not set"
     )
 
 
@@ -401,14 +393,16 @@ def test_port_in_use(database_url: str, tmp_path: Path) -> None:
             WALCAST_CONFIG=str(config),
             WALCAST_PORT=str(port),
         )
-        _fails_cleanly(walcast("serve", env=env), f"port {port}", "in use", "WALCAST_PORT")
+        _fails_cleanly(run_walcast("serve", env=env), f"port {port}", "in use", "WALCAST_PORT")
 
 
 def test_missing_access_token(database_url: str) -> None:
-    _fails_cleanly(walcast("serve", env=clean_env(DATABASE_URL=database_url)), "ACCESS_TOKEN")
-    _fails_cleanly(walcast("ticket", "--user", "u", "--org", "o", env=clean_env()), "ACCESS_TOKEN")
+    _fails_cleanly(run_walcast("serve", env=clean_env(DATABASE_URL=database_url)), "ACCESS_TOKEN")
     _fails_cleanly(
-        walcast("broadcast", "--org", "o", "--event", "e", env=clean_env()), "ACCESS_TOKEN"
+        run_walcast("ticket", "--user", "u", "--org", "o", env=clean_env()), "ACCESS_TOKEN"
+    )
+    _fails_cleanly(
+        run_walcast("broadcast", "--org", "o", "--event", "e", env=clean_env()), "ACCESS_TOKEN"
     )
 
 
@@ -421,17 +415,17 @@ SHORT_SECRET_FIX = (
 def test_short_access_token_is_refused_at_start(database_url: str) -> None:
     """Every configured secret is at least 32 bytes; the message says how to make one."""
     short = "secret"
-    result = walcast("serve", env=clean_env(DATABASE_URL=database_url, ACCESS_TOKEN=short))
+    result = run_walcast("serve", env=clean_env(DATABASE_URL=database_url, ACCESS_TOKEN=short))
     _fails_cleanly(result)
     assert result.stderr == (
         "walcast: invalid settings: ACCESS_TOKEN is 6 bytes long; each secret must be at least"
         f" 32 bytes. {SHORT_SECRET_FIX}\n"
     )
     rotated = clean_env(DATABASE_URL=database_url, ACCESS_TOKEN=f"{ACCESS_TOKEN},{'x' * 31}")
-    result = walcast("serve", env=rotated)
+    result = run_walcast("serve", env=rotated)
     _fails_cleanly(result, "secret 2 of 2 in ACCESS_TOKEN is 31 bytes long")
     assert ACCESS_TOKEN not in result.stderr and "x" * 31 not in result.stderr
-    _fails_cleanly(walcast("check", env=rotated), "secret 2 of 2 in ACCESS_TOKEN")
+    _fails_cleanly(run_walcast("check", env=rotated), "secret 2 of 2 in ACCESS_TOKEN")
 
 
 def test_bad_config_file(tmp_path: Path) -> None:
@@ -439,32 +433,34 @@ def test_bad_config_file(tmp_path: Path) -> None:
     unknown = tmp_path / "unknown.toml"
     unknown.write_text('[tables."public.a"]\nrequiredRole = ["x"]\n', encoding="utf-8")
     _fails_cleanly(
-        walcast("serve", env=clean_env(**env, WALCAST_CONFIG=str(unknown))),
+        run_walcast("serve", env=clean_env(**env, WALCAST_CONFIG=str(unknown))),
         str(unknown),
         "requiredRole",
     )
     broken = tmp_path / "broken.toml"
     broken.write_text("[tables\n", encoding="utf-8")
     _fails_cleanly(
-        walcast("check", env=clean_env(**env, WALCAST_CONFIG=str(broken))),
+        run_walcast("check", env=clean_env(**env, WALCAST_CONFIG=str(broken))),
         str(broken),
         "not valid TOML",
     )
     missing = tmp_path / "missing.toml"
     _fails_cleanly(
-        walcast("serve", "--config", str(missing), env=clean_env(**env)), str(missing), "not found"
+        run_walcast("serve", "--config", str(missing), env=clean_env(**env)),
+        str(missing),
+        "not found",
     )
 
 
 def test_broadcast_without_a_server_and_bad_payload() -> None:
     env = clean_env(ACCESS_TOKEN=ACCESS_TOKEN, WALCAST_PORT=str(free_port()))
     _fails_cleanly(
-        walcast("broadcast", "--org", "o", "--event", "e", env=env),
+        run_walcast("broadcast", "--org", "o", "--event", "e", env=env),
         "cannot reach walcast",
         "walcast serve",
     )
     _fails_cleanly(
-        walcast("broadcast", "--org", "o", "--event", "e", "--payload", "{nope", env=env),
+        run_walcast("broadcast", "--org", "o", "--event", "e", "--payload", "{nope", env=env),
         "--payload is not valid JSON",
     )
 

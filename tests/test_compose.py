@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Settings, load_realtime_config
-from walcast.cli import _parser
+from walcast.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_every_walcast_command_parses_and_its_environment_is_read(
     services = _walcast_services(compose)
     assert {"migrate", "walcast", "walcast-reader", "walcast-gateway-1"} <= set(services)
     for name, service in services.items():
-        args = _parser().parse_args(service["command"][1:])
+        args = build_parser().parse_args(service["command"][1:])
         environment = service.get("environment", {})
         assert set(environment) <= WALCAST_ENV, name
         if args.command == "serve":

@@ -6,12 +6,12 @@ descriptors (gateway.server). Timeouts are set to a second or two so each attack
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import math
 import resource
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ import pytest
 
 from gateway.server import address_key
 from tests.fix_gateway import ACCESS_TOKEN, add_member, clean_env, free_port, walcast_command
+from tests.fix_serve import stop_process, wait_ready
 from tests.pg import PostgresServer
 from walcast.cli import apply_migrations
 
@@ -70,23 +71,13 @@ def walcast_serve(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "walcast not ready:\n" + log.read_text()
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            time.sleep(0.05)
+        # Synchronous, and sometimes called from inside a test's event loop: wait on a loop of
+        # its own, in a thread.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, wait_ready(url, process=process, log=log)).result()
         yield Walcast(url, port, dsn, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import logging
 import os
 import tomllib
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -31,7 +31,7 @@ from gateway.config import parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, Gateway, Socket, running_gateway
-from tests.pg import PostgresServer, start_postgres
+from tests.pg import PostgresServer, running_postgres
 from walcast.bus.app import FEED
 from walcast.bus.epoch import EpochRecord, decide
 
@@ -245,11 +245,8 @@ def small_wal_cluster() -> Iterator[PostgresServer]:
     invalidate slots (and whose WAL positions are not the session cluster's)."""
     if os.environ.get("WALCAST_TEST_DATABASE_URL"):
         pytest.skip("needs a cluster of its own (an external test server is used as it is)")
-    server = start_postgres({"max_slot_wal_keep_size": "1MB"})
-    try:
+    with running_postgres({"max_slot_wal_keep_size": "1MB"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -259,21 +256,10 @@ def small_wal_database(small_wal_cluster: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture
-async def prefix(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await client.ping()
-    except (aioredis.ConnectionError, OSError) as exc:
-        pytest.skip(f"no Redis at {redis_url}: {exc}")
-    prefix = f"walcast-test:{uuid.uuid4().hex[:10]}:"
-    monkeypatch.setenv("WALCAST_REDIS_PREFIX", prefix)
-    try:
-        yield prefix
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+def prefix(redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test's own Redis key prefix, in the environment the gateways it starts read."""
+    monkeypatch.setenv("WALCAST_REDIS_PREFIX", redis_prefix)
+    return redis_prefix
 
 
 integration = pytest.mark.integration

@@ -5,11 +5,9 @@ others keep receiving everything).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import os
 import socket
-import struct
 from typing import Any
 
 import pytest
@@ -19,6 +17,7 @@ from gateway.limits import ConnectionLimiter, HandshakeRateLimiter
 from gateway.protocol import CloseCode
 from tests.fix_gateway import Gateway
 from tests.fix_gateway import running_gateway as gateway
+from tests.fix_rawws import close_codes, read_to_end, stalled_socket
 
 WS = "/realtime/v1/websocket"
 
@@ -166,57 +165,10 @@ async def test_body_over_the_limit_gets_413(gw: Gateway) -> None:
 # -- slow consumers --------------------------------------------------------------------------
 
 
-async def _stalled_socket(gw: Gateway, ticket: str, org: str) -> socket.socket:
-    """A raw WebSocket whose client stops reading right after `ready` (tiny receive buffer)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
-    await loop.sock_connect(sock, ("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
-    key = base64.b64encode(os.urandom(16)).decode()
-    request = (
-        f"GET {WS}?ws_ticket={ticket}&organizationId={org} HTTP/1.1\r\nHost: x\r\n"
-        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    await loop.sock_sendall(sock, request.encode())
-    received = b""
-    while b'"ready"' not in received:
-        chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
-        assert chunk, received
-        received += chunk
-    assert received.startswith(b"HTTP/1.1 101")
-    return sock
-
-
 async def _close_code(sock: socket.socket) -> int | None:
     """Drain a raw socket to its end; the close code of the server's close frame, if any."""
-    loop = asyncio.get_running_loop()
-    data = bytearray()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        data += chunk
-    # Walk the frames: the stream starts with the first frame after `ready`.
-    index = 0
-    code = None
-    while index + 2 <= len(data):
-        opcode, size = data[index] & 0x0F, data[index + 1] & 0x7F
-        index += 2
-        if size == 126:
-            size = struct.unpack_from("!H", data, index)[0]
-            index += 2
-        elif size == 127:
-            size = struct.unpack_from("!Q", data, index)[0]
-            index += 8
-        if opcode == 0x8 and size >= 2 and index + 2 <= len(data):
-            code = struct.unpack_from("!H", data, index)[0]
-        index += size
-    return code
+    codes = close_codes(await read_to_end(sock, 10))
+    return codes[-1] if codes else None
 
 
 @pytest.mark.integration
@@ -226,7 +178,8 @@ async def test_slow_consumer_is_closed_with_1013_and_others_get_everything(
     async with gateway(database_url, max_send_buffer=256 * 1024) as gw:
         token = gw.add_member("sc-owner", "org-sc", "owner")
         normal = await gw.connect(token, "org-sc")
-        stalled = await _stalled_socket(gw, await gw.ticket(token, "org-sc"), "org-sc")
+        port = int(gw.url.rsplit(":", 1)[1])
+        stalled = await stalled_socket(port, await gw.ticket(token, "org-sc"), "org-sc")
         slow = gw.metrics.slow_consumers
         assert slow._value.get() == 0
         sent = 0

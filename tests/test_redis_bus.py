@@ -5,8 +5,7 @@ every walcast as its own `walcast serve` process (`--no-gateway` readers, `--no-
 configured by the environment, with a Redis key prefix of its own (`WALCAST_REDIS_PREFIX`).
 The Redis restart test starts a private `redis-server` (never the machine's shared one).
 
-Readiness of another process has no event to await from outside, so `wait_ready` asks
-`/readyz`; every other wait is on a message arriving.
+The processes are tests/fix_serve.py's `Cluster` and `Walcast`.
 """
 
 from __future__ import annotations
@@ -14,10 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import shutil
-import signal
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,11 +35,11 @@ from tests.fix_gateway import (
     TEST_CONFIG,
     TEST_SCHEMA,
     Socket,
-    add_member,
     clean_env,
-    free_port,
     walcast_command,
 )
+from tests.fix_redis import PrivateRedis
+from tests.fix_serve import Cluster, Walcast, prepare_database, serve_env
 from walcast.aio import cancel_and_wait
 from walcast.bus import (
     BusKeys,
@@ -56,7 +52,6 @@ from walcast.bus import (
     prefix_from_env,
     reader_lock_key,
 )
-from walcast.cli import apply_migrations
 
 pytestmark = pytest.mark.integration
 
@@ -91,179 +86,15 @@ def _config() -> Any:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await client.ping()
-    except (aioredis.ConnectionError, OSError) as exc:
-        pytest.skip(f"no Redis at {redis_url}: {exc}")
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def prefix(redis: aioredis.Redis) -> AsyncIterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"walcast-test:{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    keys = [key async for key in redis.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await redis.delete(*keys)
-
-
-@pytest.fixture
 def schema(database_url: str, tmp_path: Path) -> Path:
-    apply_migrations(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(SCHEMA.encode())
-    path = tmp_path / "realtime.toml"
-    path.write_text(CONFIG, encoding="utf-8")
-    return path
-
-
-class Walcast:
-    """One `walcast serve` process (reader, gateway node, or both) and its log lines."""
-
-    def __init__(self, process: asyncio.subprocess.Process, port: int, role: str) -> None:
-        self.process = process
-        self.port = port
-        self.role = role
-        self.url = f"http://127.0.0.1:{port}"
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.process.stderr is not None
-        async for raw in self.process.stderr:
-            self.lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-    async def readyz(self, http: aiohttp.ClientSession) -> int:
-        try:
-            async with http.get(f"{self.url}/readyz") as response:
-                return response.status
-        except aiohttp.ClientError:
-            return 0
-
-    async def wait_ready(self, http: aiohttp.ClientSession, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while await self.readyz(http) != 200:
-            assert self.process.returncode is None, f"{self.role} exited:\n" + self.log()
-            assert time.monotonic() < deadline, f"{self.role} not ready:\n" + self.log()
-            await asyncio.sleep(0.05)
-
-    def log(self) -> str:
-        return "\n".join(self.lines[-60:])
-
-    async def kill(self) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> int:
-        if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = await asyncio.wait_for(self.process.wait(), 10)
-        except TimeoutError:
-            await self.kill()
-            code = -9
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._reader, 5)
-        return code
-
-
-class Cluster:
-    """Processes sharing one database, one slot, one Redis and one key prefix."""
-
-    def __init__(self, env: dict[str, str], dsn: str, http: aiohttp.ClientSession) -> None:
-        self.env = env
-        self.dsn = dsn
-        self.http = http
-        self.processes: list[Walcast] = []
-        self.sockets: list[Socket] = []
-
-    async def start(self, role: str, *, redis_url: str | None = None) -> Walcast:
-        flags = {"reader": ["--no-gateway"], "node": ["--no-cdc"], "both": []}[role]
-        port = free_port()
-        env = dict(self.env, WALCAST_PORT=str(port))
-        if redis_url is not None:
-            env["REDIS_URL"] = redis_url
-        process = await asyncio.create_subprocess_exec(
-            *walcast_command(),
-            "--log-format",
-            "text",
-            "serve",
-            *flags,
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        walcast = Walcast(process, port, role)
-        self.processes.append(walcast)
-        return walcast
-
-    async def close(self) -> None:
-        for sock in self.sockets:
-            if not sock.ws.closed:
-                await sock.ws.close()
-        for walcast in self.processes:
-            await walcast.stop()
-
-    def sql(self, query: str, params: Any = None) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(query, params)
-
-    def add_member(self, user: str, org: str, roles: str) -> str:
-        return add_member(self.dsn, user, org, roles)
-
-    async def ticket(self, node: Walcast, token: str, org: str) -> str:
-        async with self.http.post(
-            f"{node.url}/realtime/v1/ws-ticket",
-            headers={"Authorization": f"Bearer {token}"},
-            json={"organizationId": org},
-        ) as response:
-            assert response.status == 200, await response.text()
-            return str((await response.json())["wsTicket"])
-
-    async def connect(
-        self, node: Walcast, token: str, org: str, *, since: str | None = None
-    ) -> Socket:
-        ticket = await self.ticket(node, token, org)
-        params = {"ws_ticket": ticket, "organizationId": org}
-        if since is not None:
-            params["since"] = since
-        ws = await self.http.ws_connect(f"{node.url}/realtime/v1/websocket", params=params)
-        sock = Socket(ws)
-        sock.start()
-        self.sockets.append(sock)
-        await sock.wait_for(lambda m: m.get("event") == "ready", timeout=20)
-        return sock
-
-    async def broadcast(self, node: Walcast, body: dict[str, Any]) -> int:
-        async with self.http.post(
-            f"{node.url}/realtime/v1/broadcast",
-            data=orjson.dumps(body),
-            headers={"Authorization": f"Bearer {ACCESS_TOKEN}"},
-        ) as response:
-            await response.read()
-            return response.status
+    return prepare_database(database_url, tmp_path, schema=SCHEMA, config=CONFIG)
 
 
 @pytest.fixture
 async def cluster(
-    database_url: str, schema: Path, redis_url: str, prefix: str, redis: aioredis.Redis
+    database_url: str, schema: Path, redis_url: str, redis_prefix: str
 ) -> AsyncIterator[Cluster]:
-    env = clean_env(
-        DATABASE_URL=database_url,
-        ACCESS_TOKEN=ACCESS_TOKEN,
-        WALCAST_CONFIG=str(schema),
-        REDIS_URL=redis_url,
-        WALCAST_REDIS_PREFIX=prefix,
-        WALCAST_SLOT=f"w_{uuid.uuid4().hex[:12]}",
-        WALCAST_PUBLICATION=f"w_{uuid.uuid4().hex[:12]}",
-    )
+    env = serve_env(database_url, schema, REDIS_URL=redis_url, WALCAST_REDIS_PREFIX=redis_prefix)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         cluster = Cluster(env, database_url, http)
         try:
@@ -530,63 +361,6 @@ async def test_kill_the_active_reader_and_the_standby_takes_over(cluster: Cluste
 # -- Redis restarts ------------------------------------------------------------------------------
 
 
-class PrivateRedis:
-    """A redis-server of this test's own (no persistence), to kill and restart."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.process = await asyncio.create_subprocess_exec(
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    await client.ping()
-                    return
-                except (aioredis.ConnectionError, OSError):
-                    assert time.monotonic() < deadline, "redis-server did not start"
-                    await asyncio.sleep(0.02)
-        finally:
-            await client.aclose()
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.kill()
-
-
 async def test_redis_restart_under_load_loses_nothing(
     cluster: Cluster, private_redis: PrivateRedis
 ) -> None:
@@ -616,8 +390,7 @@ async def test_redis_restart_under_load_loses_nothing(
             await asyncio.sleep(0.05)
     await writer.wait_for_more(30)  # commits go on while Redis is down
     await private_redis.start()
-    for walcast in (reader, node_a, node_b):
-        await walcast.wait_ready(cluster.http)
+    await cluster.wait_ready(reader, node_a, node_b)
     await writer.wait_for_more(20)
     last = await writer.stop()
 
@@ -725,9 +498,9 @@ def test_lock_key_is_stable_and_per_slot() -> None:
 
 
 async def test_sink_stores_each_event_once_and_notices_a_lost_history(
-    redis: aioredis.Redis, prefix: str
+    redis: aioredis.Redis, redis_prefix: str
 ) -> None:
-    keys = BusKeys(prefix)
+    keys = BusKeys(redis_prefix)
     change, broadcast, revoked = _events()
     sink = RedisSink(redis, keys, history_seconds=120)
     await sink.start(0x16B3000, IDENTITY, WAL_END)
@@ -768,11 +541,11 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
 
 
 async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
-    redis: aioredis.Redis, prefix: str
+    redis: aioredis.Redis, redis_prefix: str
 ) -> None:
     """500 one-row transactions queued at once reach Redis in a few round trips, in order,
     and each commit reaches the retention window only after its events are stored."""
-    keys = BusKeys(prefix)
+    keys = BusKeys(redis_prefix)
     change = _events()[0]
     now = [0.0]
     sink = RedisSink(redis, keys, history_seconds=10, clock=lambda: now[0], max_queued=200)
@@ -838,8 +611,10 @@ async def _running(sink: RedisSink) -> AsyncIterator[None]:
         await cancel_and_wait(task)
 
 
-async def test_trim_detection_from_stream_metadata(redis: aioredis.Redis, prefix: str) -> None:
-    stream = f"{prefix}s"
+async def test_trim_detection_from_stream_metadata(
+    redis: aioredis.Redis, redis_prefix: str
+) -> None:
+    stream = f"{redis_prefix}s"
     for lsn in (10, 20, 30):
         await redis.xadd(stream, {"e": b"[]"}, id=f"{lsn}-1")
     assert complete_after(await redis.xinfo_stream(stream), (5, 1))  # nothing trimmed yet

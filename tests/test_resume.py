@@ -33,6 +33,7 @@ from tests.fix_gateway import (
     signed_broadcast,
     walcast_command,
 )
+from tests.fix_serve import wait_ready
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -246,18 +247,6 @@ def _serve(dsn: str, port: int, config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([*walcast_command(), "serve"], env=env, stderr=subprocess.DEVNULL)
 
 
-async def _wait_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise AssertionError("walcast did not become ready")
-
-
 async def _wait_for_seq(messages: list[dict[str, Any]], seq: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while seq not in _seqs(messages):
@@ -277,7 +266,7 @@ async def test_kill_9_and_restart_resumes_exactly_once(database_url: str, tmp_pa
     url = f"http://127.0.0.1:{port}"
     server = _serve(database_url, port, config)
     try:
-        await _wait_ready(url)
+        await wait_ready(url)
         writer = _Writer(database_url)
         before: list[dict[str, Any]] = []
         reading = asyncio.create_task(_collect(url, _ticket("k", ["owner"]), None, before))
@@ -288,7 +277,7 @@ async def test_kill_9_and_restart_resumes_exactly_once(database_url: str, tmp_pa
         await asyncio.sleep(0.3)  # the writer keeps committing while walcast is down
 
         server = _serve(database_url, port, config)
-        await _wait_ready(url)
+        await wait_ready(url)
         after: list[dict[str, Any]] = []
         cursor = _last_cursor(before)
         reading = asyncio.create_task(_collect(url, _ticket("k", ["owner"]), cursor, after))

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psycopg
 import pytest
 
@@ -25,6 +24,7 @@ from cdc.setup import Requirements, SetupError
 from gateway.config import Settings, parse_realtime_config
 from gateway.metrics import Metrics
 from tests.fix_gateway import ACCESS_TOKEN, clean_env, free_port, walcast_command
+from tests.fix_serve import run_walcast, wait_ready
 from walcast.cli import apply_migrations
 from walcast.pipeline import DropSink, Pipeline, setup_requirements
 
@@ -48,19 +48,6 @@ def execute(dsn: str, *statements: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in statements:
             conn.execute(statement.encode())
-
-
-def walcast(
-    *args: str, env: dict[str, str], timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*walcast_command(), "--log-format", "text", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 def prepared(dsn: str, tmp_path: Path, config: str = CONFIG) -> dict[str, str]:
@@ -222,10 +209,10 @@ email = { type = "email" }
         f'tables."public.applications".masking: public.applications has no column'
         f' "email"; {columns}',
     ]
-    result = walcast("check", env=env)
+    result = run_walcast("check", env=env)
     problems(result, *expected)
     assert result.stdout.strip().endswith("4 problem(s)")
-    refused(walcast("serve", env=env), *expected)
+    refused(run_walcast("serve", env=env), *expected)
 
 
 # -- privileges ----------------------------------------------------------------------------------
@@ -242,11 +229,11 @@ def test_role_without_replication(database_url: str, tmp_path: Path) -> None:
             " (to create the slot and stream from it). Run as a superuser:"
             f' ALTER ROLE "{name}" REPLICATION;'
         )
-        result = walcast("check", env=env)
+        result = run_walcast("check", env=env)
         problems(result, expected)
         assert f"role {name}: no REPLICATION attribute" in result.stdout
         assert result.stdout.strip().endswith("1 problem(s)")
-        refused(walcast("serve", env=env), expected)
+        refused(run_walcast("serve", env=env), expected)
 
 
 def _dbname(dsn: str) -> str:
@@ -266,14 +253,14 @@ async def test_role_that_may_not_create_the_publication(database_url: str, tmp_p
             ' as the tables\' owner: CREATE PUBLICATION "walcast" FOR TABLE'
             ' "public"."applications", "public"."member", "public"."session";)'
         )
-        result = walcast("check", env=env)
+        result = run_walcast("check", env=env)
         problems(result, expected)
         assert result.stdout.strip().endswith("1 problem(s)")
-        refused(walcast("serve", env=env), expected)
+        refused(run_walcast("serve", env=env), expected)
 
         # The statement it names is the fix: then serve's set-up goes through.
         execute(database_url, f'GRANT CREATE ON DATABASE "{database}" TO "{name}"')
-        result = walcast("check", env=env)
+        result = run_walcast("check", env=env)
         assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout
         settings = Settings(database_url=dsn, access_tokens=(ACCESS_TOKEN,))
         config = parse_realtime_config(_toml(CONFIG))
@@ -300,8 +287,8 @@ def test_role_that_does_not_own_the_tables(database_url: str, tmp_path: Path) ->
             ' (or create the publication as their owner: CREATE PUBLICATION "walcast" FOR'
             ' TABLE "public"."applications", "public"."member", "public"."session";)'
         )
-        problems(walcast("check", env=env), expected)
-        refused(walcast("serve", env=env), expected)
+        problems(run_walcast("check", env=env), expected)
+        refused(run_walcast("serve", env=env), expected)
 
 
 # -- a slot that is already streaming ------------------------------------------------------------
@@ -319,7 +306,7 @@ async def test_second_serve_on_a_streaming_slot_exits_2_naming_the_holder(
         stderr=asyncio.subprocess.DEVNULL,
     )
     try:
-        await _wait_ready(f"http://127.0.0.1:{env['WALCAST_PORT']}")
+        await wait_ready(f"http://127.0.0.1:{env['WALCAST_PORT']}")
         with psycopg.connect(database_url) as conn:
             row = conn.execute(
                 "SELECT s.active_pid, a.application_name FROM pg_replication_slots s"
@@ -331,7 +318,7 @@ async def test_second_serve_on_a_streaming_slot_exits_2_naming_the_holder(
 
         started = time.monotonic()
         other = {**env, "WALCAST_PORT": str(free_port())}
-        second = await asyncio.to_thread(walcast, "serve", env=other)
+        second = await asyncio.to_thread(run_walcast, "serve", env=other)
         refused(
             second,
             f'walcast: replication slot "walcast" is already streaming to another process'
@@ -345,18 +332,6 @@ async def test_second_serve_on_a_streaming_slot_exits_2_naming_the_holder(
     finally:
         first.terminate()
         await asyncio.wait_for(first.wait(), 10)
-
-
-async def _wait_ready(url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{url}/readyz") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-    raise AssertionError("walcast did not become ready")
 
 
 def test_requirements_follow_the_config() -> None:

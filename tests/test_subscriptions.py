@@ -43,17 +43,9 @@ ORACLE_WHERE = "amount > 50 AND status IN ('open', 'paid')"
 
 
 async def _connect(gw: Gateway, token: str, org: str, **params: str) -> Socket:
-    ticket = await gw.ticket(token, org)
-    query: list[tuple[str, str]] = [("ws_ticket", ticket), ("organizationId", org)]
-    for key, value in params.items():
-        for item in value.split("\n"):
-            query.append((key, item))
-    ws = await gw.http.ws_connect(f"{gw.url}/realtime/v1/websocket", params=query)
-    sock = Socket(ws)
-    sock.start()
-    gw.sockets.append(sock)
-    await sock.wait_for(lambda m: m.get("event") == "ready")
-    return sock
+    """A socket with more query parameters; a value's lines repeat its name."""
+    extra = [(key, item) for key, value in params.items() for item in value.split("\n")]
+    return await gw.connect(token, org, extra=extra)
 
 
 async def _detail(

@@ -25,7 +25,7 @@ from migrations import apply as apply_migrations
 from walcast.logs import setup_logging
 from walcast.serve import UsageError, add_index, endpoints, run_until_stopped
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 log = logging.getLogger("walcast")
 
@@ -212,7 +212,8 @@ environment (flags override it):
 for a first look, run `walcast demo`: it starts a throwaway PostgreSQL of its own."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line `main` parses (public so a deployment's command can be checked)."""
     parser = argparse.ArgumentParser(
         prog="walcast",
         description=DESCRIPTION,
@@ -332,7 +333,7 @@ def _split(text: str) -> list[str]:
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     command = args.command
     if command == "serve":
