@@ -8,8 +8,9 @@ Rules:
 
 * Begin → `TransactionStart`; Commit → `TransactionEnd`. Every change and transactional logical
   message in between gets a 1-based `position`; a Truncate yields one `RowChange` per relation.
-* Relation → one psycopg `Transformer` bound to the column type OIDs (bind once, load many: one
-  `load_sequence` per tuple, zipped with the precomputed column names).
+* Relation → one loader per column, picked once from a psycopg `Transformer` over the column
+  type OIDs (bind once, load many); each tuple then goes through `cdc.rows` (in C where built)
+  straight into a dict keyed by the precomputed column names.
 * Type, Origin, non-transactional Message and UnknownMessage → nothing.
 * TOAST: an UPDATE's unchanged cell takes the old tuple's value where the old tuple carries it;
   otherwise the column is left out of `new` and named in `unchanged`. A key-only old tuple ('K')
@@ -46,6 +47,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from functools import partial
 from typing import Any, NamedTuple
 
 import psycopg
@@ -55,6 +57,7 @@ from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.composite import CompositeInfo, register_composite
 
+from cdc import rows
 from cdc.errors import ProtocolError
 from cdc.messages import (
     Begin,
@@ -87,6 +90,10 @@ FIRST_USER_OID = 16384
 
 _TEXT = Format.TEXT
 _UNCHANGED = Toast.UNCHANGED
+_LOAD_ERRORS = (psycopg.Error, ValueError, ArithmeticError)
+#: `tuple.__new__(RowChange, values)`: a NamedTuple without its Python `__new__` (a third
+#: of the cost of building one row's item); for the hot path only.
+_new_tuple = tuple.__new__
 
 
 # --- items ---------------------------------------------------------------------------------
@@ -280,15 +287,51 @@ def make_adapters() -> AdaptersMap:
     return adapters
 
 
+def _codes_by_class(adapters: AdaptersMap) -> dict[type, int]:
+    """The loader classes whose values `cdc.rows` can make without calling them."""
+    by_class: dict[type, int] = {
+        _NumericLoader: rows.NUMERIC,
+        _JsonLoader: rows.JSON,
+        _TimestampLoader: rows.TIMESTAMP,
+        _TimestamptzLoader: rows.TIMESTAMPTZ,
+    }
+    for name, code in (
+        ("text", rows.TEXT),
+        ("int2", rows.INT),
+        ("int4", rows.INT),
+        ("int8", rows.INT),
+        ("bool", rows.BOOL),
+    ):
+        loader = adapters.get_loader(adapters.types[name].oid, _TEXT)
+        assert loader is not None
+        by_class.setdefault(loader, code)
+    return by_class
+
+
 # --- the builder ---------------------------------------------------------------------------
 
 
 class _Bound:
-    """A Relation with its loaders bound: names and one Transformer for its column types."""
+    """A Relation with its loaders bound: names, and one loader per column with its code."""
 
-    __slots__ = ("key_indexes", "load", "names", "relation", "schema", "table", "width")
+    __slots__ = (
+        "key_indexes",
+        "load_row",
+        "load_values",
+        "names",
+        "relation",
+        "schema",
+        "table",
+        "width",
+    )
 
-    def __init__(self, relation: Relation, oids: Sequence[int], adapters: AdaptersMap) -> None:
+    def __init__(
+        self,
+        relation: Relation,
+        oids: Sequence[int],
+        adapters: AdaptersMap,
+        codes_by_class: dict[type, int],
+    ) -> None:
         self.relation = relation
         self.schema = relation.namespace
         self.table = relation.name
@@ -296,36 +339,50 @@ class _Bound:
         self.width = len(self.names)
         self.key_indexes = tuple(i for i, c in enumerate(relation.columns) if c.is_key)
         transformer = Transformer(adapters)
-        transformer.set_loader_types(oids, _TEXT)
-        self.load: Callable[[Sequence[Any]], tuple[Any, ...]] = transformer.load_sequence
+        loaders = [transformer.get_loader(oid, _TEXT) for oid in oids]
+        codes = rows.codes_for(loaders, codes_by_class)
+        loads = tuple(loader.load for loader in loaders)
+        #: cells → {name: value}, unchanged TOAST cells left out (in C where built)
+        self.load_row: Callable[[Sequence[Any]], dict[str, Any]] = partial(
+            rows.load_row, self.names, codes, loads, RawJson, _UNCHANGED
+        )
+        #: cells → values, unchanged TOAST cells kept as `Toast.UNCHANGED`
+        self.load_values: Callable[[Sequence[Any]], tuple[Any, ...]] = partial(
+            rows.load_values, codes, loads, RawJson, _UNCHANGED
+        )
 
-    def values(self, cells: Sequence[Any]) -> Sequence[Any]:
-        """Load one tuple; unchanged TOAST cells stay `Toast.UNCHANGED`."""
+    def check_width(self, cells: Sequence[Any]) -> None:
         if len(cells) != self.width:
             raise ProtocolError(
                 f"{self.schema}.{self.table}: tuple of {len(cells)} columns, "
                 f"relation has {self.width}"
             )
-        if _UNCHANGED not in cells:
-            return self._load(cells)
-        loaded = self._load([None if c is _UNCHANGED else c for c in cells])
-        return [_UNCHANGED if c is _UNCHANGED else v for c, v in zip(cells, loaded, strict=True)]
 
-    def _load(self, cells: Sequence[Any]) -> Sequence[Any]:
+    def unloadable(self, ex: Exception) -> ProtocolError:
+        # The exception text may quote row values: keep it out of the message.
+        return ProtocolError(
+            f"{self.schema}.{self.table}: a value could not be loaded ({type(ex).__name__})"
+        )
+
+    def values(self, cells: Sequence[Any]) -> Sequence[Any]:
+        """Load one tuple; unchanged TOAST cells stay `Toast.UNCHANGED`."""
+        self.check_width(cells)
         try:
-            return self.load(cells)
-        except (psycopg.Error, ValueError, ArithmeticError) as ex:
-            # The exception text may quote row values: keep it out of the message.
-            raise ProtocolError(
-                f"{self.schema}.{self.table}: a value could not be loaded ({type(ex).__name__})"
-            ) from ex
+            return self.load_values(cells)
+        except _LOAD_ERRORS as ex:
+            raise self.unloadable(ex) from ex
 
-    def new_row(self, cells: Sequence[Any]) -> dict[str, Any]:
-        """`row(values(cells))` with one scan for unchanged cells instead of two: the hot path
-        (an Insert never has any). The width is checked, so `zip` needs no `strict`."""
-        if len(cells) != self.width or _UNCHANGED in cells:
-            return self.row(self.values(cells))
-        return dict(zip(self.names, self._load(cells), strict=False))
+    def row_of(self, cells: Sequence[Any]) -> dict[str, Any]:
+        """Load one tuple as a dict, leaving out cells the server did not send."""
+        self.check_width(cells)
+        try:
+            return self.load_row(cells)
+        except _LOAD_ERRORS as ex:
+            raise self.unloadable(ex) from ex
+
+    def old_of(self, cells: Sequence[Any], is_key: bool) -> dict[str, Any]:
+        """An old tuple as a dict: the key columns of a 'K' one, the sent cells of an 'O'."""
+        return self.key(self.values(cells)) if is_key else self.row_of(cells)
 
     def row(self, values: Sequence[Any]) -> dict[str, Any]:
         """A full tuple as a dict, leaving out cells the server did not send."""
@@ -350,6 +407,7 @@ class ChangeBuilder:
 
     def __init__(self) -> None:
         self._adapters = make_adapters()
+        self._codes_by_class = _codes_by_class(self._adapters)
         self._types: dict[int, TypeDescription] = {}
         self._array_elements: dict[int, int] = {}  # array OID → element OID, from typarray
         self._bound: dict[int, _Bound] = {}
@@ -438,7 +496,9 @@ class ChangeBuilder:
 
     def _bind(self, relation: Relation) -> _Bound:
         oids = [self._resolve_domain(column.type_oid) for column in relation.columns]
-        bound = self._bound[relation.oid] = _Bound(relation, oids, self._adapters)
+        bound = self._bound[relation.oid] = _Bound(
+            relation, oids, self._adapters, self._codes_by_class
+        )
         return bound
 
     def _bound_for(self, relation: Relation) -> _Bound:
@@ -486,15 +546,38 @@ class ChangeBuilder:
         bound = self._bound.get(relation.oid)
         if bound is None or bound.relation is not relation:
             bound = self._bound_for(relation)
-        new = bound.new_row(message.new)
+        cells = message.new
+        if len(cells) != bound.width:
+            bound.check_width(cells)
+        try:
+            new = bound.load_row(cells)
+        except _LOAD_ERRORS as ex:
+            raise bound.unloadable(ex) from ex
         commit_lsn = self._commit_lsn
         if commit_lsn is None:
             raise ProtocolError("Insert outside a transaction")
         self._position = position = self._position + 1
-        return [RowChange(commit_lsn, position, bound.schema, bound.table, "INSERT", new, None, ())]
+        return [
+            _new_tuple(
+                RowChange,
+                (commit_lsn, position, bound.schema, bound.table, "INSERT", new, None, ()),
+            )
+        ]
 
     def _on_update(self, message: Update) -> list[Item]:
         bound = self._bound_for(message.relation)
+        if _UNCHANGED not in message.new:  # every new value sent: nothing to merge
+            new = bound.row_of(message.new)
+            old = None
+            if message.old is not None:
+                old = bound.old_of(message.old, message.old_is_key)
+            commit_lsn, position = self._next_position("Update")
+            return [
+                _new_tuple(
+                    RowChange,
+                    (commit_lsn, position, bound.schema, bound.table, "UPDATE", new, old, ()),
+                )
+            ]
         old_values: Sequence[Any] | None = None
         old = None
         if message.old is not None:
@@ -539,8 +622,7 @@ class ChangeBuilder:
 
     def _on_delete(self, message: Delete) -> list[Item]:
         bound = self._bound_for(message.relation)
-        values = bound.values(message.old)
-        old = bound.key(values) if message.old_is_key else bound.row(values)
+        old = bound.old_of(message.old, message.old_is_key)
         commit_lsn, position = self._next_position("Delete")
         return [RowChange(commit_lsn, position, bound.schema, bound.table, "DELETE", None, old, ())]
 
