@@ -1,4 +1,4 @@
-/* The per-change loops of the CDC path in C: the tuple loop and typed rows.
+/* The per-change loops of the CDC path in C: the tuple loop, Inserts, and typed rows.
  *
  * Optional. Each function here has a Python twin that `cdc` uses when the extension was not
  * built; both take and return the same values and fail the same way (tests/test_decoder.py
@@ -11,6 +11,12 @@
  *     and how the Python loop does: IndexError where that one would read a cell kind past the
  *     end, ValueError (same message) for an unknown kind or a last cell whose length runs past
  *     the end.
+ *
+ * read_insert(buf: bytes, relations: dict, insert: type, unchanged: object) -> Insert | None
+ *     Twin: cdc.decoder._read_insert_py. A whole well-formed Insert message in one call: the
+ *     `insert` tuple class made from the cached relation and the cells. None for anything else
+ *     (unknown relation, wrong marker or width, a bad or trailing byte): the decoder's general
+ *     path then reports it.
  *
  * load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict
  * load_values(codes, loaders, raw_json, unchanged, cells) -> tuple
@@ -39,6 +45,8 @@ enum {
     CODE_TIMESTAMP = 6,
     CODE_TIMESTAMPTZ = 7,
 };
+
+static PyObject *str_columns; /* "columns", interned at module exec */
 
 static inline uint32_t
 be32(const unsigned char *p)
@@ -154,6 +162,93 @@ read_cells(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return Py_BuildValue("(Nn)", cells, pos);
+}
+
+/* A new instance of the tuple subclass `cls` (a NamedTuple) holding `n` stolen references. */
+static PyObject *
+new_record(PyTypeObject *cls, Py_ssize_t n, PyObject **items)
+{
+    PyObject *record = cls->tp_alloc(cls, n);
+    if (record == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_DECREF(items[i]);
+        }
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(record, i, items[i]);
+    }
+    return record;
+}
+
+static int
+check_record_class(PyObject *cls, const char *function)
+{
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type) ||
+        ((PyTypeObject *)cls)->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_Format(PyExc_TypeError, "%s: the class must be a plain tuple subclass", function);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+read_insert(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read_insert(buf, relations, insert, unchanged) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *buf = args[0], *relations = args[1], *cls = args[2], *unchanged = args[3];
+    if (!PyBytes_CheckExact(buf) || !PyDict_CheckExact(relations)) {
+        PyErr_SetString(PyExc_TypeError, "read_insert: buf must be bytes, relations a dict");
+        return NULL;
+    }
+    if (check_record_class(cls, "read_insert") < 0) {
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(buf);
+    Py_ssize_t size = PyBytes_GET_SIZE(buf);
+    /* 'I', relation OID, 'N', column count */
+    if (size < 8 || data[0] != 'I' || data[5] != 'N') {
+        Py_RETURN_NONE;
+    }
+    PyObject *key = PyLong_FromUnsignedLong(be32(data + 1));
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *relation = PyDict_GetItemWithError(relations, key); /* borrowed */
+    Py_DECREF(key);
+    if (relation == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(relation);
+    PyObject *columns = PyObject_GetAttr(relation, str_columns);
+    if (columns == NULL) {
+        PyErr_Clear();
+        Py_DECREF(relation);
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t width = PyTuple_CheckExact(columns) ? PyTuple_GET_SIZE(columns) : -1;
+    Py_DECREF(columns);
+    Py_ssize_t ncols = ((Py_ssize_t)data[6] << 8) | data[7];
+    Py_ssize_t pos = 8;
+    PyObject *cells = NULL;
+    if (ncols == width) {
+        cells = cells_at(data, size, &pos, ncols, unchanged);
+    }
+    if (cells == NULL || pos != size) {
+        PyErr_Clear();
+        Py_XDECREF(cells);
+        Py_DECREF(relation);
+        Py_RETURN_NONE;
+    }
+    PyObject *items[2] = {relation, cells};
+    return new_record((PyTypeObject *)cls, 2, items);
 }
 
 /* --- typed values ------------------------------------------------------------------------ */
@@ -414,11 +509,30 @@ load_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef speedups_methods[] = {
     {"read_cells", (PyCFunction)(void (*)(void))read_cells, METH_FASTCALL,
      "read_cells(buf, pos, ncols, unchanged) -> (cells, end): pgoutput TupleData cells."},
+    {"read_insert", (PyCFunction)(void (*)(void))read_insert, METH_FASTCALL,
+     "read_insert(buf, relations, insert, unchanged) -> Insert | None: a well-formed Insert."},
     {"load_row", (PyCFunction)(void (*)(void))load_row, METH_FASTCALL,
      "load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict: a typed row."},
     {"load_values", (PyCFunction)(void (*)(void))load_values, METH_FASTCALL,
      "load_values(codes, loaders, raw_json, unchanged, cells) -> tuple: typed values."},
     {NULL, NULL, 0, NULL},
+};
+
+static int
+speedups_exec(PyObject *module)
+{
+    if (str_columns == NULL) {
+        str_columns = PyUnicode_InternFromString("columns");
+        if (str_columns == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot speedups_slots[] = {
+    {Py_mod_exec, speedups_exec},
+    {0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
@@ -427,6 +541,7 @@ static struct PyModuleDef speedups_module = {
     .m_doc = "Optional C versions of the per-change loops of cdc.decoder and cdc.changes.",
     .m_size = 0,
     .m_methods = speedups_methods,
+    .m_slots = speedups_slots,
 };
 
 PyMODINIT_FUNC

@@ -1,11 +1,14 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from cdc.messages import Cell, Toast
+from cdc.messages import Cell, Insert, Relation, Toast
 
 def read_cells(
     buf: bytes, pos: int, ncols: int, unchanged: Toast, /
 ) -> tuple[tuple[Cell, ...], int]: ...
+def read_insert(
+    buf: bytes, relations: dict[int, Relation], insert: type[Insert], unchanged: Toast, /
+) -> Insert | None: ...
 def load_row(
     names: tuple[str, ...],
     codes: bytes,
