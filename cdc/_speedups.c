@@ -1,8 +1,9 @@
-/* The per-change loops of the CDC path in C: the tuple loop, Inserts, and typed rows.
+/* The per-change loops of the CDC path in C: framing, the tuple loop, and typed rows.
  *
  * Optional. Each function here has a Python twin that `cdc` uses when the extension was not
- * built; both take and return the same values and fail the same way (tests/test_decoder.py
- * and tests/test_changes.py run their cases through both and fuzz one against the other).
+ * built; both take and return the same values and fail the same way (tests/test_decoder.py,
+ * tests/test_replication.py and tests/test_changes.py run their cases through both and fuzz one
+ * against the other).
  *
  * read_cells(buf: bytes, pos: int, ncols: int, unchanged: object) -> (tuple, int)
  *     Twin: cdc.decoder._read_cells_py. Reads `ncols` TupleData cells of `buf` starting at
@@ -17,6 +18,11 @@
  *     `insert` tuple class made from the cached relation and the cells. None for anything else
  *     (unknown relation, wrong marker or width, a bad or trailing byte): the decoder's general
  *     path then reports it.
+ *
+ * xlog_data(buf: object, cls: type) -> XLogData | None
+ *     Twin: cdc.replication._xlog_data_py. A CopyData 'w' message in bytes as the `cls` tuple
+ *     (data_start, wal_end, send_time, payload); None for anything else (another kind, a
+ *     short one, another buffer type).
  *
  * load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict
  * load_values(codes, loaders, raw_json, unchanged, cells) -> tuple
@@ -52,6 +58,12 @@ static inline uint32_t
 be32(const unsigned char *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static inline uint64_t
+be64(const unsigned char *p)
+{
+    return ((uint64_t)be32(p) << 32) | (uint64_t)be32(p + 4);
 }
 
 /* --- tuple cells ------------------------------------------------------------------------- */
@@ -249,6 +261,41 @@ read_insert(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *items[2] = {relation, cells};
     return new_record((PyTypeObject *)cls, 2, items);
+}
+
+/* --- stream framing ---------------------------------------------------------------------- */
+
+static PyObject *
+xlog_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "xlog_data(buf, cls) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *buf = args[0], *cls = args[1];
+    if (check_record_class(cls, "xlog_data") < 0) {
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(buf)) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(buf);
+    Py_ssize_t size = PyBytes_GET_SIZE(buf);
+    if (size < 25 || data[0] != 'w') {
+        Py_RETURN_NONE;
+    }
+    PyObject *items[4];
+    items[0] = PyLong_FromUnsignedLongLong(be64(data + 1));
+    items[1] = PyLong_FromUnsignedLongLong(be64(data + 9));
+    items[2] = PyLong_FromLongLong((long long)be64(data + 17));
+    items[3] = PyBytes_FromStringAndSize((const char *)data + 25, size - 25);
+    if (!items[0] || !items[1] || !items[2] || !items[3]) {
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(items[i]);
+        }
+        return NULL;
+    }
+    return new_record((PyTypeObject *)cls, 4, items);
 }
 
 /* --- typed values ------------------------------------------------------------------------ */
@@ -511,6 +558,8 @@ static PyMethodDef speedups_methods[] = {
      "read_cells(buf, pos, ncols, unchanged) -> (cells, end): pgoutput TupleData cells."},
     {"read_insert", (PyCFunction)(void (*)(void))read_insert, METH_FASTCALL,
      "read_insert(buf, relations, insert, unchanged) -> Insert | None: a well-formed Insert."},
+    {"xlog_data", (PyCFunction)(void (*)(void))xlog_data, METH_FASTCALL,
+     "xlog_data(buf, cls) -> XLogData | None: a CopyData 'w' message."},
     {"load_row", (PyCFunction)(void (*)(void))load_row, METH_FASTCALL,
      "load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict: a typed row."},
     {"load_values", (PyCFunction)(void (*)(void))load_values, METH_FASTCALL,
@@ -538,7 +587,8 @@ static PyModuleDef_Slot speedups_slots[] = {
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cdc._speedups",
-    .m_doc = "Optional C versions of the per-change loops of cdc.decoder and cdc.changes.",
+    .m_doc = "Optional C versions of the per-change loops of cdc.replication, cdc.decoder and "
+             "cdc.changes.",
     .m_size = 0,
     .m_methods = speedups_methods,
     .m_slots = speedups_slots,

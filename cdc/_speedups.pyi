@@ -2,6 +2,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cdc.messages import Cell, Insert, Relation, Toast
+from cdc.replication import XLogData
 
 def read_cells(
     buf: bytes, pos: int, ncols: int, unchanged: Toast, /
@@ -9,6 +10,7 @@ def read_cells(
 def read_insert(
     buf: bytes, relations: dict[int, Relation], insert: type[Insert], unchanged: Toast, /
 ) -> Insert | None: ...
+def xlog_data(buf: object, cls: type[XLogData], /) -> XLogData | None: ...
 def load_row(
     names: tuple[str, ...],
     codes: bytes,
