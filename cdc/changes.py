@@ -47,12 +47,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from functools import partial
 from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import abc
-from psycopg.adapt import AdaptersMap, Buffer, Loader, RecursiveLoader, Transformer
+from psycopg.adapt import AdaptersMap, Buffer, Loader, RecursiveLoader
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.composite import CompositeInfo, register_composite
@@ -90,7 +89,6 @@ FIRST_USER_OID = 16384
 
 _TEXT = Format.TEXT
 _UNCHANGED = Toast.UNCHANGED
-_LOAD_ERRORS = (psycopg.Error, ValueError, ArithmeticError)
 #: `tuple.__new__(RowChange, values)`: a NamedTuple without its Python `__new__` (a third
 #: of the cost of building one row's item); for the hot path only.
 _new_tuple = tuple.__new__
@@ -311,91 +309,6 @@ def _codes_by_class(adapters: AdaptersMap) -> dict[type, int]:
 # --- the builder ---------------------------------------------------------------------------
 
 
-class _Bound:
-    """A Relation with its loaders bound: names, and one loader per column with its code."""
-
-    __slots__ = (
-        "key_indexes",
-        "load_row",
-        "load_values",
-        "names",
-        "relation",
-        "schema",
-        "table",
-        "width",
-    )
-
-    def __init__(
-        self,
-        relation: Relation,
-        oids: Sequence[int],
-        adapters: AdaptersMap,
-        codes_by_class: dict[type, int],
-    ) -> None:
-        self.relation = relation
-        self.schema = relation.namespace
-        self.table = relation.name
-        self.names = tuple(column.name for column in relation.columns)
-        self.width = len(self.names)
-        self.key_indexes = tuple(i for i, c in enumerate(relation.columns) if c.is_key)
-        transformer = Transformer(adapters)
-        loaders = [transformer.get_loader(oid, _TEXT) for oid in oids]
-        codes = rows.codes_for(loaders, codes_by_class)
-        loads = tuple(loader.load for loader in loaders)
-        #: cells → {name: value}, unchanged TOAST cells left out (in C where built)
-        self.load_row: Callable[[Sequence[Any]], dict[str, Any]] = partial(
-            rows.load_row, self.names, codes, loads, RawJson, _UNCHANGED
-        )
-        #: cells → values, unchanged TOAST cells kept as `Toast.UNCHANGED`
-        self.load_values: Callable[[Sequence[Any]], tuple[Any, ...]] = partial(
-            rows.load_values, codes, loads, RawJson, _UNCHANGED
-        )
-
-    def check_width(self, cells: Sequence[Any]) -> None:
-        if len(cells) != self.width:
-            raise ProtocolError(
-                f"{self.schema}.{self.table}: tuple of {len(cells)} columns, "
-                f"relation has {self.width}"
-            )
-
-    def unloadable(self, ex: Exception) -> ProtocolError:
-        # The exception text may quote row values: keep it out of the message.
-        return ProtocolError(
-            f"{self.schema}.{self.table}: a value could not be loaded ({type(ex).__name__})"
-        )
-
-    def values(self, cells: Sequence[Any]) -> Sequence[Any]:
-        """Load one tuple; unchanged TOAST cells stay `Toast.UNCHANGED`."""
-        self.check_width(cells)
-        try:
-            return self.load_values(cells)
-        except _LOAD_ERRORS as ex:
-            raise self.unloadable(ex) from ex
-
-    def row_of(self, cells: Sequence[Any]) -> dict[str, Any]:
-        """Load one tuple as a dict, leaving out cells the server did not send."""
-        self.check_width(cells)
-        try:
-            return self.load_row(cells)
-        except _LOAD_ERRORS as ex:
-            raise self.unloadable(ex) from ex
-
-    def old_of(self, cells: Sequence[Any], is_key: bool) -> dict[str, Any]:
-        """An old tuple as a dict: the key columns of a 'K' one, the sent cells of an 'O'."""
-        return self.key(self.values(cells)) if is_key else self.row_of(cells)
-
-    def row(self, values: Sequence[Any]) -> dict[str, Any]:
-        """A full tuple as a dict, leaving out cells the server did not send."""
-        if _UNCHANGED in values:
-            return {n: v for n, v in zip(self.names, values, strict=True) if v is not _UNCHANGED}
-        return dict(zip(self.names, values, strict=True))
-
-    def key(self, values: Sequence[Any]) -> dict[str, Any]:
-        """A key-only ('K') tuple as a dict of the replica identity columns."""
-        names = self.names
-        return {names[i]: values[i] for i in self.key_indexes if values[i] is not _UNCHANGED}
-
-
 class ChangeBuilder:
     """Turns decoder messages into items; holds the per-relation loaders and type catalog.
 
@@ -410,7 +323,7 @@ class ChangeBuilder:
         self._codes_by_class = _codes_by_class(self._adapters)
         self._types: dict[int, TypeDescription] = {}
         self._array_elements: dict[int, int] = {}  # array OID → element OID, from typarray
-        self._bound: dict[int, _Bound] = {}
+        self._bound: dict[int, rows.Bound] = {}
         self._commit_lsn: int | None = None
         self._position = 0
         self._handlers: dict[type, Callable[[Any], list[Item]]] = {
@@ -494,14 +407,14 @@ class ChangeBuilder:
             oid = description.base_oid
         return oid
 
-    def _bind(self, relation: Relation) -> _Bound:
+    def _bind(self, relation: Relation) -> rows.Bound:
         oids = [self._resolve_domain(column.type_oid) for column in relation.columns]
-        bound = self._bound[relation.oid] = _Bound(
+        bound = self._bound[relation.oid] = rows.Bound(
             relation, oids, self._adapters, self._codes_by_class
         )
         return bound
 
-    def _bound_for(self, relation: Relation) -> _Bound:
+    def _bound_for(self, relation: Relation) -> rows.Bound:
         bound = self._bound.get(relation.oid)
         if bound is None or (bound.relation is not relation and bound.relation != relation):
             bound = self._bind(relation)
@@ -551,7 +464,7 @@ class ChangeBuilder:
             bound.check_width(cells)
         try:
             new = bound.load_row(cells)
-        except _LOAD_ERRORS as ex:
+        except rows.LOAD_ERRORS as ex:
             raise bound.unloadable(ex) from ex
         commit_lsn = self._commit_lsn
         if commit_lsn is None:
@@ -598,7 +511,7 @@ class ChangeBuilder:
 
     @staticmethod
     def _merge_toast(
-        bound: _Bound,
+        bound: rows.Bound,
         values: Sequence[Any],
         old_values: Sequence[Any] | None,
         old_is_key: bool,
