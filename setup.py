@@ -1,7 +1,8 @@
 """Only the optional C extension; everything else is in pyproject.toml.
 
-`cdc._speedups` is the decoder's tuple loop in C. Optional: without a compiler the build goes
-on, and `cdc.decoder` uses its Python loop instead (same results; see cdc/_speedups.c).
+`cdc._speedups` is the CDC path's per-change loops in C (XLogData framing, the tuple loop,
+Inserts, typed rows). Optional: without a compiler the build goes on, and `cdc` uses their
+Python twins instead (same results; see cdc/_speedups.c).
 """
 
 from setuptools import Extension, setup

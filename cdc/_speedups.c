@@ -1,21 +1,148 @@
-/* The pgoutput tuple loop in C: the one Python loop that runs once per column of every row.
+/* The per-change loops of the CDC path in C: framing, the tuple loop, and typed rows.
  *
- * Optional. `cdc.decoder` uses `read_cells` from here when the extension was built and its own
- * Python `_read_cells` otherwise; both take and return the same values and fail the same way
- * (tests/test_decoder.py runs every case through both, tests/test_fuzz.py compares them).
+ * Optional. Each function here has a Python twin that `cdc` uses when the extension was not
+ * built; both take and return the same values and fail the same way (tests/test_decoder.py,
+ * tests/test_replication.py and tests/test_changes.py run their cases through both and fuzz one
+ * against the other).
  *
  * read_cells(buf: bytes, pos: int, ncols: int, unchanged: object) -> (tuple, int)
+ *     Twin: cdc.decoder._read_cells_py. Reads `ncols` TupleData cells of `buf` starting at
+ *     `pos` (just past the column count) and returns them with the position after the last
+ *     one: 't' and 'b' cells as bytes, 'n' as None, 'u' as `unchanged`. It fails exactly where
+ *     and how the Python loop does: IndexError where that one would read a cell kind past the
+ *     end, ValueError (same message) for an unknown kind or a last cell whose length runs past
+ *     the end.
  *
- * Reads `ncols` TupleData cells of `buf` starting at `pos` (just past the column count) and
- * returns them with the position after the last one: 't' and 'b' cells as bytes, 'n' as None,
- * 'u' as `unchanged`. It fails exactly where and how the Python loop does: IndexError where
- * that one would read a cell kind past the end, ValueError (same message) for an unknown kind
- * or a last cell whose length runs past the end.
+ * read_insert(buf: bytes, relations: dict, insert: type, unchanged: object) -> Insert | None
+ *     Twin: cdc.decoder._read_insert_py. A whole well-formed Insert message in one call: the
+ *     `insert` tuple class made from the cached relation and the cells. None for anything else
+ *     (unknown relation, wrong marker or width, a bad or trailing byte): the decoder's general
+ *     path then reports it.
+ *
+ * xlog_data(buf: object, cls: type) -> XLogData | None
+ *     Twin: cdc.replication._xlog_data_py. A CopyData 'w' message in bytes as the `cls` tuple
+ *     (data_start, wal_end, send_time, payload); None for anything else (another kind, a
+ *     short one, another buffer type).
+ *
+ * load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict
+ * load_values(codes, loaders, raw_json, unchanged, cells) -> tuple
+ *     Twins: cdc.rows.load_row_py, cdc.rows.load_values_py (the cells come last, so that a
+ *     `functools.partial` holds the rest). Each cell through its column's loader: None stays
+ *     None, `unchanged` is left out (load_row) or kept (load_values), and any other cell
+ *     becomes `loaders[i](cell)`. `codes[i]` names what that loader does (see cdc/rows.py);
+ *     for the common text forms this file makes the very same value itself, and hands the
+ *     cell to the loader whenever it is not sure (non-ASCII, unusual digits, invalid UTF-8),
+ *     so the loader stays the definition.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
+
+/* Must match cdc/rows.py. */
+enum {
+    CODE_CALL = 0,
+    CODE_TEXT = 1,
+    CODE_INT = 2,
+    CODE_BOOL = 3,
+    CODE_NUMERIC = 4,
+    CODE_JSON = 5,
+    CODE_TIMESTAMP = 6,
+    CODE_TIMESTAMPTZ = 7,
+};
+
+static PyObject *str_columns; /* "columns", interned at module exec */
+
+static inline uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static inline uint64_t
+be64(const unsigned char *p)
+{
+    return ((uint64_t)be32(p) << 32) | (uint64_t)be32(p + 4);
+}
+
+/* --- tuple cells ------------------------------------------------------------------------- */
+
+/* `ncols` cells from `*pos` on; advances `*pos`. New tuple, or NULL with the exception set.
+   A tuple of bytes and None only is untracked by the garbage collector: it cannot be part of
+   a cycle, and there is one per row. */
+static PyObject *
+cells_at(const unsigned char *data, Py_ssize_t size, Py_ssize_t *pos_in, Py_ssize_t ncols,
+         PyObject *unchanged)
+{
+    Py_ssize_t pos = *pos_in;
+    int atomic = 1;
+    PyObject *cells = PyTuple_New(ncols);
+    if (cells == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < ncols; i++) {
+        if (pos >= size) {
+            PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
+            goto fail;
+        }
+        unsigned char kind = data[pos];
+        PyObject *cell;
+        if (kind == 't' || kind == 'b') {
+            if (size - pos < 5) {
+                PyErr_SetString(PyExc_IndexError, "tuple cell length past the end of the message");
+                goto fail;
+            }
+            uint32_t length = be32(data + pos + 1);
+            Py_ssize_t start = pos + 5;
+            if ((uint64_t)length > (uint64_t)(size - start)) {
+                /* As the Python loop sees it: the next cell's kind is past the end, or, after
+                   the last cell, the position is. */
+                if (i + 1 < ncols) {
+                    PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
+                }
+                else {
+                    PyErr_SetString(PyExc_ValueError, "tuple cell length is negative or past the end");
+                }
+                goto fail;
+            }
+            cell = PyBytes_FromStringAndSize((const char *)data + start, (Py_ssize_t)length);
+            if (cell == NULL) {
+                goto fail;
+            }
+            pos = start + (Py_ssize_t)length;
+        }
+        else if (kind == 'n') {
+            cell = Py_NewRef(Py_None);
+            pos += 1;
+        }
+        else if (kind == 'u') {
+            cell = Py_NewRef(unchanged);
+            atomic = 0;
+            pos += 1;
+        }
+        else {
+            char message[64];
+            snprintf(message, sizeof message, "invalid tuple cell kind 0x%02x", kind);
+            PyErr_SetString(PyExc_ValueError, message);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(cells, i, cell);
+    }
+    if (pos > size) { /* no cells, and a start past the end */
+        PyErr_SetString(PyExc_ValueError, "tuple cell length is negative or past the end");
+        goto fail;
+    }
+    if (atomic) {
+        PyObject_GC_UnTrack(cells);
+    }
+    *pos_in = pos;
+    return cells;
+
+fail:
+    Py_DECREF(cells);
+    return NULL;
+}
 
 static PyObject *
 read_cells(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -41,85 +168,430 @@ read_cells(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "read_cells: negative position or column count");
         return NULL;
     }
-    PyObject *unchanged = args[3];
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(buf);
-    Py_ssize_t size = PyBytes_GET_SIZE(buf);
-
-    PyObject *cells = PyTuple_New(ncols);
+    PyObject *cells = cells_at((const unsigned char *)PyBytes_AS_STRING(buf),
+                               PyBytes_GET_SIZE(buf), &pos, ncols, args[3]);
     if (cells == NULL) {
         return NULL;
     }
-    for (Py_ssize_t i = 0; i < ncols; i++) {
-        if (pos >= size) {
-            PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
-            goto fail;
+    return Py_BuildValue("(Nn)", cells, pos);
+}
+
+/* A new instance of the tuple subclass `cls` (a NamedTuple) holding `n` stolen references. */
+static PyObject *
+new_record(PyTypeObject *cls, Py_ssize_t n, PyObject **items)
+{
+    PyObject *record = cls->tp_alloc(cls, n);
+    if (record == NULL) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_DECREF(items[i]);
         }
-        unsigned char kind = data[pos];
-        PyObject *cell;
-        if (kind == 't' || kind == 'b') {
-            if (size - pos < 5) {
-                PyErr_SetString(PyExc_IndexError, "tuple cell length past the end of the message");
-                goto fail;
-            }
-            uint32_t length = ((uint32_t)data[pos + 1] << 24) | ((uint32_t)data[pos + 2] << 16) |
-                              ((uint32_t)data[pos + 3] << 8) | (uint32_t)data[pos + 4];
-            Py_ssize_t start = pos + 5;
-            if ((uint64_t)length > (uint64_t)(size - start)) {
-                /* As the Python loop sees it: the next cell's kind is past the end, or, after
-                   the last cell, the position is. */
-                if (i + 1 < ncols) {
-                    PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
-                }
-                else {
-                    PyErr_SetString(PyExc_ValueError, "tuple cell length is negative or past the end");
-                }
-                goto fail;
-            }
-            cell = PyBytes_FromStringAndSize((const char *)data + start, (Py_ssize_t)length);
-            if (cell == NULL) {
-                goto fail;
-            }
-            pos = start + (Py_ssize_t)length;
-        }
-        else if (kind == 'n') {
-            cell = Py_NewRef(Py_None);
-            pos += 1;
-        }
-        else if (kind == 'u') {
-            cell = Py_NewRef(unchanged);
-            pos += 1;
-        }
-        else {
-            char message[64];
-            snprintf(message, sizeof message, "invalid tuple cell kind 0x%02x", kind);
-            PyErr_SetString(PyExc_ValueError, message);
-            goto fail;
-        }
-        PyTuple_SET_ITEM(cells, i, cell);
+        return NULL;
     }
-    if (pos > size) { /* no cells, and a start past the end */
-        PyErr_SetString(PyExc_ValueError, "tuple cell length is negative or past the end");
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(record, i, items[i]);
+    }
+    return record;
+}
+
+static int
+check_record_class(PyObject *cls, const char *function)
+{
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, &PyTuple_Type) ||
+        ((PyTypeObject *)cls)->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_Format(PyExc_TypeError, "%s: the class must be a plain tuple subclass", function);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+read_insert(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read_insert(buf, relations, insert, unchanged) takes 4 arguments");
+        return NULL;
+    }
+    PyObject *buf = args[0], *relations = args[1], *cls = args[2], *unchanged = args[3];
+    if (!PyBytes_CheckExact(buf) || !PyDict_CheckExact(relations)) {
+        PyErr_SetString(PyExc_TypeError, "read_insert: buf must be bytes, relations a dict");
+        return NULL;
+    }
+    if (check_record_class(cls, "read_insert") < 0) {
+        return NULL;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(buf);
+    Py_ssize_t size = PyBytes_GET_SIZE(buf);
+    /* 'I', relation OID, 'N', column count */
+    if (size < 8 || data[0] != 'I' || data[5] != 'N') {
+        Py_RETURN_NONE;
+    }
+    PyObject *key = PyLong_FromUnsignedLong(be32(data + 1));
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *relation = PyDict_GetItemWithError(relations, key); /* borrowed */
+    Py_DECREF(key);
+    if (relation == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    Py_INCREF(relation);
+    PyObject *columns = PyObject_GetAttr(relation, str_columns);
+    if (columns == NULL) {
+        PyErr_Clear();
+        Py_DECREF(relation);
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t width = PyTuple_CheckExact(columns) ? PyTuple_GET_SIZE(columns) : -1;
+    Py_DECREF(columns);
+    Py_ssize_t ncols = ((Py_ssize_t)data[6] << 8) | data[7];
+    Py_ssize_t pos = 8;
+    PyObject *cells = NULL;
+    if (ncols == width) {
+        cells = cells_at(data, size, &pos, ncols, unchanged);
+    }
+    if (cells == NULL || pos != size) {
+        PyErr_Clear();
+        Py_XDECREF(cells);
+        Py_DECREF(relation);
+        Py_RETURN_NONE;
+    }
+    PyObject *items[2] = {relation, cells};
+    return new_record((PyTypeObject *)cls, 2, items);
+}
+
+/* --- stream framing ---------------------------------------------------------------------- */
+
+static PyObject *
+xlog_data(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "xlog_data(buf, cls) takes 2 arguments");
+        return NULL;
+    }
+    PyObject *buf = args[0], *cls = args[1];
+    if (check_record_class(cls, "xlog_data") < 0) {
+        return NULL;
+    }
+    if (!PyBytes_CheckExact(buf)) {
+        Py_RETURN_NONE;
+    }
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(buf);
+    Py_ssize_t size = PyBytes_GET_SIZE(buf);
+    if (size < 25 || data[0] != 'w') {
+        Py_RETURN_NONE;
+    }
+    PyObject *items[4];
+    items[0] = PyLong_FromUnsignedLongLong(be64(data + 1));
+    items[1] = PyLong_FromUnsignedLongLong(be64(data + 9));
+    items[2] = PyLong_FromLongLong((long long)be64(data + 17));
+    items[3] = PyBytes_FromStringAndSize((const char *)data + 25, size - 25);
+    if (!items[0] || !items[1] || !items[2] || !items[3]) {
+        for (int i = 0; i < 4; i++) {
+            Py_XDECREF(items[i]);
+        }
+        return NULL;
+    }
+    return new_record((PyTypeObject *)cls, 4, items);
+}
+
+/* --- typed values ------------------------------------------------------------------------ */
+
+static int
+all_ascii(const char *p, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if ((unsigned char)p[i] & 0x80) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* An exact str of `n` ASCII bytes from `p`, with `extra` more bytes left for the caller. */
+static PyObject *
+ascii_str(const char *p, Py_ssize_t n, Py_ssize_t extra)
+{
+    PyObject *text = PyUnicode_New(n + extra, 127);
+    if (text != NULL) {
+        memcpy(PyUnicode_1BYTE_DATA(text), p, (size_t)n);
+    }
+    return text;
+}
+
+static PyObject *
+raw_json_of(PyObject *raw_json, PyObject *text)
+{
+    if (text == NULL) {
+        return NULL;
+    }
+    PyObject *value = PyObject_CallOneArg(raw_json, text);
+    Py_DECREF(text);
+    /* A str subclass instance holds no reference but its class's: it cannot be part of a
+       cycle, so the collector need not track it (nor the row dict holding it). */
+    if (value != NULL && PyObject_IS_GC(value)) {
+        PyObject_GC_UnTrack(value);
+    }
+    return value;
+}
+
+/* ISO text with its first space made a 'T' (timestamp, timestamptz). */
+static PyObject *
+iso_timestamp(const char *p, Py_ssize_t n, int utc_suffix)
+{
+    PyObject *text = ascii_str(p, n, utc_suffix ? 3 : 0);
+    if (text == NULL) {
+        return NULL;
+    }
+    Py_UCS1 *out = PyUnicode_1BYTE_DATA(text);
+    char *space = memchr(out, ' ', (size_t)n);
+    if (space != NULL) {
+        *space = 'T';
+    }
+    if (utc_suffix) {
+        memcpy(out + n, ":00", 3);
+    }
+    return text;
+}
+
+/* The value of one bytes cell, as `loader(cell)` would give it. */
+static PyObject *
+load_cell(PyObject *cell, int code, PyObject *loader, PyObject *raw_json)
+{
+    const char *p = PyBytes_AS_STRING(cell);
+    Py_ssize_t n = PyBytes_GET_SIZE(cell);
+    switch (code) {
+    case CODE_TEXT: {
+        PyObject *text = PyUnicode_DecodeUTF8(p, n, NULL);
+        if (text != NULL || !PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            return text;
+        }
+        PyErr_Clear(); /* the loader raises its own error */
+        break;
+    }
+    case CODE_INT: {
+        /* Canonical digits that fit: what int() gives; anything else is the loader's. */
+        Py_ssize_t i = (n > 0 && p[0] == '-') ? 1 : 0;
+        if (n - i >= 1 && n - i <= 18) {
+            long long value = 0;
+            for (; i < n; i++) {
+                unsigned digit = (unsigned char)p[i] - '0';
+                if (digit > 9) {
+                    break;
+                }
+                value = value * 10 + digit;
+            }
+            if (i == n) {
+                return PyLong_FromLongLong(p[0] == '-' ? -value : value);
+            }
+        }
+        break;
+    }
+    case CODE_BOOL:
+        if (n == 1 && (p[0] == 't' || p[0] == 'f')) {
+            return Py_NewRef(p[0] == 't' ? Py_True : Py_False);
+        }
+        break;
+    case CODE_NUMERIC:
+        /* Starting with a digit or "-digit", it is neither NaN nor ±Infinity. */
+        if (n >= 1 && ((p[0] >= '0' && p[0] <= '9') ||
+                       (n >= 2 && p[0] == '-' && p[1] >= '0' && p[1] <= '9')) &&
+            all_ascii(p, n)) {
+            return raw_json_of(raw_json, ascii_str(p, n, 0));
+        }
+        break;
+    case CODE_JSON: {
+        PyObject *text = PyUnicode_DecodeUTF8(p, n, NULL);
+        if (text != NULL) {
+            return raw_json_of(raw_json, text);
+        }
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+        break;
+    }
+    case CODE_TIMESTAMP:
+        if (all_ascii(p, n)) {
+            return iso_timestamp(p, n, 0);
+        }
+        break;
+    case CODE_TIMESTAMPTZ:
+        if (n >= 3 && memcmp(p + n - 3, "+00", 3) == 0 && all_ascii(p, n)) {
+            return iso_timestamp(p, n, 1);
+        }
+        break;
+    default:
+        break;
+    }
+    return PyObject_CallOneArg(loader, cell);
+}
+
+/* Checks the shared arguments of load_row and load_values; a new reference to cells as a
+   sequence with fast item access, or NULL. */
+static PyObject *
+check_plan(PyObject *cells, PyObject *codes, PyObject *loaders, Py_ssize_t *width)
+{
+    if (!PyBytes_CheckExact(codes) || !PyTuple_CheckExact(loaders) ||
+        PyBytes_GET_SIZE(codes) != PyTuple_GET_SIZE(loaders)) {
+        PyErr_SetString(PyExc_TypeError, "codes must be bytes and loaders a tuple of one length");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(cells, "cells must be a sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    *width = PyTuple_GET_SIZE(loaders);
+    if (PySequence_Fast_GET_SIZE(seq) != *width) {
+        PyErr_Format(PyExc_ValueError, "%zd cells for %zd columns", PySequence_Fast_GET_SIZE(seq),
+                     *width);
+        Py_DECREF(seq);
+        return NULL;
+    }
+    return seq;
+}
+
+static PyObject *
+load_value(PyObject *cell, Py_ssize_t i, PyObject *codes, PyObject *loaders, PyObject *raw_json)
+{
+    if (cell == Py_None) {
+        return Py_NewRef(Py_None);
+    }
+    PyObject *loader = PyTuple_GET_ITEM(loaders, i);
+    if (!PyBytes_CheckExact(cell)) {
+        return PyObject_CallOneArg(loader, cell);
+    }
+    return load_cell(cell, (unsigned char)PyBytes_AS_STRING(codes)[i], loader, raw_json);
+}
+
+static PyObject *
+load_row(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "load_row(names, codes, loaders, raw_json, unchanged, cells) takes 6 "
+                        "arguments");
+        return NULL;
+    }
+    PyObject *names = args[0], *codes = args[1], *loaders = args[2], *raw_json = args[3];
+    PyObject *unchanged = args[4];
+    Py_ssize_t width;
+    PyObject *seq = check_plan(args[5], codes, loaders, &width);
+    if (seq == NULL) {
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(names) || PyTuple_GET_SIZE(names) != width) {
+        PyErr_SetString(PyExc_TypeError, "names must be a tuple of one name per column");
+        Py_DECREF(seq);
+        return NULL;
+    }
+    PyObject **cells = PySequence_Fast_ITEMS(seq);
+    PyObject *row = PyDict_New();
+    if (row == NULL) {
         goto fail;
     }
-    return Py_BuildValue("(Nn)", cells, pos);
+    for (Py_ssize_t i = 0; i < width; i++) {
+        if (cells[i] == unchanged) {
+            continue;
+        }
+        PyObject *value = load_value(cells[i], i, codes, loaders, raw_json);
+        if (value == NULL) {
+            goto fail;
+        }
+        int failed = PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), value);
+        Py_DECREF(value);
+        if (failed) {
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    return row;
 
 fail:
-    Py_DECREF(cells);
+    Py_XDECREF(row);
+    Py_DECREF(seq);
     return NULL;
 }
+
+static PyObject *
+load_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "load_values(codes, loaders, raw_json, unchanged, cells) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *codes = args[0], *loaders = args[1], *raw_json = args[2], *unchanged = args[3];
+    Py_ssize_t width;
+    PyObject *seq = check_plan(args[4], codes, loaders, &width);
+    if (seq == NULL) {
+        return NULL;
+    }
+    PyObject **cells = PySequence_Fast_ITEMS(seq);
+    PyObject *values = PyTuple_New(width);
+    if (values == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < width; i++) {
+        PyObject *value = cells[i] == unchanged
+                              ? Py_NewRef(unchanged)
+                              : load_value(cells[i], i, codes, loaders, raw_json);
+        if (value == NULL) {
+            Py_DECREF(values);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(values, i, value);
+    }
+    Py_DECREF(seq);
+    return values;
+}
+
+/* --- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef speedups_methods[] = {
     {"read_cells", (PyCFunction)(void (*)(void))read_cells, METH_FASTCALL,
      "read_cells(buf, pos, ncols, unchanged) -> (cells, end): pgoutput TupleData cells."},
+    {"read_insert", (PyCFunction)(void (*)(void))read_insert, METH_FASTCALL,
+     "read_insert(buf, relations, insert, unchanged) -> Insert | None: a well-formed Insert."},
+    {"xlog_data", (PyCFunction)(void (*)(void))xlog_data, METH_FASTCALL,
+     "xlog_data(buf, cls) -> XLogData | None: a CopyData 'w' message."},
+    {"load_row", (PyCFunction)(void (*)(void))load_row, METH_FASTCALL,
+     "load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict: a typed row."},
+    {"load_values", (PyCFunction)(void (*)(void))load_values, METH_FASTCALL,
+     "load_values(codes, loaders, raw_json, unchanged, cells) -> tuple: typed values."},
     {NULL, NULL, 0, NULL},
+};
+
+static int
+speedups_exec(PyObject *module)
+{
+    if (str_columns == NULL) {
+        str_columns = PyUnicode_InternFromString("columns");
+        if (str_columns == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyModuleDef_Slot speedups_slots[] = {
+    {Py_mod_exec, speedups_exec},
+    {0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "cdc._speedups",
-    .m_doc = "Optional C version of cdc.decoder's tuple loop.",
+    .m_doc = "Optional C versions of the per-change loops of cdc.replication, cdc.decoder and "
+             "cdc.changes.",
     .m_size = 0,
     .m_methods = speedups_methods,
+    .m_slots = speedups_slots,
 };
 
 PyMODINIT_FUNC

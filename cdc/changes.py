@@ -8,11 +8,12 @@ Rules:
 
 * Begin → `TransactionStart`; Commit → `TransactionEnd`. Every change and transactional logical
   message in between gets a 1-based `position`; a Truncate yields one `RowChange` per relation.
-* Relation → one psycopg `Transformer` bound to the column type OIDs (bind once, load many: one
-  `load_sequence` per tuple, zipped with the precomputed column names), and a `TableColumns`
-  item: the server sends a Relation before a table's first row in a stream and again after its
-  schema changes, so consumers that depend on column names learn of a RENAME or DROP before the
-  next row, once per Relation rather than once per row.
+* Relation → one loader per column, picked once from a psycopg `Transformer` over the column
+  type OIDs (bind once, load many); each tuple then goes through `cdc.rows` (in C where built)
+  straight into a dict keyed by the precomputed column names. A Relation also yields a
+  `TableColumns` item: the server sends one before a table's first row in a stream and again
+  after its schema changes, so consumers that depend on column names learn of a RENAME or DROP
+  before the next row, once per Relation rather than once per row.
 * Type, Origin, non-transactional Message and UnknownMessage → nothing.
 * TOAST: an UPDATE's unchanged cell takes the old tuple's value where the old tuple carries it;
   otherwise the column is left out of `new` and named in `unchanged`. A key-only old tuple ('K')
@@ -53,11 +54,12 @@ from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import abc
-from psycopg.adapt import AdaptersMap, Buffer, Loader, RecursiveLoader, Transformer
+from psycopg.adapt import AdaptersMap, Buffer, Loader, RecursiveLoader
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 from psycopg.types.composite import CompositeInfo, register_composite
 
+from cdc import rows
 from cdc.errors import ProtocolError
 from cdc.messages import (
     Begin,
@@ -91,6 +93,9 @@ FIRST_USER_OID = 16384
 
 _TEXT = Format.TEXT
 _UNCHANGED = Toast.UNCHANGED
+#: `tuple.__new__(RowChange, values)`: a NamedTuple without its Python `__new__` (a third
+#: of the cost of building one row's item); for the hot path only.
+_new_tuple = tuple.__new__
 
 
 # --- items ---------------------------------------------------------------------------------
@@ -296,63 +301,28 @@ def make_adapters() -> AdaptersMap:
     return adapters
 
 
+def _codes_by_class(adapters: AdaptersMap) -> dict[type, int]:
+    """The loader classes whose values `cdc.rows` can make without calling them."""
+    by_class: dict[type, int] = {
+        _NumericLoader: rows.NUMERIC,
+        _JsonLoader: rows.JSON,
+        _TimestampLoader: rows.TIMESTAMP,
+        _TimestamptzLoader: rows.TIMESTAMPTZ,
+    }
+    for name, code in (
+        ("text", rows.TEXT),
+        ("int2", rows.INT),
+        ("int4", rows.INT),
+        ("int8", rows.INT),
+        ("bool", rows.BOOL),
+    ):
+        loader = adapters.get_loader(adapters.types[name].oid, _TEXT)
+        assert loader is not None
+        by_class.setdefault(loader, code)
+    return by_class
+
+
 # --- the builder ---------------------------------------------------------------------------
-
-
-class _Bound:
-    """A Relation with its loaders bound: names and one Transformer for its column types."""
-
-    __slots__ = ("key_indexes", "load", "names", "relation", "schema", "table", "width")
-
-    def __init__(self, relation: Relation, oids: Sequence[int], adapters: AdaptersMap) -> None:
-        self.relation = relation
-        self.schema = relation.namespace
-        self.table = relation.name
-        self.names = tuple(column.name for column in relation.columns)
-        self.width = len(self.names)
-        self.key_indexes = tuple(i for i, c in enumerate(relation.columns) if c.is_key)
-        transformer = Transformer(adapters)
-        transformer.set_loader_types(oids, _TEXT)
-        self.load: Callable[[Sequence[Any]], tuple[Any, ...]] = transformer.load_sequence
-
-    def values(self, cells: Sequence[Any]) -> Sequence[Any]:
-        """Load one tuple; unchanged TOAST cells stay `Toast.UNCHANGED`."""
-        if len(cells) != self.width:
-            raise ProtocolError(
-                f"{self.schema}.{self.table}: tuple of {len(cells)} columns, "
-                f"relation has {self.width}"
-            )
-        if _UNCHANGED not in cells:
-            return self._load(cells)
-        loaded = self._load([None if c is _UNCHANGED else c for c in cells])
-        return [_UNCHANGED if c is _UNCHANGED else v for c, v in zip(cells, loaded, strict=True)]
-
-    def _load(self, cells: Sequence[Any]) -> Sequence[Any]:
-        try:
-            return self.load(cells)
-        except (psycopg.Error, ValueError, ArithmeticError) as ex:
-            # The exception text may quote row values: keep it out of the message.
-            raise ProtocolError(
-                f"{self.schema}.{self.table}: a value could not be loaded ({type(ex).__name__})"
-            ) from ex
-
-    def new_row(self, cells: Sequence[Any]) -> dict[str, Any]:
-        """`row(values(cells))` with one scan for unchanged cells instead of two: the hot path
-        (an Insert never has any). The width is checked, so `zip` needs no `strict`."""
-        if len(cells) != self.width or _UNCHANGED in cells:
-            return self.row(self.values(cells))
-        return dict(zip(self.names, self._load(cells), strict=False))
-
-    def row(self, values: Sequence[Any]) -> dict[str, Any]:
-        """A full tuple as a dict, leaving out cells the server did not send."""
-        if _UNCHANGED in values:
-            return {n: v for n, v in zip(self.names, values, strict=True) if v is not _UNCHANGED}
-        return dict(zip(self.names, values, strict=True))
-
-    def key(self, values: Sequence[Any]) -> dict[str, Any]:
-        """A key-only ('K') tuple as a dict of the replica identity columns."""
-        names = self.names
-        return {names[i]: values[i] for i in self.key_indexes if values[i] is not _UNCHANGED}
 
 
 class ChangeBuilder:
@@ -366,9 +336,10 @@ class ChangeBuilder:
 
     def __init__(self) -> None:
         self._adapters = make_adapters()
+        self._codes_by_class = _codes_by_class(self._adapters)
         self._types: dict[int, TypeDescription] = {}
         self._array_elements: dict[int, int] = {}  # array OID → element OID, from typarray
-        self._bound: dict[int, _Bound] = {}
+        self._bound: dict[int, rows.Bound] = {}
         self._commit_lsn: int | None = None
         self._position = 0
         self._handlers: dict[type, Callable[[Any], list[Item]]] = {
@@ -452,12 +423,14 @@ class ChangeBuilder:
             oid = description.base_oid
         return oid
 
-    def _bind(self, relation: Relation) -> _Bound:
+    def _bind(self, relation: Relation) -> rows.Bound:
         oids = [self._resolve_domain(column.type_oid) for column in relation.columns]
-        bound = self._bound[relation.oid] = _Bound(relation, oids, self._adapters)
+        bound = self._bound[relation.oid] = rows.Bound(
+            relation, oids, self._adapters, self._codes_by_class
+        )
         return bound
 
-    def _bound_for(self, relation: Relation) -> _Bound:
+    def _bound_for(self, relation: Relation) -> rows.Bound:
         bound = self._bound.get(relation.oid)
         if bound is None or (bound.relation is not relation and bound.relation != relation):
             bound = self._bind(relation)
@@ -503,15 +476,38 @@ class ChangeBuilder:
         bound = self._bound.get(relation.oid)
         if bound is None or bound.relation is not relation:
             bound = self._bound_for(relation)
-        new = bound.new_row(message.new)
+        cells = message.new
+        if len(cells) != bound.width:
+            bound.check_width(cells)
+        try:
+            new = bound.load_row(cells)
+        except rows.LOAD_ERRORS as ex:
+            raise bound.unloadable(ex) from ex
         commit_lsn = self._commit_lsn
         if commit_lsn is None:
             raise ProtocolError("Insert outside a transaction")
         self._position = position = self._position + 1
-        return [RowChange(commit_lsn, position, bound.schema, bound.table, "INSERT", new, None, ())]
+        return [
+            _new_tuple(
+                RowChange,
+                (commit_lsn, position, bound.schema, bound.table, "INSERT", new, None, ()),
+            )
+        ]
 
     def _on_update(self, message: Update) -> list[Item]:
         bound = self._bound_for(message.relation)
+        if _UNCHANGED not in message.new:  # every new value sent: nothing to merge
+            new = bound.row_of(message.new)
+            old = None
+            if message.old is not None:
+                old = bound.old_of(message.old, message.old_is_key)
+            commit_lsn, position = self._next_position("Update")
+            return [
+                _new_tuple(
+                    RowChange,
+                    (commit_lsn, position, bound.schema, bound.table, "UPDATE", new, old, ()),
+                )
+            ]
         old_values: Sequence[Any] | None = None
         old = None
         if message.old is not None:
@@ -532,7 +528,7 @@ class ChangeBuilder:
 
     @staticmethod
     def _merge_toast(
-        bound: _Bound,
+        bound: rows.Bound,
         values: Sequence[Any],
         old_values: Sequence[Any] | None,
         old_is_key: bool,
@@ -556,8 +552,7 @@ class ChangeBuilder:
 
     def _on_delete(self, message: Delete) -> list[Item]:
         bound = self._bound_for(message.relation)
-        values = bound.values(message.old)
-        old = bound.key(values) if message.old_is_key else bound.row(values)
+        old = bound.old_of(message.old, message.old_is_key)
         commit_lsn, position = self._next_position("Delete")
         return [RowChange(commit_lsn, position, bound.schema, bound.table, "DELETE", None, old, ())]
 

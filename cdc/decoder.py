@@ -23,6 +23,9 @@ Reading works on the payload's `bytes` with precompiled `struct.Struct` objects 
 at an offset, no intermediate copies). The tuple loop, run once per column of every row, is
 also in C (`cdc._speedups.read_cells`, built when a compiler is there); `_read_cells_py` is the
 same loop in Python, used otherwise, and the tests run both and fuzz them against each other.
+An Insert, one per inserted row, is read whole in one call the same way (`read_insert` /
+`_read_insert_py`); only what that call leaves (anything not a well-formed Insert) takes the
+general path below, which decodes it or says exactly what is wrong.
 A memoryview payload is copied into `bytes` once: slicing `bytes` makes each tuple cell in one
 step, where slicing a memoryview makes a view and then the copy (measured in
 `bench.cdc_stages`). Short input surfaces inside the readers as
@@ -71,6 +74,7 @@ _COLUMN_TYPE = struct.Struct("!Ii")  # type OID, type modifier
 _TRUNCATE_HEAD = struct.Struct("!IB")  # relation count, option bits
 _MESSAGE_HEAD = struct.Struct("!BQ")  # flags, LSN
 _ROW_HEAD = struct.Struct("!IB")  # relation OID, first tuple marker (Insert, Update, Delete)
+_INSERT_HEAD = struct.Struct("!IBH")  # relation OID, 'N', column count
 
 _NUL = re.compile(b"\x00")
 
@@ -90,6 +94,7 @@ _TRUNCATE_CASCADE = 1
 _TRUNCATE_RESTART_IDENTITY = 2
 
 _UNCHANGED = Toast.UNCHANGED
+_INSERT = ord("I")
 
 
 class _Reader:
@@ -189,10 +194,31 @@ def _read_cells_py(
     return tuple(cells), pos
 
 
+def _read_insert_py(
+    buf: bytes, relations: dict[int, Relation], insert: type[Insert], unchanged: Toast
+) -> Insert | None:
+    """A whole well-formed Insert message, or None for anything else (which the general path
+    then decodes or reports). `cdc._speedups.read_insert` is the same function in C."""
+    if len(buf) < 8 or buf[0] != _INSERT or buf[5] != _TUPLE_NEW:
+        return None
+    oid, _, ncols = _INSERT_HEAD.unpack_from(buf, 1)
+    relation = relations.get(oid)
+    if relation is None or ncols != len(relation.columns):
+        return None
+    try:
+        cells, end = _read_cells_py(buf, 8, ncols, unchanged)
+    except (ValueError, IndexError, struct.error):
+        return None
+    return insert(relation, cells) if end == len(buf) else None
+
+
+_read_cells: Callable[[bytes, int, int, Toast], tuple[tuple[Cell, ...], int]]
+_read_insert: Callable[[bytes, dict[int, Relation], type[Insert], Toast], Insert | None]
 try:
     from cdc._speedups import read_cells as _read_cells
-except ImportError:  # built without a C compiler: the same loop in Python
-    _read_cells = _read_cells_py
+    from cdc._speedups import read_insert as _read_insert
+except ImportError:  # built without a C compiler: the same loops in Python
+    _read_cells, _read_insert = _read_cells_py, _read_insert_py
 
 
 class Decoder:
@@ -220,6 +246,10 @@ class Decoder:
         if not buf:
             raise ProtocolError("empty pgoutput message", lsn=lsn)
         kind = buf[0]
+        if kind == _INSERT:  # the common case, in one call
+            insert = _read_insert(buf, self.relations, Insert, _UNCHANGED)
+            if insert is not None:
+                return insert
         parser = _PARSERS.get(kind)
         if parser is None:
             return UnknownMessage(kind, buf)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
@@ -112,20 +113,37 @@ def parse_copy_data(data: bytes | memoryview) -> XLogData | Keepalive:
         ProtocolError: empty, truncated, of another kind, or (keepalive) with extra bytes.
     """
     buf = data if type(data) is bytes else bytes(data)
+    message = _xlog_data(buf, XLogData)
+    if message is not None:
+        return message
     if not buf:
         raise ProtocolError("empty CopyData message")
     kind = buf[0]
-    if kind == CopyKind.XLOG_DATA:
-        if len(buf) < 1 + _XLOG_HEAD.size:
-            raise ProtocolError(f"truncated XLogData: {len(buf)} bytes")
-        data_start, wal_end, send_time = _XLOG_HEAD.unpack_from(buf, 1)
-        return XLogData(data_start, wal_end, send_time, buf[1 + _XLOG_HEAD.size :])
+    if kind == CopyKind.XLOG_DATA:  # a whole one was read above
+        raise ProtocolError(f"truncated XLogData: {len(buf)} bytes")
     if kind == CopyKind.KEEPALIVE:
         if len(buf) != 1 + _KEEPALIVE.size:
             raise ProtocolError(f"keepalive of {len(buf)} bytes, expected {1 + _KEEPALIVE.size}")
         wal_end, send_time, reply = _KEEPALIVE.unpack_from(buf, 1)
         return Keepalive(wal_end, send_time, bool(reply))
     raise ProtocolError(f"unexpected CopyData message kind {kind:#04x}")
+
+
+def _xlog_data_py(buf: object, cls: type[XLogData]) -> XLogData | None:
+    """A whole XLogData message in `bytes`, or None for anything else: another kind, a short
+    one, or another buffer type (which `parse_copy_data` then reads or reports).
+    `cdc._speedups.xlog_data` is the same function in C."""
+    if type(buf) is not bytes or len(buf) < 1 + _XLOG_HEAD.size or buf[0] != CopyKind.XLOG_DATA:
+        return None
+    data_start, wal_end, send_time = _XLOG_HEAD.unpack_from(buf, 1)
+    return cls(data_start, wal_end, send_time, buf[1 + _XLOG_HEAD.size :])
+
+
+_xlog_data: Callable[[object, type[XLogData]], XLogData | None]
+try:
+    from cdc._speedups import xlog_data as _xlog_data
+except ImportError:  # built without a C compiler
+    _xlog_data = _xlog_data_py
 
 
 def build_status_update(
@@ -166,7 +184,9 @@ class ReplicationProtocol:
         Raises:
             ProtocolError: as `parse_copy_data`.
         """
-        message = parse_copy_data(data)
+        message: XLogData | Keepalive | None = _xlog_data(data, XLogData)  # the common case
+        if message is None:
+            message = parse_copy_data(data)
         self.server_wal_end = message.wal_end
         if isinstance(message, XLogData):
             if message.data_start > self.received_lsn:

@@ -8,14 +8,19 @@ rendered rows with `to_jsonb(row)` from the same server, digit for digit.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg.adapt import Buffer, Loader
 
+import cdc.rows
 from cdc.changes import (
     ChangeBuilder,
     LogicalMessage,
@@ -90,9 +95,38 @@ def rows_of(items: list[Any]) -> list[RowChange]:
     return [item for item in items if isinstance(item, RowChange)]
 
 
+try:
+    from cdc._speedups import load_row as load_row_c
+    from cdc._speedups import load_values as load_values_c
+except ImportError:  # no compiler where this checkout was installed
+    load_row_c = load_values_c = None  # type: ignore[assignment]
+
+ROW_LOOPS = {
+    "python": (cdc.rows.load_row_py, cdc.rows.load_values_py),
+    "c": (load_row_c, load_values_c),
+}
+
+
+@pytest.fixture(autouse=True, params=list(ROW_LOOPS))
+def row_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test here (the to_jsonb oracle too) runs with the row loop in Python and in C."""
+    load_row, load_values = ROW_LOOPS[request.param]
+    if load_row is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    monkeypatch.setattr(cdc.rows, "load_row", load_row)
+    monkeypatch.setattr(cdc.rows, "load_values", load_values)
+    yield request.param
+
+
 @pytest.fixture
 def builder() -> ChangeBuilder:
     return ChangeBuilder()
+
+
+def test_the_c_row_loop_is_built_where_a_compiler_is() -> None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler: the Python loop is what runs")
+    assert load_row_c is not None, "cdc._speedups missing: run pip install -e . again"
 
 
 # --- transactions and positions ------------------------------------------------------------
@@ -488,6 +522,101 @@ def test_builtin_loaders(builder: ChangeBuilder, oid: int, text: bytes, expected
     value = rows_of(items)[0].new["c0"]  # type: ignore[index]
     assert value == expected
     assert type(value) is type(expected)
+
+
+# --- the row loop: C against Python ---------------------------------------------------------
+
+#: (type OID, the code its loader gets): the C loop makes these values itself.
+CODED = [
+    (21, cdc.rows.INT),
+    (INT4, cdc.rows.INT),
+    (INT8, cdc.rows.INT),
+    (TEXT, cdc.rows.TEXT),
+    (1043, cdc.rows.TEXT),  # varchar
+    (2950, cdc.rows.TEXT),  # uuid: its text
+    (16, cdc.rows.BOOL),
+    (NUMERIC, cdc.rows.NUMERIC),
+    (114, cdc.rows.JSON),
+    (3802, cdc.rows.JSON),
+    (1114, cdc.rows.TIMESTAMP),
+    (1184, cdc.rows.TIMESTAMPTZ),
+    (701, cdc.rows.CALL),  # float8: always its loader
+    (1007, cdc.rows.CALL),  # int4[]
+]
+
+
+def bound_of(builder: ChangeBuilder, relation: Relation) -> Any:
+    builder.feed(relation)
+    return builder._bound[relation.oid]
+
+
+def test_common_types_take_the_c_shortcut(builder: ChangeBuilder) -> None:
+    rel = relation_of(*(oid for oid, _ in CODED))
+    codes = bound_of(builder, rel).load_values.args[0]
+    assert list(codes) == [code for _, code in CODED]
+
+
+GARBAGE = st.one_of(
+    st.binary(max_size=12),
+    st.text("0123456789-+. :tfTeE\u00e9", max_size=24).map(str.encode),
+    st.sampled_from([b"", b"-", b"-0", b"1234567890123456789", b"-9223372036854775808"]),
+    st.sampled_from([b"true", b"NaN", b"-Infinity", b"1e+100", b"infinity", b"\xff\xfe+00"]),
+)
+STAMP = st.builds(
+    lambda when, zone, era: (when.isoformat(sep=" ") + zone + era).encode(),
+    st.datetimes(),
+    st.sampled_from(["", "+00", "+05:30", "-07", "+00:09:21"]),
+    st.sampled_from(["", "", " BC"]),
+)
+#: Text each type's column would plausibly carry, by code.
+PLAUSIBLE = {
+    cdc.rows.INT: st.integers(-(2**63), 2**63 - 1).map(lambda n: str(n).encode()),
+    cdc.rows.TEXT: st.text().map(str.encode),
+    cdc.rows.BOOL: st.sampled_from([b"t", b"f", b"T", b""]),
+    cdc.rows.NUMERIC: st.decimals().map(lambda d: str(d).encode()),
+    cdc.rows.JSON: st.text().map(lambda t: json.dumps(t, ensure_ascii=False).encode()),
+    cdc.rows.TIMESTAMP: STAMP,
+    cdc.rows.TIMESTAMPTZ: STAMP,
+    cdc.rows.CALL: st.sampled_from([b"1.5", b"-0", b"{1,2,NULL}", b"NaN"]),
+}
+CELLS = st.tuples(
+    *(
+        st.one_of(PLAUSIBLE[code], PLAUSIBLE[code], GARBAGE, st.none(), st.just(U))
+        for _, code in CODED
+    )
+)
+
+
+def outcome(load: Callable[..., Any], *args: Any) -> object:
+    """A result in a form where `RawJson("1")`, `"1"` and `1` all differ, or the error type."""
+    try:
+        result = load(*args)
+    except Exception as exc:
+        return ("raised", type(exc).__name__)
+    items = result.items() if isinstance(result, dict) else enumerate(result)
+    return [(key, type(value), value) for key, value in items]
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(CELLS)
+def test_fuzz_c_and_python_row_loops_agree(cells: tuple[Any, ...]) -> None:
+    if load_row_c is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    bound = bound_of(ChangeBuilder(), relation_of(*(oid for oid, _ in CODED)))
+    plan = bound.load_row.args
+    assert outcome(load_row_c, *plan, cells) == outcome(cdc.rows.load_row_py, *plan, cells)
+    plan = bound.load_values.args
+    assert outcome(load_values_c, *plan, cells) == outcome(cdc.rows.load_values_py, *plan, cells)
+    for i, cell in enumerate(cells):  # one column at a time: a failing one hides no other
+        single = (plan[0][i : i + 1], plan[1][i : i + 1], *plan[2:])
+        assert outcome(load_values_c, *single, [cell]) == outcome(
+            cdc.rows.load_values_py, *single, [cell]
+        )
 
 
 # --- the oracle: to_jsonb on a real server -------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cdc.decoder
-from cdc.decoder import Decoder, _read_cells_py
+from cdc.decoder import Decoder, _read_cells_py, _read_insert_py
 from cdc.errors import ProtocolError, UnknownRelationError
 from cdc.messages import (
     Begin,
@@ -38,19 +38,24 @@ WHEN_US = (WHEN - PG_EPOCH) // timedelta(microseconds=1)
 
 try:
     from cdc._speedups import read_cells as read_cells_c
+    from cdc._speedups import read_insert as read_insert_c
 except ImportError:  # no compiler where this checkout was installed
-    read_cells_c = None  # type: ignore[assignment]
+    read_cells_c = read_insert_c = None  # type: ignore[assignment]
 
-CELL_READERS = {"python": _read_cells_py, "c": read_cells_c}
+CELL_READERS = {
+    "python": (_read_cells_py, _read_insert_py),
+    "c": (read_cells_c, read_insert_c),
+}
 
 
 @pytest.fixture(autouse=True, params=list(CELL_READERS))
 def cell_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Every test here runs with the tuple loop in Python and with the one in C."""
-    reader = CELL_READERS[request.param]
-    if reader is None:
+    """Every test here runs with the tuple loop and the Insert reader in Python and in C."""
+    read_cells, read_insert = CELL_READERS[request.param]
+    if read_cells is None:
         pytest.skip("cdc._speedups was not built (no C compiler)")
-    monkeypatch.setattr(cdc.decoder, "_read_cells", reader)
+    monkeypatch.setattr(cdc.decoder, "_read_cells", read_cells)
+    monkeypatch.setattr(cdc.decoder, "_read_insert", read_insert)
     yield request.param
 
 
@@ -467,3 +472,58 @@ def test_fuzz_c_and_python_tuple_loops_agree(case: tuple[bytes, int, int]) -> No
     assert cells_outcome(read_cells_c, buf, pos, ncols) == cells_outcome(
         _read_cells_py, buf, pos, ncols
     )
+
+
+def insert_outcome(read: Callable[..., Any], payload: bytes) -> object:
+    """What one Insert reader makes of a payload: the message (with its relation's identity),
+    None (left to the general path), or how it failed (it never should)."""
+    relations = {USERS.oid: USERS, TAGS.oid: TAGS}
+    try:
+        message = read(payload, relations, Insert, Toast.UNCHANGED)
+    except Exception as exc:
+        return ("raised", type(exc).__name__, str(exc))
+    if message is None:
+        return None
+    assert type(message) is Insert
+    return message, message.relation is relations[message.relation.oid]
+
+
+@st.composite
+def insert_payloads(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed Inserts for the cached relations, with every kind of damage."""
+    oid = draw(st.sampled_from([USERS.oid] * 3 + [TAGS.oid] * 2 + [999]))
+    marker = draw(st.sampled_from(b"N" * 6 + b"OK"))
+    width = {USERS.oid: 3, TAGS.oid: 1}.get(oid, 2) + draw(st.sampled_from([0] * 6 + [-1, 1]))
+    cells = draw(
+        st.lists(
+            st.one_of(st.binary(max_size=8), st.none(), st.just(Toast.UNCHANGED)),
+            min_size=width,
+            max_size=width,
+        )
+    )
+    payload = b"I" + struct.pack("!IB", oid, marker) + tup(*cells)
+    if draw(st.integers(0, 4)) == 0:
+        payload = payload[: draw(st.integers(0, len(payload)))]
+    if draw(st.integers(0, 4)) == 0:
+        payload += draw(st.binary(min_size=1, max_size=3))
+    return payload
+
+
+@FUZZ
+@given(st.one_of(insert_payloads(), mutated(), st.binary(max_size=64).map(lambda b: b"I" + b)))
+def test_fuzz_c_and_python_insert_readers_agree(payload: bytes) -> None:
+    if read_insert_c is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    assert insert_outcome(read_insert_c, payload) == insert_outcome(_read_insert_py, payload)
+
+
+@FUZZ
+@given(st.one_of(insert_payloads(), mutated()))
+def test_fuzz_the_insert_reader_agrees_with_the_general_path(payload: bytes) -> None:
+    """Whatever the one-call reader accepts, the general parser decodes to the same Insert;
+    whatever it leaves, the general parser decodes or rejects on its own."""
+    fast = cdc.decoder._read_insert(payload, cached_decoder().relations, Insert, Toast.UNCHANGED)
+    if fast is not None:
+        reader = cdc.decoder._Reader(payload, None)
+        assert cdc.decoder._parse_insert(cached_decoder(), reader) == fast
+        assert reader.pos == len(payload)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cdc.replication
 from cdc.errors import ProtocolError
 from cdc.replication import (
     PG_EPOCH,
@@ -20,6 +22,24 @@ from cdc.replication import (
     parse_copy_data,
     pg_time_to_datetime,
 )
+
+try:
+    from cdc._speedups import xlog_data as xlog_data_c
+except ImportError:  # no compiler where this checkout was installed
+    xlog_data_c = None  # type: ignore[assignment]
+
+XLOG_READERS = {"python": cdc.replication._xlog_data_py, "c": xlog_data_c}
+
+
+@pytest.fixture(autouse=True, params=list(XLOG_READERS))
+def xlog_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Every test here runs with the one-call XLogData reader in Python and in C."""
+    reader = XLOG_READERS[request.param]
+    if reader is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    monkeypatch.setattr(cdc.replication, "_xlog_data", reader)
+    yield request.param
+
 
 WHEN = datetime(2026, 11, 28, 11, 46, 37, 123456, tzinfo=UTC)
 WHEN_US = (WHEN - PG_EPOCH) // timedelta(microseconds=1)
@@ -99,21 +119,46 @@ def test_every_prefix_is_rejected(data: bytes) -> None:
             parse_copy_data(data[:cut])
 
 
-@settings(max_examples=400, deadline=None, database=None)
-@given(
-    st.one_of(
-        st.binary(max_size=64),
-        st.sampled_from([b"w", b"k"]).flatmap(
-            lambda kind: st.binary(max_size=40).map(lambda body: kind + body)
-        ),
-    )
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    database=None,
+    # The xlog_reader fixture only picks the implementation: the same for every example.
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+COPY_DATA = st.one_of(
+    st.binary(max_size=64),
+    st.sampled_from([b"w", b"k"]).flatmap(
+        lambda kind: st.binary(max_size=40).map(lambda body: kind + body)
+    ),
+)
+
+
+@FUZZ
+@given(COPY_DATA)
 def test_fuzz_parse_raises_only_protocol_error(data: bytes) -> None:
     try:
         message = parse_copy_data(data)
     except ProtocolError:
         return
     assert isinstance(message, XLogData | Keepalive)
+
+
+def xlog_outcome(read: Callable[..., object], data: object) -> object:
+    try:
+        return read(data, XLogData)
+    except Exception as exc:
+        return ("raised", type(exc).__name__)
+
+
+@FUZZ
+@given(st.one_of(COPY_DATA, COPY_DATA.map(bytearray), COPY_DATA.map(memoryview)))
+def test_fuzz_c_and_python_xlog_readers_agree(data: bytes) -> None:
+    if xlog_data_c is None:
+        pytest.skip("cdc._speedups was not built (no C compiler)")
+    c = xlog_outcome(xlog_data_c, data)
+    assert c == xlog_outcome(cdc.replication._xlog_data_py, data)
+    assert c is None or type(c) is XLogData
 
 
 # --- status updates -----------------------------------------------------------------------
