@@ -6,7 +6,7 @@
  * against the other).
  *
  * read_cells(buf: bytes, pos: int, ncols: int, unchanged: object) -> (tuple, int)
- *     Twin: cdc.decoder._read_cells_py. Reads `ncols` TupleData cells of `buf` starting at
+ *     Twin: cdc.decoder.read_cells_py. Reads `ncols` TupleData cells of `buf` starting at
  *     `pos` (just past the column count) and returns them with the position after the last
  *     one: 't' and 'b' cells as bytes, 'n' as None, 'u' as `unchanged`. It fails exactly where
  *     and how the Python loop does: IndexError where that one would read a cell kind past the
@@ -14,13 +14,13 @@
  *     the end.
  *
  * read_insert(buf: bytes, relations: dict, insert: type, unchanged: object) -> Insert | None
- *     Twin: cdc.decoder._read_insert_py. A whole well-formed Insert message in one call: the
+ *     Twin: cdc.decoder.read_insert_py. A whole well-formed Insert message in one call: the
  *     `insert` tuple class made from the cached relation and the cells. None for anything else
  *     (unknown relation, wrong marker or width, a bad or trailing byte): the decoder's general
  *     path then reports it.
  *
  * xlog_data(buf: object, cls: type) -> XLogData | None
- *     Twin: cdc.replication._xlog_data_py. A CopyData 'w' message in bytes as the `cls` tuple
+ *     Twin: cdc.replication.xlog_data_py. A CopyData 'w' message in bytes as the `cls` tuple
  *     (data_start, wal_end, send_time, payload); None for anything else (another kind, a
  *     short one, another buffer type).
  *

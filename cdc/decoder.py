@@ -21,10 +21,10 @@ Rules:
 
 Reading works on the payload's `bytes` with precompiled `struct.Struct` objects (`unpack_from`
 at an offset, no intermediate copies). The tuple loop, run once per column of every row, is
-also in C (`cdc._speedups.read_cells`, built when a compiler is there); `_read_cells_py` is the
+also in C (`cdc._speedups.read_cells`, built when a compiler is there); `read_cells_py` is the
 same loop in Python, used otherwise, and the tests run both and fuzz them against each other.
 An Insert, one per inserted row, is read whole in one call the same way (`read_insert` /
-`_read_insert_py`); only what that call leaves (anything not a well-formed Insert) takes the
+`read_insert_py`); only what that call leaves (anything not a well-formed Insert) takes the
 general path below, which decodes it or says exactly what is wrong.
 A memoryview payload is copied into `bytes` once: slicing `bytes` makes each tuple cell in one
 step, where slicing a memoryview makes a view and then the copy (measured in
@@ -163,7 +163,7 @@ class _Reader:
         return cells
 
 
-def _read_cells_py(
+def read_cells_py(
     buf: bytes, pos: int, ncols: int, unchanged: Toast
 ) -> tuple[tuple[Cell, ...], int]:
     """`ncols` TupleData cells from `pos` on, and the position after them.
@@ -194,7 +194,7 @@ def _read_cells_py(
     return tuple(cells), pos
 
 
-def _read_insert_py(
+def read_insert_py(
     buf: bytes, relations: dict[int, Relation], insert: type[Insert], unchanged: Toast
 ) -> Insert | None:
     """A whole well-formed Insert message, or None for anything else (which the general path
@@ -206,7 +206,7 @@ def _read_insert_py(
     if relation is None or ncols != len(relation.columns):
         return None
     try:
-        cells, end = _read_cells_py(buf, 8, ncols, unchanged)
+        cells, end = read_cells_py(buf, 8, ncols, unchanged)
     except (ValueError, IndexError, struct.error):
         return None
     return insert(relation, cells) if end == len(buf) else None
@@ -218,7 +218,7 @@ try:
     from cdc._speedups import read_cells as _read_cells
     from cdc._speedups import read_insert as _read_insert
 except ImportError:  # built without a C compiler: the same loops in Python
-    _read_cells, _read_insert = _read_cells_py, _read_insert_py
+    _read_cells, _read_insert = read_cells_py, read_insert_py
 
 
 class Decoder:

@@ -129,7 +129,7 @@ def parse_copy_data(data: bytes | memoryview) -> XLogData | Keepalive:
     raise ProtocolError(f"unexpected CopyData message kind {kind:#04x}")
 
 
-def _xlog_data_py(buf: object, cls: type[XLogData]) -> XLogData | None:
+def xlog_data_py(buf: object, cls: type[XLogData]) -> XLogData | None:
     """A whole XLogData message in `bytes`, or None for anything else: another kind, a short
     one, or another buffer type (which `parse_copy_data` then reads or reports).
     `cdc._speedups.xlog_data` is the same function in C."""
@@ -143,7 +143,7 @@ _xlog_data: Callable[[object, type[XLogData]], XLogData | None]
 try:
     from cdc._speedups import xlog_data as _xlog_data
 except ImportError:  # built without a C compiler
-    _xlog_data = _xlog_data_py
+    _xlog_data = xlog_data_py
 
 
 def build_status_update(

@@ -45,6 +45,7 @@ __all__ = [
     "MaskError",
     "mask_value",
     "resolve_custom",
+    "text_form",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ _KEEP_DIGITS = 4
 _custom_cache: dict[str, Callable[[Any], Any]] = {}
 
 
-def _text(value: Any) -> str:
+def text_form(value: Any) -> str:
+    """The text a non-string value is masked on (numbers as PostgreSQL prints them)."""
     if isinstance(value, str):
         return value
     if isinstance(value, bool):
@@ -72,7 +74,7 @@ def _starred(part: str) -> str:
 
 
 def _mask_email(value: Any) -> Any:
-    text = _text(value)
+    text = text_form(value)
     local, at, domain = text.rpartition("@")
     if not at:
         return value
@@ -83,14 +85,14 @@ def _mask_email(value: Any) -> Any:
 
 
 def _mask_digits(value: Any) -> Any:
-    digits = [char for char in _text(value) if char.isdecimal()]
+    digits = [char for char in text_form(value) if char.isdecimal()]
     if len(digits) < _KEEP_DIGITS:
         return value
     return _STAR * (len(digits) - _KEEP_DIGITS) + "".join(digits[-_KEEP_DIGITS:])
 
 
 def _mask_name(value: Any) -> Any:
-    text = _text(value)
+    text = text_form(value)
     out: list[str] = []
     word_start = None
     for index, char in enumerate(text):

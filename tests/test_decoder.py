@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cdc.decoder
-from cdc.decoder import Decoder, _read_cells_py, _read_insert_py
+from cdc.decoder import Decoder, read_cells_py, read_insert_py
 from cdc.errors import ProtocolError, UnknownRelationError
 from cdc.messages import (
     Begin,
@@ -43,7 +43,7 @@ except ImportError:  # no compiler where this checkout was installed
     read_cells_c = read_insert_c = None  # type: ignore[assignment]
 
 CELL_READERS = {
-    "python": (_read_cells_py, _read_insert_py),
+    "python": (read_cells_py, read_insert_py),
     "c": (read_cells_c, read_insert_c),
 }
 
@@ -470,7 +470,7 @@ def test_fuzz_c_and_python_tuple_loops_agree(case: tuple[bytes, int, int]) -> No
         pytest.skip("cdc._speedups was not built (no C compiler)")
     buf, pos, ncols = case
     assert cells_outcome(read_cells_c, buf, pos, ncols) == cells_outcome(
-        _read_cells_py, buf, pos, ncols
+        read_cells_py, buf, pos, ncols
     )
 
 
@@ -514,7 +514,7 @@ def insert_payloads(draw: st.DrawFn) -> bytes:
 def test_fuzz_c_and_python_insert_readers_agree(payload: bytes) -> None:
     if read_insert_c is None:
         pytest.skip("cdc._speedups was not built (no C compiler)")
-    assert insert_outcome(read_insert_c, payload) == insert_outcome(_read_insert_py, payload)
+    assert insert_outcome(read_insert_c, payload) == insert_outcome(read_insert_py, payload)
 
 
 @FUZZ

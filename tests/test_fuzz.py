@@ -224,9 +224,9 @@ RULES = [MaskRule(type=kind) for kind in ("email", "phone", "ssn", "creditCard",
 
 def _text_of(value: Any) -> str:
     # The mask's text form of a non-string (spec §8: "masked on their text form").
-    from gateway.masking import _text
+    from gateway.masking import text_form
 
-    return _text(value)
+    return text_form(value)
 
 
 @FUZZ

@@ -28,7 +28,7 @@ try:
 except ImportError:  # no compiler where this checkout was installed
     xlog_data_c = None  # type: ignore[assignment]
 
-XLOG_READERS = {"python": cdc.replication._xlog_data_py, "c": xlog_data_c}
+XLOG_READERS = {"python": cdc.replication.xlog_data_py, "c": xlog_data_c}
 
 
 @pytest.fixture(autouse=True, params=list(XLOG_READERS))
@@ -157,7 +157,7 @@ def test_fuzz_c_and_python_xlog_readers_agree(data: bytes) -> None:
     if xlog_data_c is None:
         pytest.skip("cdc._speedups was not built (no C compiler)")
     c = xlog_outcome(xlog_data_c, data)
-    assert c == xlog_outcome(cdc.replication._xlog_data_py, data)
+    assert c == xlog_outcome(cdc.replication.xlog_data_py, data)
     assert c is None or type(c) is XLogData
 
 
