@@ -167,14 +167,28 @@ async def test_check_changes_nothing_and_ensure_sets_everything_up(database_url:
         assert again.problems == [] and not any(f.pending for f in again.findings)
 
 
-async def test_slot_of_another_kind_is_named(database_url: str) -> None:
-    execute(database_url, "SELECT pg_create_logical_replication_slot('walcast', 'test_decoding')")
+@pytest.mark.parametrize(
+    ("create", "wrong"),
+    [
+        (
+            "pg_create_logical_replication_slot('walcast', 'test_decoding')",
+            "uses the output plugin test_decoding",
+        ),
+        ("pg_create_physical_replication_slot('walcast')", "is a physical slot"),
+    ],
+    ids=["test_decoding", "physical"],
+)
+async def test_slot_of_another_kind_is_named(database_url: str, create: str, wrong: str) -> None:
+    try:
+        execute(database_url, f"SELECT {create}")
+    except psycopg.errors.UndefinedFile:
+        pytest.skip("this PostgreSQL build has no test_decoding plugin (contrib)")
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         with pytest.raises(SetupError) as info:
             await setup.ensure(conn, Requirements())
     database = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
     assert str(info.value) == (
-        'replication slot "walcast" uses the output plugin test_decoding; walcast needs a'
+        f'replication slot "walcast" {wrong}; walcast needs a'
         f" logical slot with the pgoutput plugin in database {database}. Give walcast another"
         " slot (--slot or WALCAST_SLOT), or drop this one:"
         " SELECT pg_drop_replication_slot('walcast');"
