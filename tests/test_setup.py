@@ -183,9 +183,12 @@ async def test_slot_of_another_kind_is_named(database_url: str, create: str, wro
         execute(database_url, f"SELECT {create}")
     except psycopg.errors.UndefinedFile:
         pytest.skip("this PostgreSQL build has no test_decoding plugin (contrib)")
-    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        with pytest.raises(SetupError) as info:
-            await setup.ensure(conn, Requirements())
+    try:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            with pytest.raises(SetupError) as info:
+                await setup.ensure(conn, Requirements())
+    finally:  # a physical slot belongs to no database: it would outlive this test's database
+        execute(database_url, "SELECT pg_drop_replication_slot('walcast')")
     database = psycopg.conninfo.conninfo_to_dict(database_url)["dbname"]
     assert str(info.value) == (
         f'replication slot "walcast" {wrong}; walcast needs a'
