@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-__all__ = ["RawJson", "dumps"]
+__all__ = ["RawJson", "dumps", "tag_raw_json", "untag_raw_json"]
 
 
 class RawJson(str):
@@ -51,3 +51,27 @@ def dumps(obj: Any) -> bytes:
             `JSONEncodeError` is a `TypeError` subclass).
     """
     return orjson.dumps(obj, default=_default, option=_OPTIONS)
+
+
+_NUL = "\x00"
+
+
+def tag_raw_json(value: object) -> str:
+    """An orjson `default=` for keeping rows as JSON and getting them back typed: a `RawJson`
+    cell (a number, json) is written as a string starting with NUL, which no PostgreSQL text
+    value can contain. Anything else orjson cannot write is an error."""
+    if type(value) is RawJson:
+        return _NUL + value
+    raise TypeError(f"cannot keep {type(value).__name__} as JSON")
+
+
+def untag_raw_json(value: Any) -> Any:
+    """The inverse of `tag_raw_json` over a decoded value: NUL-tagged strings become `RawJson`."""
+    kind = type(value)
+    if kind is str:
+        return RawJson(value[1:]) if value.startswith(_NUL) else value
+    if kind is list:
+        return [untag_raw_json(item) for item in value]
+    if kind is dict:
+        return {name: untag_raw_json(item) for name, item in value.items()}
+    return value

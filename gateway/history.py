@@ -44,7 +44,7 @@ from typing import Any, Protocol, overload
 import orjson
 
 from cdc.cursors import NO_EPOCH, CursorKey
-from cdc.render import RawJson
+from cdc.render import tag_raw_json, untag_raw_json
 from gateway.config import TableConfig
 from gateway.events import BroadcastEvent, ChangeEvent, RoutedEvent
 
@@ -105,7 +105,6 @@ epoch, UTC), transaction id, context (table and epoch, `MemoryHistory._contexts`
 _KEY = struct.Struct("<QQ")
 _KEPT_AT = struct.Struct("<d")
 _UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_NUL = "\x00"
 
 ENTRY_OVERHEAD = sys.getsizeof(b"") + 3 * 8
 """Bytes an entry costs besides its length: the bytes object's header, and one slot in its
@@ -114,25 +113,6 @@ organization's deque and two in the node-wide order."""
 
 def _entry_key(entry: bytes) -> CursorKey:
     return _KEY.unpack_from(entry)
-
-
-def _tag(value: object) -> str:
-    """`RawJson` cells (numbers, json) keep their kind: written as a string starting with NUL,
-    which no PostgreSQL text value can contain."""
-    if type(value) is RawJson:
-        return _NUL + value
-    raise TypeError(f"cannot keep {type(value).__name__} in history")
-
-
-def _untag(value: Any) -> Any:
-    kind = type(value)
-    if kind is str:
-        return RawJson(value[1:]) if value.startswith(_NUL) else value
-    if kind is list:
-        return [_untag(item) for item in value]
-    if kind is dict:
-        return {name: _untag(item) for name, item in value.items()}
-    return value
 
 
 def _after(entries: deque[bytes], key: CursorKey) -> list[bytes]:
@@ -256,7 +236,9 @@ class MemoryHistory:
         else:
             head = _ENTRY.pack(key[0], key[1], now, 0, 0, self._context(None, event.epoch))
             body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
-        return head + orjson.dumps(body, default=_tag, option=orjson.OPT_PASSTHROUGH_SUBCLASS)
+        return head + orjson.dumps(
+            body, default=tag_raw_json, option=orjson.OPT_PASSTHROUGH_SUBCLASS
+        )
 
     def _decode(self, entry: bytes, organization_id: str | None) -> RoutedEvent:
         lsn, position, _, micros, xid, context = _ENTRY.unpack_from(entry)
@@ -276,7 +258,7 @@ class MemoryHistory:
             )
         event_type, new, old, unchanged, user, owner = body
         if entry.find(b"\\u0000", _ENTRY.size) >= 0:  # a RawJson cell: restore its kind
-            new, old = _untag(new), _untag(old)
+            new, old = untag_raw_json(new), untag_raw_json(old)
         return ChangeEvent(
             organization_id,
             (lsn, position),

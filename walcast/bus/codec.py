@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from cdc.cursors import split_cursor
-from cdc.render import RawJson
+from cdc.render import tag_raw_json, untag_raw_json
 from gateway.config import RealtimeConfig
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
 
@@ -26,25 +26,6 @@ __all__ = ["Event", "decode_events", "encode_events"]
 log = logging.getLogger(__name__)
 
 Event = RoutedEvent | AccessRevoked
-
-_NUL = "\x00"
-
-
-def _tag(value: Any) -> Any:
-    if type(value) is RawJson:
-        return _NUL + value
-    raise TypeError(f"cannot put {type(value).__name__} on the bus")
-
-
-def _untag(value: Any) -> Any:
-    kind = type(value)
-    if kind is str:
-        return RawJson(value[1:]) if value.startswith(_NUL) else value
-    if kind is list:
-        return [_untag(item) for item in value]
-    if kind is dict:
-        return {name: _untag(item) for name, item in value.items()}
-    return value
 
 
 def _encode_one(event: Event) -> list[Any]:
@@ -91,7 +72,7 @@ def _encode_one(event: Event) -> list[Any]:
 def encode_events(events: Iterable[Event]) -> bytes:
     return orjson.dumps(
         [_encode_one(event) for event in events],
-        default=_tag,
+        default=tag_raw_json,
         option=orjson.OPT_PASSTHROUGH_SUBCLASS,
     )
 
@@ -115,7 +96,7 @@ def decode_events(data: bytes, config: RealtimeConfig) -> list[Event]:
                 log.warning("dropped an event of %s.%s: not in this node's config", schema, name)
                 continue
             if tagged:
-                new, old = _untag(new), _untag(old)
+                new, old = untag_raw_json(new), untag_raw_json(old)
             events.append(
                 ChangeEvent(
                     organization_id=org,
