@@ -31,8 +31,25 @@ BROADCAST_PREFIX = "walcast"
 """Logical messages with this prefix are custom broadcasts; others are ignored."""
 
 
+class _Keyed:
+    """What every routed event derives from its `key` and `epoch`: the cursor string, formatted
+    only where a frame is sent, and the commit LSN."""
+
+    __slots__ = ()
+    key: CursorKey
+    epoch: str
+
+    @property
+    def cursor(self) -> str:
+        return format_cursor(self.key[0], self.key[1], self.epoch)
+
+    @property
+    def commit_lsn(self) -> int:
+        return self.key[0]
+
+
 @dataclass(frozen=True, slots=True)
-class ChangeEvent:
+class ChangeEvent(_Keyed):
     """A row change for one organization (or every organization, for TRUNCATE)."""
 
     organization_id: str | None  #: None: every organization (TRUNCATE has no rows to route by)
@@ -50,17 +67,9 @@ class ChangeEvent:
     #: changes it already reflects (`gateway.snapshot`).
     xid: int = 0
 
-    @property
-    def cursor(self) -> str:
-        return format_cursor(self.key[0], self.key[1], self.epoch)
-
-    @property
-    def commit_lsn(self) -> int:
-        return self.key[0]
-
 
 @dataclass(frozen=True, slots=True)
-class BroadcastEvent:
+class BroadcastEvent(_Keyed):
     """A custom event written with pg_logical_emit_message by the broadcast API."""
 
     organization_id: str
@@ -71,18 +80,11 @@ class BroadcastEvent:
     target_roles: frozenset[str]  #: empty: every member
     target_user: str | None
 
-    @property
-    def cursor(self) -> str:
-        return format_cursor(self.key[0], self.key[1], self.epoch)
-
-    @property
-    def commit_lsn(self) -> int:
-        return self.key[0]
-
 
 @dataclass(frozen=True, slots=True)
 class AccessRevoked:
-    """A member's roles changed or were removed, or a session was deleted."""
+    """Access that ended: a member's roles changed or the member left, a session was deleted or
+    ended by an UPDATE, or ``TRUNCATE member`` / ``TRUNCATE "session"`` (every field None)."""
 
     reason: str  #: "role-changed", "member-removed" or "session-revoked"
     organization_id: str | None
