@@ -33,8 +33,8 @@ from aiohttp import WSMsgType, web
 
 from gateway.config import Settings
 from gateway.fanout import Connection
-from gateway.http import error_response
-from gateway.limits import ConnectionLimiter, HandshakeRateLimiter, LimitExceeded
+from gateway.http import error_response, too_many_requests
+from gateway.limits import ConnectionLimiter, HandshakeRateLimiter
 from gateway.protocol import CloseCode, error_frame, revoked_frame, text_frame
 from gateway.readiness import Readiness
 from gateway.snapshot import Snapshots, column_types
@@ -84,12 +84,6 @@ class UpgradeLimits:
 LIMITS = web.AppKey("walcast_upgrade_limits", UpgradeLimits)
 
 
-def _too_many(refused: LimitExceeded) -> web.Response:
-    response = error_response(429, "too many requests", refused.reason)
-    response.headers["Retry-After"] = str(refused.retry_after)
-    return response
-
-
 def _not_ready(readiness: Readiness) -> web.Response:
     response = error_response(503, "not ready", readiness.reason or "not ready")
     response.headers["Retry-After"] = str(NOT_READY_RETRY_SECONDS)
@@ -102,7 +96,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     limits = request.app[LIMITS]
     refused = limits.handshakes.allow(request.remote or "")
     if refused is not None:
-        return _too_many(refused)
+        return too_many_requests(refused)
     if not state.readiness.ready:
         return _not_ready(state.readiness)
     query = request.query
@@ -147,7 +141,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return error_response(400, "not a WebSocket request", "expected an Upgrade: websocket")
     refused = limits.connections.reserve(claims.organization_id, claims.user_id)
     if refused is not None:
-        return _too_many(refused)
+        return too_many_requests(refused)
     try:
         return await _open(request, claims, since, ws, subscription, asked.snapshot)
     finally:
