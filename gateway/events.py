@@ -1,7 +1,8 @@
 """Routed events: what the gateway delivers, already addressed to one organization.
 
 The routing layer (`walcast.routing`) builds these from the reader's items; hubs, history and
-the Redis bus carry them unchanged. Frozen and slotted: one is made per change, in the hot path.
+the Redis bus carry them unchanged. Immutable; a change event, made per change in the hot
+path, is a NamedTuple.
 
 An event carries its place as a key, ``(commit_lsn, position)``, and the history epoch; the
 cursor string (`cdc.cursors`) is formatted only where it is sent, so a change no socket
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -48,10 +49,7 @@ class _Keyed:
         return self.key[0]
 
 
-@dataclass(frozen=True, slots=True)
-class ChangeEvent(_Keyed):
-    """A row change for one organization (or every organization, for TRUNCATE)."""
-
+class _ChangeFields(NamedTuple):
     organization_id: str | None  #: None: every organization (TRUNCATE has no rows to route by)
     key: CursorKey  #: (commit LSN, position in the transaction)
     epoch: str  #: the history epoch the cursor names
@@ -66,6 +64,14 @@ class ChangeEvent(_Keyed):
     #: The transaction's id (pgoutput's Begin; 0: unknown), by which a snapshot tells the
     #: changes it already reflects (`gateway.snapshot`).
     xid: int = 0
+
+
+class ChangeEvent(_ChangeFields, _Keyed):
+    """A row change for one organization (or every organization, for TRUNCATE). A NamedTuple
+    rather than a frozen dataclass, like the reader's `RowChange`: one is made per change, and
+    a frozen dataclass's `__init__` sets each of its twelve fields through `object.__setattr__`."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ import enum
 import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -519,9 +519,9 @@ class Subscription:
         if new_in and old_in:
             return event
         if new_in:
-            return replace(event, event_type="INSERT", old=None)
+            return event._replace(event_type="INSERT", old=None)
         if old_in:
-            return replace(event, event_type="DELETE", new=None, unchanged=())
+            return event._replace(event_type="DELETE", new=None, unchanged=())
         return None
 
 

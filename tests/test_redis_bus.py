@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -561,7 +560,7 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     lsns = [0x2000 + 0x100 * i for i in range(500)]
     async with _running(sink):
         for lsn in lsns:
-            await sink.publish([dataclasses.replace(change, key=(lsn, 1))])
+            await sink.publish([change._replace(key=(lsn, 1))])
             sink.mark_position(lsn + 0x10)
             assert sink._handled < lsn  # queued, not stored yet: the commit does not count
         await sink.flush()
@@ -582,7 +581,7 @@ async def test_sink_sends_one_round_trip_per_batch_and_reloads_a_forgotten_scrip
     redis = aioredis.Redis.from_url(private_redis.url)
     keys = BusKeys("walcast-test:")
     change = _events()[0]
-    later = dataclasses.replace(change, key=(0x16B4000, 1))
+    later = change._replace(key=(0x16B4000, 1))
     sink = RedisSink(redis, keys, history_seconds=120)
     try:
         await sink.start(0x16B3000, IDENTITY, WAL_END)

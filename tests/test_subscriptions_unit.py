@@ -377,9 +377,8 @@ def test_snapshot_visibility(
 ) -> None:
     visibility = Visibility(xmin, xmax, frozenset(xip))
     event = _event("INSERT", {"id": 1}, None)
-    from dataclasses import replace
 
-    assert visibility.reflects(replace(event, xid=xid)) is reflected
+    assert visibility.reflects(event._replace(xid=xid)) is reflected
 
 
 def test_snapshot_rows_keep_postgresql_numbers() -> None:
@@ -500,15 +499,13 @@ async def test_a_held_socket_gets_what_its_snapshot_does_not_reflect() -> None:
     hub.hold_at_ready.add(rec.conn)
     await registry.attach(rec.conn, None)
     assert rec.conn in hub.held
-    from dataclasses import replace
-
-    seen = replace(_order_update(1, 2), xid=100)
-    unseen = replace(_order_update(2, 3), xid=200, key=(0x21, 1))
+    seen = _order_update(1, 2)._replace(xid=100)
+    unseen = _order_update(2, 3)._replace(xid=200, key=(0x21, 1))
     registry.publish(seen)
     registry.publish(unseen)
     assert [m["event"] for m in rec.messages] == ["ready"]  # held: nothing yet
     hub.release(rec.conn, Visibility(150, 150, frozenset()).reflects)
-    registry.publish(replace(_order_update(3, 4), xid=300, key=(0x22, 1)))
+    registry.publish(_order_update(3, 4)._replace(xid=300, key=(0x22, 1)))
     news = [m["new"]["amount"] for m in rec.messages if m["type"] == "postgres_changes"]
     assert news == [3, 4]
     assert rec.conn not in hub.held
