@@ -100,8 +100,9 @@ async def run_sink(redis: aioredis.Redis, transactions: list[list[ChangeEvent]])
         started = time.perf_counter()
         for events in transactions:
             for event in events:
-                await sink.publish([event])
+                sink.publish([event])
             sink.mark_position(events[-1].commit_lsn + 1)
+            await sink.wait_for_room()
         await sink.flush()
         elapsed = time.perf_counter() - started
     finally:

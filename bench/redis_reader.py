@@ -80,12 +80,15 @@ class _UntilEnd:
         self.done = asyncio.Event()
         self.events = 0
 
-    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
-        await self.inner.publish(events)
+    def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+        self.inner.publish(events)
         self.events += len(events)
         for event in events:
             if isinstance(event, ChangeEvent) and event.new and event.new["label"] == "END":
                 self.done.set()
+
+    async def wait_for_room(self) -> None:
+        await self.inner.wait_for_room()
 
     def mark_position(self, commit_lsn: int) -> None:
         self.inner.mark_position(commit_lsn)

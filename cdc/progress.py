@@ -40,6 +40,7 @@ That keeps "nothing lost, nothing twice" testable as a table of inputs and ackno
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from cdc.changes import (
@@ -146,11 +147,24 @@ class Progress:
         self._resuming = False
         return False
 
+    @property
+    def resuming(self) -> bool:
+        """Whether items handed out before a reconnect may still come again (`skip` them)."""
+        return self._resuming
+
     def handed_out(self, item: Item) -> None:
         """The consumer asked past `item`: it has been handled."""
         self._last = _key(item)
         if type(item) is TransactionEnd:
             self._end(item)
+
+    def handed_out_batch(self, items: Sequence[Item]) -> None:
+        """The consumer asked past every item of `items`, in order: `handed_out` for each."""
+        for item in items:
+            if type(item) is TransactionEnd:
+                self._end(item)
+        if items:
+            self._last = _key(items[-1])
 
     # -- outputs -----------------------------------------------------------------------------
 

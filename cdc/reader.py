@@ -6,10 +6,10 @@ rules that make "nothing lost, nothing twice" true (the flush target, the keepal
 duplicate skip after a reconnect, read-ahead accounting) are `cdc.progress`'s, and what the
 database must provide is `cdc.setup`'s.
 
-* **Pull-based.** `items()` reads the socket only when the consumer asks for the next item, so
-  an item the consumer has asked past has been handled (`Progress.handed_out`). Items are
-  yielded as their messages arrive; a transaction is never buffered (proto_version 1: the
-  server sends it at commit).
+* **Pull-based.** `batches()` reads the socket only when the consumer asks for the next batch,
+  so a batch the consumer has asked past has been handled (`Progress.handed_out_batch`). Items
+  are yielded as their messages arrive; a transaction is never buffered (proto_version 1: the
+  server sends it at commit). `items()` hands out the same items one at a time.
 * **Read-ahead, by bytes.** One read takes a message, then whatever messages have already
   arrived in libpq's buffer, across transactions, up to `read_ahead_bytes` (`cdc.progress`'s
   budget). Nothing more is read until the consumer has asked past all of it, so a transaction
@@ -28,11 +28,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import suppress
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -55,6 +54,8 @@ from cdc.transport import ConnectionLost, ReplicationConnection, ServerError
 __all__ = ["ReplicationReader"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _BOOKKEEPING = frozenset({Begin, UnknownMessage})
 """Decoder messages that move the reader's transaction state or are skipped."""
@@ -145,7 +146,7 @@ class ReplicationReader:
         # What may be acknowledged, what to skip, and how much may be read ahead.
         self._progress = Progress(read_ahead_bytes)
         self._unknown_kinds: set[int] = set()
-        self._gen: AsyncGenerator[Item, None] | None = None
+        self._gen: AsyncGenerator[Any, None] | None = None
         self._closing = False
         self._close_requested = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -183,22 +184,34 @@ class ReplicationReader:
         """Say the oldest commit LSN still needed (None: nothing); caps the flush position."""
         self._progress.retain_from(lsn)
 
-    def items(self) -> AsyncIterator[Item]:
-        """Connect, set up, and yield items in commit order until `aclose()` or cancellation.
+    def batches(self) -> AsyncIterator[list[Item]]:
+        """Connect, set up, and yield items in commit order, a read's worth at a time, until
+        `aclose()` or cancellation.
 
-        Use as `async for item in reader.items()`. One iteration at a time per reader.
+        Use as `async for batch in reader.batches()`. A batch is what one read took (a message
+        and those already arrived, within the read-ahead budget): the consumer handles it
+        without an await per item, and it counts as handled once the consumer asks for the
+        next batch. One iteration (of `batches` or `items`) at a time per reader.
 
         Raises:
             SetupError: a set-up problem retrying cannot fix (its message says what to do).
             ProtocolError: the stream is malformed.
         """
+        return self._start(self._batches)
+
+    def items(self) -> AsyncIterator[Item]:
+        """`batches()`, one item at a time (a batch counts as handled once the consumer asks
+        past its last item)."""
+        return self._start(self._items)
+
+    def _start(self, iterate: Callable[[], AsyncGenerator[T, None]]) -> AsyncGenerator[T, None]:
         if self._gen is not None:
-            raise RuntimeError("ReplicationReader.items() is already being iterated")
+            raise RuntimeError("ReplicationReader is already being iterated")
         self._closing = False
         self._close_requested.clear()
         self._stopped.clear()
-        self._gen = self._items()
-        return self._gen
+        self._gen = gen = iterate()
+        return gen
 
     async def aclose(self) -> None:
         """Stop streaming: send a last status update, close the connections, end `items()`.
@@ -224,8 +237,16 @@ class ReplicationReader:
     # -- the stream ------------------------------------------------------------------------------
 
     async def _items(self) -> AsyncGenerator[Item, None]:
+        batches = self._batches()
+        try:
+            async for batch in batches:
+                for item in batch:
+                    yield item
+        finally:
+            await batches.aclose()
+
+    async def _batches(self) -> AsyncGenerator[list[Item], None]:
         failures = 0
-        pending: deque[Item] = deque()
         progress = self._progress
         try:
             while not self._closing:
@@ -234,19 +255,17 @@ class ReplicationReader:
                     async with asyncio.timeout(self.connect_timeout):
                         await self._connect()
                     while not self._closing:
-                        while not pending:
-                            pending.extend(await self._next_items())
-                        item = pending.popleft()
-                        if progress.skip(item):
-                            continue  # handed out before a reconnect
-                        yield item
-                        progress.handed_out(item)  # the consumer asked past it: handled
+                        batch = await self._next_items()
+                        if progress.resuming:  # drop what was handed out before a reconnect
+                            batch = [item for item in batch if not progress.skip(item)]
+                        if batch:
+                            yield batch
+                            progress.handed_out_batch(batch)  # the consumer asked past it
                 except Exception as exc:
                     if self._closing:
                         return
                     if not _retryable(exc):
                         raise
-                    pending.clear()
                     self._final_status()
                     await self._disconnect()
                     if self._stream_ok:

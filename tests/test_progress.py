@@ -95,8 +95,9 @@ def drained() -> tuple[str, Any]:
     return ("drained", None)
 
 
-def run(events: list[tuple[str, Any]]) -> list[Any]:
-    """Drive a `Progress` the way `cdc.reader` does; return the outputs."""
+def run(events: list[tuple[str, Any]], *, batched: bool = False) -> list[Any]:
+    """Drive a `Progress` the way `cdc.reader` does; return the outputs. `batched`: each
+    "hand" hands its items out as one batch (`handed_out_batch`), as `batches()` does."""
     if events and events[0][0] == "budget":
         progress = Progress(read_ahead_bytes=events[0][1])
         events = events[1:]
@@ -121,14 +122,17 @@ def run(events: list[tuple[str, Any]]) -> list[Any]:
         elif kind == "keepalive":
             progress.keepalive(arg)
         elif kind == "hand":
-            handed: list[str] = []
+            handed: list[Item] = []
             while queue and len(handed) < arg:
                 item = queue.popleft()
                 if progress.skip(item):
                     continue
-                progress.handed_out(item)
-                handed.append(name(item))
-            outputs.append(handed)
+                if not batched:
+                    progress.handed_out(item)
+                handed.append(item)
+            if batched:
+                progress.handed_out_batch(handed)
+            outputs.append([name(item) for item in handed])
         elif kind == "retain":
             progress.retain_from(arg)
         elif kind == "status":
@@ -355,6 +359,13 @@ CASES: list[tuple[str, list[tuple[str, Any]], list[Any]]] = [
 @pytest.mark.parametrize(("events", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_progress_cases(events: list[tuple[str, Any]], expected: list[Any]) -> None:
     assert run(events) == expected
+
+
+@pytest.mark.parametrize(("events", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_handing_out_a_batch_is_handing_out_each_item(
+    events: list[tuple[str, Any]], expected: list[Any]
+) -> None:
+    assert run(events, batched=True) == expected
 
 
 def test_the_flushed_position_only_follows_status_updates() -> None:

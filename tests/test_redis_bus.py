@@ -505,10 +505,10 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     await sink.start(0x16B3000, IDENTITY, WAL_END)
     assert await redis.get(keys.floor) == b"00000000016B3000-0000"
     async with _running(sink):
-        await sink.publish([change])
-        await sink.publish([broadcast])
-        await sink.publish([revoked])
-        await sink.publish([revoked])  # a second revocation in the same transaction: its own id
+        sink.publish([change])
+        sink.publish([broadcast])
+        sink.publish([revoked])
+        sink.publish([revoked])  # a second revocation in the same transaction: its own id
         await sink.flush()
     assert await redis.xlen(keys.org("org-1")) == 2
     assert await redis.xlen(keys.control) == 2
@@ -520,7 +520,7 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     await again.start(0x16B3000, IDENTITY, WAL_END)
     async with _running(again):
         for event in (change, broadcast, revoked):
-            await again.publish([event])
+            again.publish([event])
         await again.flush()
     assert again.published == 3 and again.duplicates == 3
     assert await redis.xlen(keys.org("org-1")) == 2
@@ -534,7 +534,7 @@ async def test_sink_stores_each_event_once_and_notices_a_lost_history(
     await redis.delete(keys.floor)  # what a restart without persistence looks like
     with pytest.raises(HistoryLost):
         await again.upkeep()
-    await again.publish([change])
+    again.publish([change])
     with pytest.raises(HistoryLost):
         await asyncio.wait_for(again.run(), 5)
 
@@ -560,9 +560,10 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     lsns = [0x2000 + 0x100 * i for i in range(500)]
     async with _running(sink):
         for lsn in lsns:
-            await sink.publish([change._replace(key=(lsn, 1))])
+            sink.publish([change._replace(key=(lsn, 1))])
             sink.mark_position(lsn + 0x10)
             assert sink._handled < lsn  # queued, not stored yet: the commit does not count
+            await sink.wait_for_room()  # as the pipeline does between the reader's batches
         await sink.flush()
     assert sum(sent) == 500
     assert len(sent) <= 10, sent  # batches, not one round trip per row
@@ -586,10 +587,10 @@ async def test_sink_sends_one_round_trip_per_batch_and_reloads_a_forgotten_scrip
     try:
         await sink.start(0x16B3000, IDENTITY, WAL_END)
         async with _running(sink):
-            await sink.publish([change])
+            sink.publish([change])
             await sink.flush()
             await redis.script_flush()  # what a Redis restart does to loaded scripts
-            await sink.publish([later])
+            sink.publish([later])
             await sink.flush()
         stored = await redis.xrange(keys.org("org-1"))
         assert [parse_stream_id(i) for i, _ in stored] == [(0x16B3748, 3), (0x16B4000, 1)]

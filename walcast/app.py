@@ -56,13 +56,16 @@ class LocalSink:
         self._registry = registry
         self._history = history
 
-    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+    def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
         registry = self._registry
         for event in events:
             if isinstance(event, AccessRevoked):
                 registry.revoke(event)
             else:
                 registry.publish(event)
+
+    async def wait_for_room(self) -> None:
+        """Never full: delivery is queued per socket, each bounded on its own."""
 
     def mark_position(self, commit_lsn: int) -> None:
         self._history.advance((commit_lsn, 0))

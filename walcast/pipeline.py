@@ -8,8 +8,9 @@ config, the slot, re-created if PostgreSQL invalidated it); identify the databas
 the reader hands the marker back, everything committed before start-up has been re-read into
 history, so the node is ready: sockets may attach and resume.
 
-The stream is handled item by item, each row routed and published on its own, and the loop
-gets a turn at least every `YIELD_SECONDS` of that work: a large transaction or a catch-up
+The stream is handled a reader batch at a time (what one read took), each row routed and
+published on its own without an await, and the loop gets a turn at least every
+`YIELD_SECONDS` of that work: a large transaction or a catch-up
 after downtime takes as long as its rows take, while write passes, heartbeats, `/healthz` and
 socket reads keep going. Events stay in commit order, so an event committed after a large
 transaction reaches its sockets only once that transaction has been handled.
@@ -84,7 +85,11 @@ def setup_requirements(
 class EventSink(Protocol):
     """Where routed events go: the local hubs, or the Redis bus."""
 
-    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None: ...
+    def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+        """Take the events of one reader item (synchronous: called once per item)."""
+
+    async def wait_for_room(self) -> None:
+        """Return once the sink can take more (called between the reader's batches)."""
 
     def mark_position(self, commit_lsn: int) -> None:
         """Every event up to this commit has been published."""
@@ -93,7 +98,10 @@ class EventSink(Protocol):
 class DropSink:
     """An `EventSink` that keeps nothing: for setting up without streaming, and benchmarks."""
 
-    async def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+    def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
+        return None
+
+    async def wait_for_room(self) -> None:
         return None
 
     def mark_position(self, commit_lsn: int) -> None:
@@ -226,42 +234,53 @@ class Pipeline:
         )
         reader.retain_from(start_lsn)
         route, sink, metrics = self.router.route, self._sink, self._metrics
+        publish, mark_position = sink.publish, sink.mark_position
         counted = _ChangeCounter(metrics)
         count = counted.pending
         timer = time.perf_counter
         turn_ends = timer() + YIELD_SECONDS
+        ended = 0  #: the end of the last transaction handled, for the retention window
+
+        def bookkeeping() -> None:
+            """Per batch rather than per transaction: counters and what the slot may forget."""
+            counted.flush()
+            if ended:
+                retention.record(ended)
+                reader.retain_from(retention.retained())
+
         try:
-            async for item in reader.items():
-                if isinstance(item, RowChange):
-                    relation = (item.schema, item.table, item.kind)
-                    count[relation] = count.get(relation, 0) + 1
-                    events = route(item)
-                    if events:
-                        await sink.publish(events)
-                elif isinstance(item, LogicalMessage):
-                    if item.prefix != SYNC_PREFIX:
+            async for batch in reader.batches():
+                for item in batch:
+                    if type(item) is RowChange:
+                        relation = (item.schema, item.table, item.kind)
+                        count[relation] = count.get(relation, 0) + 1
                         events = route(item)
                         if events:
-                            broadcasts = sum(isinstance(e, BroadcastEvent) for e in events)
-                            metrics.broadcasts.inc(broadcasts)
-                            await sink.publish(events)
-                    elif item.content.decode(errors="replace") == marker:
-                        log.info("caught up with the WAL at %X", item.commit_lsn)
-                        self._on_ready(start_lsn)
-                elif isinstance(item, TransactionEnd):
-                    counted.flush()
-                    sink.mark_position(item.end_lsn)
-                    retention.record(item.end_lsn)
-                    reader.retain_from(retention.retained())
-                else:
-                    route(item)
-                if timer() >= turn_ends:
-                    # Neither the reader (data keeps arriving) nor the local sink need await
-                    # anything, so without this a catch-up or a large transaction would hold
-                    # the event loop: no write pass, no /healthz, no heartbeat until its end.
-                    counted.flush()  # a scrape in this turn sees a large transaction's rows
-                    await asyncio.sleep(0)
-                    turn_ends = timer() + YIELD_SECONDS
+                            publish(events)
+                    elif type(item) is TransactionEnd:
+                        ended = item.end_lsn
+                        mark_position(ended)
+                    elif type(item) is LogicalMessage:
+                        if item.prefix != SYNC_PREFIX:
+                            events = route(item)
+                            if events:
+                                broadcasts = sum(isinstance(e, BroadcastEvent) for e in events)
+                                metrics.broadcasts.inc(broadcasts)
+                                publish(events)
+                        elif item.content.decode(errors="replace") == marker:
+                            log.info("caught up with the WAL at %X", item.commit_lsn)
+                            self._on_ready(start_lsn)
+                    else:
+                        route(item)
+                    if timer() >= turn_ends:
+                        # Neither the reader (data keeps arriving) nor the local sink need
+                        # await anything, so without this a catch-up or a large transaction
+                        # would hold the event loop: no write pass, no /healthz, no heartbeat.
+                        bookkeeping()  # a scrape in this turn sees a large transaction's rows
+                        await asyncio.sleep(0)
+                        turn_ends = timer() + YIELD_SECONDS
+                bookkeeping()
+                await sink.wait_for_room()
         finally:
             counted.flush()
             await reader.aclose()

@@ -17,7 +17,8 @@ Rules the sink keeps:
 * **Batching.** `publish` queues; `RedisSink.run` stores the queue one batch per round trip
   (one Lua call for the whole batch), so everything queued while a batch is on its way goes
   in the next one. A lone event still costs one round trip; a burst costs one per batch, not one
-  per row. The queue is bounded (`max_queued` entries): past that, `publish` waits.
+  per row. The queue is bounded (`max_queued` entries, and one reader batch more): past
+  that, the pipeline waits in `wait_for_room` before it hands over the next batch.
 * **One database per history** (`walcast.bus.epoch`). `start` reads the ``epoch`` record,
   ``floor`` and ``position`` and either goes on with the stored history, or starts a new epoch:
   it logs why (what differed), drops the old streams (their tops would refuse the new entries
@@ -258,13 +259,9 @@ class RedisSink:
             pipe.set(keys.floor, format_cursor(start_lsn, 0))
             await pipe.execute()
 
-    async def publish(self, events: Sequence[Event]) -> None:
-        """Queue the events of one reader item for `run` to store.
-
-        Returns at once unless `max_queued` entries are waiting (then once `run` has taken
-        them): the round trip to Redis is not the reader's, so while one batch is on its way
-        the next one gathers.
-        """
+    def publish(self, events: Sequence[Event]) -> None:
+        """Queue the events of one reader item for `run` to store: the round trip to Redis is
+        not the reader's, so while one batch is on its way the next one gathers."""
         if not events:
             return
         first = events[0]
@@ -289,6 +286,10 @@ class RedisSink:
         moves = not isinstance(first, AccessRevoked)
         self._enqueue(_Entry(key, moves, streams, payloads, len(events)))
         self._queued_entries += 1
+
+    async def wait_for_room(self) -> None:
+        """Return once fewer than `max_queued` entries wait to be stored (the pipeline asks
+        between the reader's batches, so the queue holds at most one batch more than that)."""
         if self._queued_entries >= self._max_queued:
             self._room.clear()
             await self._room.wait()
