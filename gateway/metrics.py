@@ -7,12 +7,28 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "Tally"]
+
+
+class Tally(Collector):
+    """A counter the hot path adds to as a plain int (``tally.value += n``), read only when
+    scraped: a Prometheus `Counter.inc` checks its argument and takes a lock, once per event."""
+
+    def __init__(self, name: str, documentation: str, *, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
 
 
 class Metrics:
@@ -35,7 +51,7 @@ class Metrics:
             "Event serializations (one per visibility class per event)",
             registry=registry,
         )
-        self.events = Counter(
+        self.events = Tally(
             "walcast_events", "Events published to organization hubs", registry=registry
         )
         self.connections = Gauge(
