@@ -323,6 +323,7 @@ async def test_metrics_expose_the_spec_names(gw: Gateway) -> None:
         await asyncio.sleep(0.2)
     assert 'walcast_changes_total{kind="INSERT",table="public.applications"}' in text
     assert value(text, "walcast_broadcasts_total") >= 1
+    assert value(text, "walcast_events_total") >= 2  # the INSERT and the sentinel broadcast
     assert value(text, "walcast_deliveries_total") >= 2
     assert value(text, "walcast_serializations_total") >= 2
     assert value(text, "walcast_connections") == 1
