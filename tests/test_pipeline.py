@@ -18,10 +18,14 @@ import psycopg
 import pytest
 
 from cdc import catalog
-from gateway.config import parse_realtime_config
+from cdc.lsn import parse_lsn
+from gateway.config import Settings, parse_realtime_config
+from gateway.metrics import Metrics
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, running_gateway
 from tests.pg import PostgresServer
+from walcast.aio import cancel_and_wait
+from walcast.pipeline import DropSink, Pipeline
 
 pytestmark = pytest.mark.integration
 
@@ -99,3 +103,47 @@ async def test_fast_shutdown_completes_while_walcast_streams(
         if restart is not None:  # with walcast gone a blocked stop completes: let it restart
             with contextlib.suppress(Exception):
                 await restart
+
+
+class _Positions(DropSink):
+    """Records what the pipeline marks as published."""
+
+    def __init__(self) -> None:
+        self.marked: list[int] = []
+
+    def mark_position(self, commit_lsn: int) -> None:
+        self.marked.append(commit_lsn)
+
+
+async def test_ready_comes_with_a_position_past_everything_before_start_up(
+    database_url: str,
+) -> None:
+    """A socket may attach the moment the node is ready, before the sync marker's commit has
+    been read: the position it is told (its ``ready`` cursor) must already cover everything
+    committed before start-up, or resuming from it answers ``resync_required``."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    settings = Settings(database_url=database_url, access_tokens=(ACCESS_TOKEN,))
+    sink = _Positions()
+    at_ready: list[list[int]] = []
+    ready = asyncio.Event()
+
+    def on_ready(start_lsn: int) -> None:
+        at_ready.append(list(sink.marked))
+        ready.set()
+
+    pipeline = Pipeline(
+        settings, parse_realtime_config(tomllib.loads(CONFIG)), sink, Metrics(), on_ready=on_ready
+    )
+    start_lsn = await pipeline.prepare()
+    _insert(database_url, range(1, 4))  # committed before start-up, after the slot
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    before_start = parse_lsn(row[0])
+    task = asyncio.create_task(pipeline.run(start_lsn))
+    try:
+        await asyncio.wait_for(ready.wait(), 30)
+    finally:
+        await cancel_and_wait(task)
+    assert at_ready[0] and max(at_ready[0]) > before_start  # the marker, written after

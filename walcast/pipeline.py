@@ -269,6 +269,9 @@ class Pipeline:
                                 publish(events)
                         elif item.content.decode(errors="replace") == marker:
                             log.info("caught up with the WAL at %X", item.commit_lsn)
+                            # Before ready: a socket attaching before the marker's commit
+                            # arrives must get a `ready` cursor it can resume from.
+                            mark_position(item.commit_lsn)
                             self._on_ready(start_lsn)
                     else:
                         route(item)
