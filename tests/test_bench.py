@@ -21,6 +21,7 @@ from bench import (
     redis_reader,
     send_cost,
     serve_cdc,
+    serve_stages,
     sustained,
 )
 from tests.pg import PostgresServer
@@ -36,6 +37,18 @@ def test_cdc_throughput_reads_every_change_on_both_sides(pg_server: PostgresServ
     )
     assert result["rows"] == 600
     assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
+
+
+def test_serve_stages_times_every_stage_of_the_captured_wal(
+    pg_server: PostgresServer, tmp_path: Path
+) -> None:
+    frames = tmp_path / "frames.pickle"
+    options = ["--rows", "400", "--batch", "100", "--repeat", "1", "--json-only"]
+    result = serve_stages.main([*options, "--dsn", pg_server.dsn, "--frames", str(frames)])
+    assert result["rows"] == 400 and frames.exists()
+    assert set(result["us_per_change"]) == {"read", "route", "publish", "serve path"}
+    again = serve_stages.main([*options, "--frames", str(frames), "--only", "route"])
+    assert again["rows"] == 400 and list(again["us_per_change"]) == ["route"]
 
 
 def test_send_cost_times_both_ways_of_writing() -> None:

@@ -1,0 +1,208 @@
+"""Where `walcast serve`'s CPU goes per change, stage by stage, on captured WAL with no I/O.
+
+    .venv/bin/python -m bench.serve_stages --rows 50000
+
+Captures the CopyData messages of `rows` inserts into `bench.serve_cdc`'s table (10
+organizations, 1,000-row transactions) once, then replays them, timing microseconds per row
+change (best of `repeat`):
+
+* `read`: stream framing, pgoutput decoding and typed rows (`cdc`), as the reader does;
+* `route`: `walcast.routing.Router` over the reader's items;
+* `publish`: the routed events into the node's hubs and in-memory history (`HubRegistry`,
+  `MemoryHistory`, with the serve defaults), no sockets;
+* `serve path`: all three in one pass, as `walcast.pipeline` chains them.
+
+CPU-bound and single-threaded, so far steadier than `bench.serve_cdc` on a shared machine: the
+one to run before and after a change to the serve path. `bench.serve_cdc` remains the headline
+figure (a real `walcast serve` process against `pg_recvlogical`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import pickle
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench.common import add_common_args, database, emit
+from bench.serve_cdc import CONFIG, END_PREFIX, INSERT_BATCHES, PUBLICATION, SCHEMA
+from cdc.changes import ChangeBuilder, Item, LogicalMessage, RowChange
+from cdc.decoder import Decoder
+from cdc.replication import ReplicationProtocol, XLogData
+from cdc.transport import ReplicationConnection
+from gateway.broadcasts import BroadcastSigner
+from gateway.config import parse_realtime_config
+from gateway.history import MemoryHistory
+from gateway.hubs import HubRegistry
+from gateway.metrics import Metrics
+from walcast.app import LocalSink
+from walcast.routing import Router
+
+SLOT = "stages"
+STAGES = ("read", "route", "publish", "serve path")
+
+
+def prepare(dsn: str, rows: int, batch: int, orgs: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(SCHEMA.encode())
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (SLOT,))
+        batches = max(1, rows // batch)
+        conn.execute(INSERT_BATCHES.format(batches=batches, batch=batch, orgs=orgs).encode())
+        conn.execute("SELECT pg_logical_emit_message(true, %s, 'end')", (END_PREFIX,))
+
+
+async def capture(dsn: str) -> list[bytes]:
+    """Every CopyData message of the slot up to the end message (keepalives included)."""
+    conn = await ReplicationConnection.connect(dsn)
+    frames: list[bytes] = []
+    protocol, decoder, builder = ReplicationProtocol(), Decoder(), ChangeBuilder()
+    try:
+        options = {"proto_version": "1", "publication_names": PUBLICATION, "messages": "true"}
+        await conn.start_replication(SLOT, 0, options)
+        while True:
+            data = await conn.read_copy()
+            frames.append(data)
+            message = protocol.receive(data)
+            if isinstance(message, XLogData):
+                for item in builder.feed(decoder.decode(message.payload, message.data_start)):
+                    if isinstance(item, LogicalMessage) and item.prefix == END_PREFIX:
+                        return frames
+    finally:
+        conn.close()
+
+
+def best_of(repeat: int, run: Callable[[], Any]) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def read(frames: list[bytes]) -> list[Item]:
+    receive, decode, feed = ReplicationProtocol().receive, Decoder().decode, ChangeBuilder().feed
+    items: list[Item] = []
+    for frame in frames:
+        message = receive(frame)
+        if type(message) is XLogData:
+            items.extend(feed(decode(message.payload, message.data_start)))
+    return items
+
+
+def route_all(router: Router) -> Callable[[list[Item]], list[list[Any]]]:
+    """Route each item as the pipeline does: a list of events per item that has any."""
+
+    def route(items: list[Item]) -> list[list[Any]]:
+        return [events for events in map(router.route, items) if events]
+
+    return route
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--batch", type=int, default=1000, help="rows per transaction")
+    parser.add_argument("--orgs", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="cProfile the serve path once")
+    parser.add_argument(
+        "--frames",
+        type=Path,
+        help="keep the captured WAL in this file, and read it from there when it exists",
+    )
+    parser.add_argument(
+        "--only", choices=STAGES, help="run this stage alone (e.g. under callgrind)"
+    )
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+
+    if args.frames and args.frames.exists():
+        frames = pickle.loads(args.frames.read_bytes())
+    else:
+        with database(args.dsn) as dsn:
+            prepare(dsn, args.rows, args.batch, args.orgs)
+            frames = asyncio.run(capture(dsn))
+        if args.frames:
+            args.frames.write_bytes(pickle.dumps(frames))
+
+    config = parse_realtime_config(tomllib.loads(CONFIG))
+    items = read(frames)
+    changes = sum(type(item) is RowChange for item in items)
+
+    def new_router() -> Router:
+        return Router(config, BroadcastSigner(["x" * 32]), Metrics())
+
+    def new_publisher() -> Callable[[list[list[Any]]], None]:
+        history = MemoryHistory(
+            seconds=config.historySeconds,
+            max_events=config.historyMaxEvents,
+            max_total_events=config.historyMaxTotalEvents,
+            max_total_bytes=config.historyMaxBytes,
+        )
+        publish = LocalSink(HubRegistry(Metrics(), history), history).publish
+
+        def publish_all(routed: list[list[Any]]) -> None:
+            for events in routed:
+                publish(events)
+
+        return publish_all
+
+    routed = route_all(new_router())(items)
+    # The fixtures live through every run; in serve they come and go. Kept out of the
+    # collector's sight, so collections cost what they cost serve.
+    gc.collect()
+    gc.freeze()
+
+    def routing() -> None:
+        route_all(new_router())(items)
+
+    def publishing() -> None:
+        new_publisher()(routed)
+
+    def serve_path() -> None:
+        route, publish = route_all(new_router()), new_publisher()
+        receive, decode = ReplicationProtocol().receive, Decoder().decode
+        feed = ChangeBuilder().feed
+        for frame in frames:
+            message = receive(frame)
+            if type(message) is XLogData:
+                publish(route(feed(decode(message.payload, message.data_start))))
+
+    stages = dict(zip(STAGES, (lambda: read(frames), routing, publishing, serve_path), strict=True))
+    if args.only:
+        stages = {args.only: stages[args.only]}
+    micros = {
+        name: round(best_of(args.repeat, run) / changes * 1e6, 3) for name, run in stages.items()
+    }
+    if args.profile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.runcall(serve_path)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    result = {"rows": changes, "frames": len(frames), "us_per_change": micros}
+    emit(
+        "serve_stages",
+        result,
+        [f"serve path stages, µs per row change over {changes} inserts (best of {args.repeat}):"]
+        + [f"  {name:10s} {value:7.3f}" for name, value in micros.items()]
+        + [
+            f"  => {1e6 / micros['serve path']:,.0f} changes/s for the CPU work alone (no I/O)"
+            for _ in micros.keys() & {"serve path"}
+        ],
+        json_only=args.json_only,
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
