@@ -32,7 +32,9 @@ from cdc.transport import ReplicationConnection
 assert SCHEMA  # the captured table is bench.cdc_throughput's
 
 
-async def capture(dsn: str, slot: str) -> list[bytes]:
+async def capture(
+    dsn: str, slot: str, publication: str = PUBLICATION, end_prefix: str = END_PREFIX
+) -> list[bytes]:
     """Every CopyData message of `slot` up to the end message (keepalives included)."""
     conn = await ReplicationConnection.connect(dsn)
     frames: list[bytes] = []
@@ -41,7 +43,7 @@ async def capture(dsn: str, slot: str) -> list[bytes]:
         await conn.start_replication(
             slot,
             0,
-            {"proto_version": "1", "publication_names": PUBLICATION, "messages": "true"},
+            {"proto_version": "1", "publication_names": publication, "messages": "true"},
         )
         protocol = ReplicationProtocol()
         while True:
@@ -50,7 +52,7 @@ async def capture(dsn: str, slot: str) -> list[bytes]:
             message = protocol.receive(data)
             if isinstance(message, XLogData):
                 decoded = decoder.decode(message.payload)
-                if isinstance(decoded, Message) and decoded.prefix == END_PREFIX:
+                if isinstance(decoded, Message) and decoded.prefix == end_prefix:
                     return frames
     finally:
         conn.close()

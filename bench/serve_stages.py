@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import gc
 import pickle
-import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -31,12 +30,12 @@ from typing import Any
 
 import psycopg
 
+from bench.cdc_stages import best_of, capture
 from bench.common import add_common_args, database, emit
 from bench.serve_cdc import CONFIG, END_PREFIX, INSERT_BATCHES, PUBLICATION, SCHEMA
-from cdc.changes import ChangeBuilder, Item, LogicalMessage, RowChange
+from cdc.changes import ChangeBuilder, Item, RowChange
 from cdc.decoder import Decoder
 from cdc.replication import ReplicationProtocol, XLogData
-from cdc.transport import ReplicationConnection
 from gateway.broadcasts import BroadcastSigner
 from gateway.config import parse_realtime_config
 from gateway.history import MemoryHistory
@@ -56,35 +55,6 @@ def prepare(dsn: str, rows: int, batch: int, orgs: int) -> None:
         batches = max(1, rows // batch)
         conn.execute(INSERT_BATCHES.format(batches=batches, batch=batch, orgs=orgs).encode())
         conn.execute("SELECT pg_logical_emit_message(true, %s, 'end')", (END_PREFIX,))
-
-
-async def capture(dsn: str) -> list[bytes]:
-    """Every CopyData message of the slot up to the end message (keepalives included)."""
-    conn = await ReplicationConnection.connect(dsn)
-    frames: list[bytes] = []
-    protocol, decoder, builder = ReplicationProtocol(), Decoder(), ChangeBuilder()
-    try:
-        options = {"proto_version": "1", "publication_names": PUBLICATION, "messages": "true"}
-        await conn.start_replication(SLOT, 0, options)
-        while True:
-            data = await conn.read_copy()
-            frames.append(data)
-            message = protocol.receive(data)
-            if isinstance(message, XLogData):
-                for item in builder.feed(decoder.decode(message.payload, message.data_start)):
-                    if isinstance(item, LogicalMessage) and item.prefix == END_PREFIX:
-                        return frames
-    finally:
-        conn.close()
-
-
-def best_of(repeat: int, run: Callable[[], Any]) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        started = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def read(frames: list[bytes]) -> list[Item]:
@@ -129,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         with database(args.dsn) as dsn:
             prepare(dsn, args.rows, args.batch, args.orgs)
-            frames = asyncio.run(capture(dsn))
+            frames = asyncio.run(capture(dsn, SLOT, PUBLICATION, END_PREFIX))
         if args.frames:
             args.frames.write_bytes(pickle.dumps(frames))
 
