@@ -49,9 +49,12 @@ class RecordingTransport:
     def __init__(self, buffered: int = 0) -> None:
         self.writes: list[bytes] = []
         self.buffered = buffered  #: what `get_write_buffer_size` reports: a slow client's backlog
+        self.reads_nothing = False  #: every write stays buffered, as for a client that stopped
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
+        if self.reads_nothing:
+            self.buffered += len(data)
 
     def is_closing(self) -> bool:
         return False
@@ -393,6 +396,27 @@ async def test_a_slow_consumer_is_closed_after_the_pass_the_others_get_everythin
     assert slow.closed_with == CloseCode.TRY_AGAIN_LATER
     assert _ids(slow) == ["ready", format_cursor(0x20, 1), format_cursor(0x30, 1)]
     assert _ids(fast)[1:] == [format_cursor(lsn, 1) for lsn in (0x20, 0x30, 0x40)]
+
+
+async def test_a_pass_past_the_limit_goes_in_whole_frame_pieces_and_stops_past_it() -> None:
+    registry = _registry()
+    reading, stalled = await _owners(registry, "reading", "stalled")
+    stalled.transport.reads_nothing = True
+    already = len(stalled.transport.writes)
+    lsns = range(0x20, 0x20 + 0x10 * 20, 0x10)  # 20 frames, several times the 1024-byte limit
+    for lsn in lsns:
+        registry.publish(_note(lsn, f"n{lsn}"))
+    registry.writes.flush_now()  # a pass of shared frames only: the audience's own path
+    await asyncio.sleep(0.01)
+    limit, pieces = stalled.conn.max_send_buffer, stalled.transport.writes[already:]
+    assert len(pieces) > 1 and all(len(piece) <= limit for piece in pieces)
+    assert limit < stalled.transport.buffered <= 2 * limit  # it stopped once past the limit
+    assert stalled.closed_with == CloseCode.TRY_AGAIN_LATER
+    expected = [format_cursor(lsn, 1) for lsn in lsns]
+    got = _ids(stalled)[1:]
+    assert 0 < len(got) < len(expected) and got == expected[: len(got)]  # whole frames, in order
+    assert all(len(piece) <= limit for piece in reading.transport.writes)  # pieces too
+    assert _ids(reading)[1:] == expected  # and it got them all
 
 
 async def test_writes_coalesce_right_after_a_pass_and_go_at_once_when_idle() -> None:
