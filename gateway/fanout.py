@@ -174,17 +174,27 @@ class Audience:
         if not frames:
             return
         shared = _joined(frames)
+        size = len(shared)
         slow = []
         for conn in self.members:
-            if conn._pending is None and conn._seen == 0:
-                # The common case: nothing of its own this pass.
-                if conn._send(frames, shared):
+            if conn._pending is not None or conn._seen:
+                own = conn._take()  # its own frames and this pass's, in the order queued
+                conn._seen = 0
+                if own is not None and conn._send(own):
                     slow.append(conn)
-                continue
-            own = conn._take()
-            conn._seen = 0
-            if own is not None and conn._send(own):
-                slow.append(conn)
+            elif not conn.closed:
+                # The common case: nothing of its own this pass. This runs once per socket per
+                # pass, so `_send` is written out here for a pass within the socket's limit.
+                transport, limit = conn._transport, conn.max_send_buffer
+                if transport.is_closing():
+                    conn.closed = True
+                elif size > limit:
+                    if conn._write(frames, shared):
+                        slow.append(conn)
+                else:
+                    transport.write(shared)
+                    if transport.get_write_buffer_size() > limit:
+                        slow.append(conn)
         self._frames = None
         # Closed only now: `close()` writes what is still queued for the socket, and while
         # `_frames` was set that would have been this pass's frames a second time.

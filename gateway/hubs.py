@@ -66,7 +66,7 @@ from gateway.protocol import (
     system_frame,
     text_frame,
 )
-from gateway.subscriptions import Subscription
+from gateway.subscriptions import ALL, Subscription
 from gateway.tickets import StaleTicketError, TicketClaims, TicketError
 
 __all__ = ["Hub", "HubRegistry"]
@@ -315,7 +315,9 @@ class Hub:
             for (roles, subscription), conns in audience:
                 if not policy.allows(roles):
                     continue
-                if subscription in views:
+                if subscription is ALL:  # most sockets: no dict look-up, no hashing
+                    view: ChangeEvent | None = event
+                elif subscription in views:
                     view = views[subscription]
                 else:
                     view = views[subscription] = subscription.view(event)
