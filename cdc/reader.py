@@ -214,7 +214,7 @@ class ReplicationReader:
         return gen
 
     async def aclose(self) -> None:
-        """Stop streaming: send a last status update, close the connections, end `items()`.
+        """Stop streaming: send a last status update, close the connections, end the iteration.
 
         Safe to call from another task while the consumer is waiting for an item: its
         iteration then ends normally.

@@ -10,10 +10,10 @@ history, so the node is ready: sockets may attach and resume.
 
 The stream is handled a reader batch at a time (what one read took), each row routed and
 published on its own without an await, and the loop gets a turn at least every
-`YIELD_SECONDS` of that work: a large transaction or a catch-up
-after downtime takes as long as its rows take, while write passes, heartbeats, `/healthz` and
-socket reads keep going. Events stay in commit order, so an event committed after a large
-transaction reaches its sockets only once that transaction has been handled.
+`YIELD_SECONDS` of that work: a large transaction or a catch-up after downtime takes as long
+as its rows take, while write passes, heartbeats, `/healthz` and socket reads keep going.
+Events stay in commit order, so an event committed after a large transaction reaches its
+sockets only once that transaction has been handled.
 
 What the slot may forget is decided by `RetentionWindow`: the WAL position the node had reached
 `historySeconds` ago. That is at or before the oldest transaction still in any history, so a
