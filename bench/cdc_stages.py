@@ -67,6 +67,26 @@ def best_of(repeat: int, run: Callable[[], Any]) -> float:
     return best
 
 
+def report(
+    bench: str,
+    title: str,
+    micros: dict[str, float],
+    total: str,
+    changes: int,
+    frames: int,
+    repeat: int,
+    json_only: bool,
+) -> dict[str, Any]:
+    """Print a stage benchmark's µs per change (`total`: the stage that runs them all)."""
+    result = {"rows": changes, "frames": frames, "us_per_change": micros}
+    lines = [f"{title}, µs per row change over {changes} inserts (best of {repeat}):"]
+    lines += [f"  {name:10s} {value:7.3f}" for name, value in micros.items()]
+    if total in micros:
+        lines.append(f"  => {1e6 / micros[total]:,.0f} changes/s for the CPU work alone (no I/O)")
+    emit(bench, result, lines, json_only=json_only)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
@@ -131,16 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     micros = {
         name: round(best_of(args.repeat, run) / changes * 1e6, 3) for name, run in stages.items()
     }
-    result = {"rows": changes, "frames": len(frames), "us_per_change": micros}
-    emit(
-        "cdc_stages",
-        result,
-        [f"CDC stages, µs per row change over {changes} inserts (best of {args.repeat}):"]
-        + [f"  {name:10s} {value:7.3f}" for name, value in micros.items()]
-        + [f"  => {1e6 / micros['all']:,.0f} changes/s for the CPU work alone (no I/O, no reader)"],
-        json_only=args.json_only,
+    return report(
+        "cdc_stages", "CDC stages", micros, "all", changes, len(frames), args.repeat, args.json_only
     )
-    return result
 
 
 if __name__ == "__main__":

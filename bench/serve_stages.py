@@ -30,8 +30,8 @@ from typing import Any
 
 import psycopg
 
-from bench.cdc_stages import best_of, capture
-from bench.common import add_common_args, database, emit
+from bench.cdc_stages import best_of, capture, report
+from bench.common import add_common_args, database
 from bench.serve_cdc import CONFIG, END_PREFIX, INSERT_BATCHES, PUBLICATION, SCHEMA
 from cdc.changes import ChangeBuilder, Item, RowChange
 from cdc.decoder import Decoder
@@ -159,19 +159,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         profiler = cProfile.Profile()
         profiler.runcall(serve_path)
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    result = {"rows": changes, "frames": len(frames), "us_per_change": micros}
-    emit(
+    return report(
         "serve_stages",
-        result,
-        [f"serve path stages, µs per row change over {changes} inserts (best of {args.repeat}):"]
-        + [f"  {name:10s} {value:7.3f}" for name, value in micros.items()]
-        + [
-            f"  => {1e6 / micros['serve path']:,.0f} changes/s for the CPU work alone (no I/O)"
-            for _ in micros.keys() & {"serve path"}
-        ],
-        json_only=args.json_only,
+        "serve path stages",
+        micros,
+        "serve path",
+        changes,
+        len(frames),
+        args.repeat,
+        args.json_only,
     )
-    return result
 
 
 if __name__ == "__main__":
