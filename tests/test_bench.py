@@ -180,6 +180,9 @@ def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: Postg
     assert result["isolated"] and result["masked_leaks"] == 0 and result["out_of_order"] == 0
     assert result["last_minute"]["samples"] == 2 * received["owner"]
     assert result["rss_mb"] and result["gc_last_minute"]["collections"] > 0
+    # The baseline run: pg_recvlogical timed every commit of its own pgbench run.
+    (baseline,) = result["baseline_runs"]
+    assert baseline["missing"] == 0 and baseline["tps"] > 0 and baseline["p50_ms"] > 0
 
 
 def test_gc_hook_times_collections_and_applies_the_threshold(tmp_path: Path) -> None:
