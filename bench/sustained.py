@@ -251,6 +251,14 @@ async def run_walcast(dsn: str, args: argparse.Namespace, workdir: Path) -> dict
     ) as serve:
         pid = serve.pid
         owner, member, other = Subscriber("owner"), Subscriber("member"), Subscriber("other")
+        beside = Subscriber("pg_recvlogical")
+        if args.paired:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_create_logical_replication_slot(%s, 'test_decoding')",
+                    (f"{slot}_beside",),
+                )
+            consumer = asyncio.create_task(baseline_consumer(dsn, f"{slot}_beside", beside))
         async with aiohttp.ClientSession() as http:
             # /readyz: history is complete from start-up, so sockets may attach.
             for _ in range(600):
@@ -289,6 +297,11 @@ async def run_walcast(dsn: str, args: argparse.Namespace, workdir: Path) -> dict
             for ws, _, _ in sockets:
                 await ws.close()
             await asyncio.gather(*readers, sampler, return_exceptions=True)
+        if args.paired:
+            await until_received([beside], int(summary.get("transactions", 0)))
+            consumer.cancel()
+            await asyncio.gather(consumer, return_exceptions=True)
+            await _drop_slot(dsn, f"{slot}_beside")
     pauses = gc_pauses(serve.gc_log)
     last = [p for p in pauses if started <= p.at and p.at >= ended - LAST_SECONDS]
     return {
@@ -304,6 +317,9 @@ async def run_walcast(dsn: str, args: argparse.Namespace, workdir: Path) -> dict
         "last_minute": _latencies([owner, member], ended - LAST_SECONDS, ended),
         "whole_run": _latencies([owner, member], started, ended),
         "worst_seconds": _worst_seconds([owner, member], started),
+        "added_by_walcast": _added_delay(beside, owner, ended - LAST_SECONDS, ended)
+        if args.paired
+        else None,
         "received": {s.name: len(s.commits) for s in (owner, member, other)},
         "isolated": len(other.commits) == 0,
         "masked_leaks": member.leaks,
@@ -354,6 +370,28 @@ def _latencies(subscribers: list[Subscriber], since: float, until: float) -> dic
     }
 
 
+def _added_delay(
+    beside: Subscriber, subscriber: Subscriber, since: float, until: float
+) -> dict[str, Any]:
+    """How much later than pg_recvlogical, running beside it on the same WAL, `subscriber` got
+    each transaction (matched by commit time): walcast's own share of commit -> client, without
+    the disk's and the walsender's, which both consumers wait for alike."""
+    first_seen = {}
+    for commit, receive in zip(beside.commits, beside.receives, strict=True):
+        first_seen.setdefault(commit, receive)
+    values = sorted(
+        (receive - first_seen[commit]) * 1000
+        for commit, receive in zip(subscriber.commits, subscriber.receives, strict=True)
+        if since <= commit <= until and commit in first_seen
+    )
+    return {
+        "samples": len(values),
+        "p50_ms": round(median(values), 1),
+        "p99_ms": round(percentile(values, 0.99), 1),
+        "max_ms": round(values[-1], 1) if values else None,
+    }
+
+
 def _worst_seconds(subscribers: list[Subscriber], since: float, count: int = 5) -> list[Any]:
     """The seconds of the run (by commit time) with the longest commit -> client delays:
     [second, max ms], to tell a steady tail from a few stalls."""
@@ -387,6 +425,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=4, help="pgbench -c")
     parser.add_argument(
         "--rounds", type=int, default=1, help="walcast runs, each followed by a baseline run"
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="also run pg_recvlogical beside walcast and report the delay walcast adds to it "
+        "(one more walsender decodes the load)",
     )
     parser.add_argument(
         "--no-baseline",
@@ -431,6 +475,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"the median walcast run: p99 {tail['p99_ms']} ms, max {tail['max_ms']} ms; target "
         f"p99 < 50, max < 250: {'met' if met else 'NOT met'}",
         f"  worst seconds [second, max ms]: {result['worst_seconds']}",
+        *(
+            [
+                "  added by walcast to pg_recvlogical running beside it, per change: p50 "
+                "{p50_ms} ms, p99 {p99_ms} ms, max {max_ms} ms".format(**result["added_by_walcast"])
+            ]
+            if result["added_by_walcast"]
+            else []
+        ),
         f"  CPU while pgbench ran: serve {result['serve_cpu_share']:.0%} of a core "
         f"({result['serve_cpu_us_per_transaction']} µs per transaction), subscribers "
         f"{result['subscribers_cpu_share']:.0%}",

@@ -171,7 +171,7 @@ def test_top_frames_ranks_own_and_cumulative_samples() -> None:
 
 
 def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: PostgresServer) -> None:
-    args = ["--tps", "50", "--seconds", "3", "--scale", "1", "--clients", "2"]
+    args = ["--tps", "50", "--seconds", "3", "--scale", "1", "--clients", "2", "--paired"]
     result = sustained.main([*args, "--dsn", pg_server.dsn, "--json-only"])
     received = result["received"]
     # TPC-B: four row changes per transaction, each to both subscribers of org_bench.
@@ -181,6 +181,8 @@ def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: Postg
     assert result["last_minute"]["samples"] == 2 * received["owner"]
     assert result["rss_mb"] and result["gc_last_minute"]["collections"] > 0
     # The baseline run: pg_recvlogical timed every commit of its own pgbench run.
+    # --paired: each change the owner got was matched to pg_recvlogical's copy of its commit.
+    assert result["added_by_walcast"]["samples"] == received["owner"]
     (baseline,) = result["baseline_runs"]
     assert baseline["missing"] == 0 and baseline["tps"] > 0 and baseline["p50_ms"] > 0
 
