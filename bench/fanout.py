@@ -49,8 +49,8 @@ async def walcast_round(
 ) -> dict:
     await client.connect(server.walcast_paths(sockets), READY_MARKER)
     metrics = server.metrics
-    before = metrics.deliveries._value.get()
-    serializations = metrics.serializations._value.get()
+    before = metrics.deliveries.value
+    serializations = metrics.serializations.value
     slow = metrics.slow_consumers._value.get()
     publish = server.registry.publish
     prepared = [change_event(server, i) for i in range(events)]
@@ -62,13 +62,13 @@ async def walcast_round(
     publish(end_event(server))
     ended, lost, ok, _ = await client.await_end()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu
-    delivered = metrics.deliveries._value.get() - before
+    delivered = metrics.deliveries.value - before
     result = {
         "wall": wall,
         "cpu": cpu,
         "deliveries": sockets * (events + 1),
         "counted_deliveries": int(delivered),
-        "serializations_per_event": (metrics.serializations._value.get() - serializations)
+        "serializations_per_event": (metrics.serializations.value - serializations)
         / (events + 1),
         "slow_consumers": int(metrics.slow_consumers._value.get() - slow),
         "ended": ended,

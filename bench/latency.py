@@ -148,7 +148,7 @@ async def run(
         freeze_startup_objects()  # as `walcast serve` does once it listens
         passes = metrics.write_passes.collect()[0]
         passes_before = _sample(passes, "_count"), _sample(passes, "_sum")
-        deliveries = metrics.deliveries._value.get()
+        deliveries = metrics.deliveries.value
         slow = metrics.slow_consumers._value.get()
         cpu = time.process_time()
         client_cpu = await client.cpu_seconds()
@@ -173,7 +173,7 @@ async def run(
         cpu = time.process_time() - cpu
         client_cpu = await client.cpu_seconds() - client_cpu
         latencies = sorted(v * 1000 for v in await client.latencies())
-        delivered = metrics.deliveries._value.get() - deliveries
+        delivered = metrics.deliveries.value - deliveries
         passes = metrics.write_passes.collect()[0]
         pass_count = _sample(passes, "_count") - passes_before[0]
         pass_seconds = _sample(passes, "_sum") - passes_before[1]

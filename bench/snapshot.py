@@ -164,8 +164,8 @@ async def fanout_round(sockets: int, events: int, filtered: bool) -> dict[str, f
         )
         for i in range(events)
     ]
-    deliveries = metrics.deliveries._value.get()
-    serializations = metrics.serializations._value.get()
+    deliveries = metrics.deliveries.value
+    serializations = metrics.serializations.value
     started = time.perf_counter()
     for i, event in enumerate(prepared, 1):
         registry.publish(event)
@@ -173,11 +173,11 @@ async def fanout_round(sockets: int, events: int, filtered: bool) -> dict[str, f
             writes.flush_now()
     writes.flush_now()
     elapsed = time.perf_counter() - started
-    delivered = metrics.deliveries._value.get() - deliveries
+    delivered = metrics.deliveries.value - deliveries
     return {
         "deliveries_per_s": delivered / elapsed,
         "deliveries_per_event": delivered / events,
-        "serializations_per_event": (metrics.serializations._value.get() - serializations) / events,
+        "serializations_per_event": (metrics.serializations.value - serializations) / events,
     }
 
 

@@ -304,7 +304,7 @@ class Hub:
                     continue
                 if frame is None:
                     frame = text_frame(broadcast_message(event))
-                    metrics.serializations.inc()
+                    metrics.serializations.value += 1
                 delivered += _write_all(conns, frame)
         else:
             policy = self._registry.policies.get(event.table)
@@ -331,7 +331,7 @@ class Hub:
                     frame = frames.get(key)
                     if frame is None:
                         frame = frames[key] = text_frame(change_message(view, policy, raw))
-                        metrics.serializations.inc()
+                        metrics.serializations.value += 1
                     delivered += _write_all(conns, frame)
                     continue
                 owner_raw = policy.raw_columns(roles, True)
@@ -340,10 +340,10 @@ class Hub:
                     frame = frames.get(key)
                     if frame is None:
                         frame = frames[key] = text_frame(change_message(view, policy, key[0]))
-                        metrics.serializations.inc()
+                        metrics.serializations.value += 1
                     delivered += conn.write(frame)
         if delivered:
-            metrics.deliveries.inc(delivered)
+            metrics.deliveries.value += delivered
 
     def revoke(self, notice: AccessRevoked) -> int:
         """Close the sockets a revocation applies to; returns how many."""

@@ -43,10 +43,10 @@ class Metrics:
         self.broadcasts = Counter(
             "walcast_broadcasts", "Custom broadcasts decoded from the WAL", registry=registry
         )
-        self.deliveries = Counter(
+        self.deliveries = Tally(
             "walcast_deliveries", "Frames written to sockets", registry=registry
         )
-        self.serializations = Counter(
+        self.serializations = Tally(
             "walcast_serializations",
             "Event serializations (one per visibility class per event)",
             registry=registry,

@@ -283,7 +283,7 @@ async def test_serializations_equal_visibility_classes(gw: Gateway) -> None:
         user, role = members[index % 3]
         ticket = mint_ticket(ACCESS_TOKEN, user_id=user, organization_id="org-s", roles=[role])
         socks.append(await gw.connect_ticket(ticket, "org-s"))
-    before = gw.metrics.serializations._value.get()
+    before = gw.metrics.serializations.value
     gw.sql(
         "INSERT INTO applications VALUES"
         " ('s1', 'org-s', 'c', 'new', '123-45-6789', 'ann@bee.co', 's-creator')"
@@ -291,7 +291,7 @@ async def test_serializations_equal_visibility_classes(gw: Gateway) -> None:
     events = await asyncio.gather(
         *(s.wait_for(_is_change("applications", "INSERT", "s1")) for s in socks)
     )
-    assert gw.metrics.serializations._value.get() - before == 3
+    assert gw.metrics.serializations.value - before == 3
     assert {(e["new"]["ssn"], e["new"]["email"]) for e in events} == {
         ("123-45-6789", "ann@bee.co"),
         ("*****6789", "ann@bee.co"),

@@ -170,7 +170,7 @@ async def test_one_serialization_per_visibility_class() -> None:
         await registry.attach(rec.conn, None)
     registry.writes.flush_now()  # `ready` goes out in its own pass
     registry.publish(_change(0x20, "a"))
-    assert registry.metrics.serializations._value.get() == 3  # owner, masked, creator
+    assert registry.metrics.serializations.value == 3  # owner, masked, creator
     assert {rec.messages[-1]["new"]["ssn"] for rec in owners} == {"123-45-6789"}
     assert {rec.messages[-1]["new"]["ssn"] for rec in recruiters} == {"*****6789"}
     assert creator.messages[-1]["new"]["email"] == "paul@example.com"

@@ -415,7 +415,7 @@ async def run_load(dsn: str, shape: Shape, seed: int = 8) -> dict[str, Any]:
             "write_seconds": round(wrote, 1),
             "all_delivered_seconds": round(drained, 1),
             "rss_connected_mb": round(connected, 1),
-            "serializations": gw.metrics.serializations._value.get(),
+            "serializations": gw.metrics.serializations.value,
             "slow_consumers": gw.metrics.slow_consumers._value.get(),
         }
         assert result["slow_consumers"] == 0

@@ -451,9 +451,9 @@ async def test_serializations_per_event_with_1000_sockets(filtered: bool) -> Non
         await registry.attach(rec.conn, None)
         sockets.append((index, rec))
     registry.writes.flush_now()
-    before = registry.metrics.serializations._value.get()
+    before = registry.metrics.serializations.value
     registry.publish(_order_update(35, 65))  # in gt.0-30 before and after, enters gt.40-60
-    per_event = registry.metrics.serializations._value.get() - before
+    per_event = registry.metrics.serializations.value - before
     if filtered:
         assert per_event <= 30
         assert per_event == 6  # UPDATE and INSERT, for each of three classes
