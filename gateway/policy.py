@@ -7,7 +7,6 @@ pair is the visibility class that fan-out serializes once for.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from gateway.config import MaskRule, TableConfig
@@ -30,6 +29,7 @@ class TablePolicy:
         self.has_owner_rule = bool(self._owner_columns)
         self._allowed: dict[Roles, bool] = {}
         self._raw: dict[tuple[Roles, bool], frozenset[str]] = {}
+        self._hidden: dict[frozenset[str], tuple[tuple[str, MaskRule], ...]] = {}
 
     def allows(self, roles: Roles) -> bool:
         allowed = self._allowed.get(roles)
@@ -52,16 +52,26 @@ class TablePolicy:
             self._raw[key] = raw
         return raw
 
-    def shape(self, row: Mapping[str, Any] | None, raw: frozenset[str]) -> dict[str, Any] | None:
-        """The row as a viewer with `raw` visibility gets it: allow-listed, then masked."""
+    def shape(self, row: dict[str, Any] | None, raw: frozenset[str]) -> dict[str, Any] | None:
+        """The row as a viewer with `raw` visibility gets it: allow-listed, then masked.
+
+        A viewer who sees every column raw gets `row` itself, not a copy: it is only read.
+        """
         if row is None:
             return None
+        hidden = self._hidden.get(raw)
+        if hidden is None:
+            hidden = self._hidden[raw] = tuple(
+                (column, rule) for column, rule in self.masks.items() if column not in raw
+            )
         if self.fields is not None:
             shaped = {name: row[name] for name in self.fields if name in row}
+        elif not hidden:
+            return row
         else:
             shaped = dict(row)
-        for column, rule in self.masks.items():
-            if column not in raw and column in shaped:
+        for column, rule in hidden:
+            if column in shaped:
                 shaped[column] = mask_value(rule, shaped[column])
         return shaped
 

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from gateway import masking
-from gateway.config import ConfigError, MaskRule
+from gateway.config import ConfigError, MaskRule, TableConfig
 from gateway.masking import REDACTED, MaskError, mask_value, resolve_custom
+from gateway.policy import TablePolicy
 
 CALLS: list[Any] = []
 
@@ -180,3 +181,16 @@ def test_unresolvable_custom_fn(fn: str, message: str) -> None:
 def test_resolve_custom_needs_a_fn() -> None:
     with pytest.raises(MaskError):
         resolve_custom(_rule("email"))
+
+
+def test_policy_shares_the_row_with_a_viewer_who_sees_it_all_and_masks_a_copy() -> None:
+    table = TableConfig.model_validate(
+        {"masking": {"ssn": {"type": "ssn", "show": {"roles": ["admin"]}}}}
+    )
+    policy = TablePolicy(table)
+    row = {"id": 1, "ssn": "123-45-6789"}
+    everything = policy.raw_columns(frozenset({"admin"}))
+    assert policy.shape(row, everything) is row  # nothing to hide: no copy per frame
+    masked = policy.shape(row, policy.raw_columns(frozenset({"member"})))
+    assert masked == {"id": 1, "ssn": mask_value(table.masking["ssn"], "123-45-6789")}
+    assert masked["ssn"] != "123-45-6789" and row["ssn"] == "123-45-6789"
