@@ -142,3 +142,58 @@ async def test_connect_failure_is_connection_lost() -> None:
     async with asyncio.timeout(TIMEOUT):
         with pytest.raises(ConnectionLost):
             await ReplicationConnection.connect("host=127.0.0.1 port=1 connect_timeout=2")
+
+
+async def test_waits_in_a_row_keep_one_registration_dropped_when_nobody_waits(
+    database_url: str,
+) -> None:
+    """A stream of small transactions must not cost an epoll_ctl pair per wait, and data that
+    arrives while nobody waits must not leave the socket registered (the loop would wake for
+    it every turn)."""
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    add_reader, remove_reader = loop.add_reader, loop.remove_reader
+
+    def counted_add(fd: int, callback: object, *args: object) -> None:
+        calls.append("add")
+        add_reader(fd, callback, *args)  # type: ignore[arg-type]
+
+    def counted_remove(fd: int) -> bool:
+        calls.append("remove")
+        return remove_reader(fd)
+
+    async with asyncio.timeout(TIMEOUT):
+        conn = await ReplicationConnection.connect(database_url)
+        try:
+            await conn.simple_query("CREATE_REPLICATION_SLOT s LOGICAL pgoutput")
+            with psycopg.connect(database_url, autocommit=True) as sql:
+                sql.execute("CREATE TABLE t (id int)")
+                sql.execute("CREATE PUBLICATION p FOR TABLE t")
+                await conn.start_replication(
+                    "s", 0, {"proto_version": "1", "publication_names": "p"}
+                )
+                loop.add_reader, loop.remove_reader = counted_add, counted_remove  # type: ignore[method-assign]
+                for row in range(3):
+                    sql.execute("INSERT INTO t VALUES (%s)", (row,))
+                    kinds: set[bytes] = set()
+                    while b"C" not in kinds:  # read up to this transaction's commit
+                        while (data := conn.read_copy_nowait()) is None:
+                            await conn.wait_readable()
+                        if data[:1] == b"w":
+                            kinds.add(data[25:26])
+                assert calls == ["add"]  # three transactions, one registration
+                sql.execute("INSERT INTO t VALUES (3)")  # nobody waits for this one
+                for _ in range(50):
+                    if calls[-1] == "remove":
+                        break
+                    await asyncio.sleep(0.02)
+                assert calls == ["add", "remove"]
+                while (data := conn.read_copy_nowait()) is None or data[25:26] != b"C":
+                    if data is None:
+                        await conn.wait_readable()
+                sql.execute("INSERT INTO t VALUES (4)")
+                await conn.wait_readable()  # registered again
+        finally:
+            conn.close()
+            loop.add_reader, loop.remove_reader = add_reader, remove_reader  # type: ignore[method-assign]
+    assert calls == ["add", "remove", "add", "remove"]  # close() let go of the socket
