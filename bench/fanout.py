@@ -68,8 +68,7 @@ async def walcast_round(
         "cpu": cpu,
         "deliveries": sockets * (events + 1),
         "counted_deliveries": int(delivered),
-        "serializations_per_event": (metrics.serializations.value - serializations)
-        / (events + 1),
+        "serializations_per_event": (metrics.serializations.value - serializations) / (events + 1),
         "slow_consumers": int(metrics.slow_consumers._value.get() - slow),
         "ended": ended,
         "lost": lost,
