@@ -21,6 +21,13 @@ its garbage-collection pauses (`gc.callbacks` via the `sitecustomize` hook of
 `bench.serve_cdc`) in the last minute. `--gc-threshold` tries another collector setting in
 serve through the same hook, as in `bench.serve_cdc`.
 
+The baseline: after each walcast run (`--rounds N` of them), the same load runs again with
+`pg_recvlogical` (test_decoding, `include-timestamp`) on its own slot as the only consumer,
+each COMMIT line timed the same way, so a tail the machine itself causes shows in both.
+`--paired` also runs `pg_recvlogical` beside walcast in the walcast run and reports how much
+later than it walcast's owner socket got each change (matched by commit time): walcast's own
+share of the delay. The walcast run with the median p99 is reported in detail.
+
 pgbench reports the rate it achieved: on a machine too busy to commit `--tps`, the figures are
 for that lower rate.
 """
