@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics", "Tally"]
+__all__ = ["ChangeTally", "Metrics", "Tally"]
 
 
 class Tally(Collector):
@@ -31,14 +31,28 @@ class Tally(Collector):
         yield CounterMetricFamily(self.name, self.documentation, value=self.value)
 
 
+class ChangeTally(Collector):
+    """`walcast_changes_total{table, kind}` as a plain dict the pipeline adds to per row, keyed
+    by (schema, table, kind): no label look-up or lock per row, labels formatted when scraped."""
+
+    def __init__(self, name: str, documentation: str, *, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.counts: dict[tuple[str, str, str], int] = {}
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=("table", "kind"))
+        for (schema, table, kind), value in list(self.counts.items()):
+            family.add_metric((f"{schema}.{table}", kind), value)
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
-        self.changes = Counter(
-            "walcast_changes",
-            "Row changes decoded from the WAL",
-            ["table", "kind"],
-            registry=registry,
+        self.changes = ChangeTally(
+            "walcast_changes", "Row changes decoded from the WAL", registry=registry
         )
         self.broadcasts = Counter(
             "walcast_broadcasts", "Custom broadcasts decoded from the WAL", registry=registry

@@ -132,8 +132,9 @@ async def test_ready_comes_with_a_position_past_everything_before_start_up(
         at_ready.append(list(sink.marked))
         ready.set()
 
+    metrics = Metrics()
     pipeline = Pipeline(
-        settings, parse_realtime_config(tomllib.loads(CONFIG)), sink, Metrics(), on_ready=on_ready
+        settings, parse_realtime_config(tomllib.loads(CONFIG)), sink, metrics, on_ready=on_ready
     )
     start_lsn = await pipeline.prepare()
     _insert(database_url, range(1, 4))  # committed before start-up, after the slot
@@ -147,3 +148,6 @@ async def test_ready_comes_with_a_position_past_everything_before_start_up(
     finally:
         await cancel_and_wait(task)
     assert at_ready[0] and max(at_ready[0]) > before_start  # the marker, written after
+    # The three rows re-read on the way to ready were counted, labelled when scraped.
+    assert metrics.changes.counts == {("public", "items", "INSERT"): 3}
+    assert b'walcast_changes_total{kind="INSERT",table="public.items"} 3.0' in metrics.render()

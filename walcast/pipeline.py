@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import psycopg
 
@@ -129,32 +129,6 @@ class RetentionWindow:
         return samples[0][1]
 
 
-class _ChangeCounter:
-    """`walcast_changes_total`, counted per batch: the stream adds to `pending` per row, and
-    `flush` (at each commit, and before the loop gets a turn) adds it to the labelled
-    children, each looked up once per table and kind rather than once per row."""
-
-    __slots__ = ("_children", "_metrics", "pending")
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._children: dict[tuple[str, str, str], Any] = {}
-        self.pending: dict[tuple[str, str, str], int] = {}
-
-    def flush(self) -> None:
-        pending = self.pending
-        if not pending:
-            return
-        children = self._children
-        for relation, n in pending.items():
-            child = children.get(relation)
-            if child is None:
-                schema, table, kind = relation
-                child = children[relation] = self._metrics.changes.labels(f"{schema}.{table}", kind)
-            child.inc(n)
-        pending.clear()
-
-
 class Pipeline:
     def __init__(
         self,
@@ -235,15 +209,13 @@ class Pipeline:
         reader.retain_from(start_lsn)
         route, sink, metrics = self.router.route, self._sink, self._metrics
         publish, mark_position = sink.publish, sink.mark_position
-        counted = _ChangeCounter(metrics)
-        count = counted.pending
+        count = metrics.changes.counts  #: walcast_changes_total, a plain dict
         timer = time.perf_counter
         turn_ends = timer() + YIELD_SECONDS
         ended = 0  #: the end of the last transaction handled, for the retention window
 
         def bookkeeping() -> None:
-            """Per batch rather than per transaction: counters and what the slot may forget."""
-            counted.flush()
+            """Per batch rather than per transaction: what the slot may forget."""
             if ended:
                 retention.record(ended)
                 reader.retain_from(retention.retained())
@@ -279,13 +251,12 @@ class Pipeline:
                         # Neither the reader (data keeps arriving) nor the local sink need
                         # await anything, so without this a catch-up or a large transaction
                         # would hold the event loop: no write pass, no /healthz, no heartbeat.
-                        bookkeeping()  # a scrape in this turn sees a large transaction's rows
+                        bookkeeping()
                         await asyncio.sleep(0)
                         turn_ends = timer() + YIELD_SECONDS
                 bookkeeping()
                 await sink.wait_for_room()
         finally:
-            counted.flush()
             await reader.aclose()
 
     def tick(self) -> None:
