@@ -111,6 +111,7 @@ class ReplicationConnection:
         #: `wait_readable`: the socket it keeps registered with the loop, and the wait.
         self._watched: tuple[int, asyncio.AbstractEventLoop] | None = None
         self._read_waiter: asyncio.Future[None] | None = None
+        self._woken = False  #: a wake-up was given and the loop has not polled since
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -241,7 +242,7 @@ class ReplicationConnection:
 
         Waits that follow one another keep the socket registered with the loop, so a stream
         of small transactions costs no `epoll_ctl` per wait: the registration is dropped only
-        when data arrives while nobody waits (else the loop would be woken for it every turn).
+        when data waits while nobody reads (else the loop would be woken for it every turn).
 
         Raises:
             ConnectionLost: the connection was closed meanwhile.
@@ -254,6 +255,7 @@ class ReplicationConnection:
                 raise self._lost(str(exc)) from None
             loop.add_reader(fd, self._readable)
             self._watched = (fd, loop)
+            self._woken = False
         waiter = self._read_waiter = loop.create_future()
         try:
             await waiter
@@ -262,11 +264,17 @@ class ReplicationConnection:
                 self._read_waiter = None
 
     def _readable(self) -> None:
+        if self._woken:
+            # The loop polls again before the reader it woke has run, and finds the bytes that
+            # woke it: no news. New bytes will still be reported by the next poll.
+            self._woken = False
+            return
         waiter = self._read_waiter
-        if waiter is None or waiter.done():
-            self._unwatch()
-        else:
+        if waiter is not None and not waiter.done():
             waiter.set_result(None)
+            self._woken = True
+        else:
+            self._unwatch()  # bytes wait and nobody reads: stop the loop finding them each turn
 
     def _unwatch(self) -> None:
         if self._watched is not None:
