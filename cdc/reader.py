@@ -396,7 +396,7 @@ class ReplicationReader:
             wait = max(0.0, self._status_sent_at + self.status_interval - time.monotonic())
             with suppress(TimeoutError):
                 async with asyncio.timeout(wait):
-                    await conn.wait_readable()  # then round again: read what came
+                    return await conn.read_copy()
 
     async def _resolve_types(self, relation: Relation) -> None:
         """Describe the user-defined types a relation's columns need, before it is fed."""

@@ -108,10 +108,6 @@ class ReplicationConnection:
         self._waiter: asyncio.Future[None] | None = None
         self._waiting: tuple[int, bool, bool] = (-1, False, False)
         self._copying = False
-        #: `wait_readable`: the socket it keeps registered with the loop, and the wait.
-        self._watched: tuple[int, asyncio.AbstractEventLoop] | None = None
-        self._read_waiter: asyncio.Future[None] | None = None
-        self._woken = False  #: a wake-up was given and the loop has not polled since
 
     # -- connecting --------------------------------------------------------------------------
 
@@ -234,54 +230,8 @@ class ReplicationConnection:
             ConnectionLost: the stream ended or the connection broke.
         """
         while (data := self.read_copy_nowait()) is None:
-            await self.wait_readable()
+            await self._wait(read=True)
         return data
-
-    async def wait_readable(self) -> None:
-        """Wait until the server sends more; then `read_copy_nowait` takes it.
-
-        Waits that follow one another keep the socket registered with the loop, so a stream
-        of small transactions costs no `epoll_ctl` per wait: the registration is dropped only
-        when data waits while nobody reads (else the loop would be woken for it every turn).
-
-        Raises:
-            ConnectionLost: the connection was closed meanwhile.
-        """
-        loop = asyncio.get_running_loop()
-        if self._watched is None:
-            try:
-                fd = self._pgconn.socket
-            except psycopg.OperationalError as exc:
-                raise self._lost(str(exc)) from None
-            loop.add_reader(fd, self._readable)
-            self._watched = (fd, loop)
-            self._woken = False
-        waiter = self._read_waiter = loop.create_future()
-        try:
-            await waiter
-        finally:
-            if self._read_waiter is waiter:
-                self._read_waiter = None
-
-    def _readable(self) -> None:
-        if self._woken:
-            # The loop polls again before the reader it woke has run, and finds the bytes that
-            # woke it: no news. New bytes will still be reported by the next poll.
-            self._woken = False
-            return
-        waiter = self._read_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-            self._woken = True
-        else:
-            self._unwatch()  # bytes wait and nobody reads: stop the loop finding them each turn
-
-    def _unwatch(self) -> None:
-        if self._watched is not None:
-            fd, loop = self._watched
-            self._watched = None
-            if not loop.is_closed():
-                loop.remove_reader(fd)
 
     def read_copy_nowait(self) -> bytes | None:
         """Return the next CopyData message if it has already arrived, else None (never waits).
@@ -331,10 +281,6 @@ class ReplicationConnection:
     def close(self) -> None:
         """Close the connection; a pending wait (in another task) ends with `ConnectionLost`."""
         self._cancel_waiter(ConnectionLost("connection closed"))
-        self._unwatch()  # before the socket closes: its number may be reused at once
-        read_waiter, self._read_waiter = self._read_waiter, None
-        if read_waiter is not None and not read_waiter.done():
-            read_waiter.set_exception(ConnectionLost("connection closed"))
         self._copying = False
         self._pgconn.finish()
 
@@ -416,7 +362,6 @@ class ReplicationConnection:
 
     async def _wait(self, *, read: bool = False, write: bool = False) -> None:
         """Wait until the libpq socket is readable (read) or writable (write), whichever first."""
-        self._unwatch()  # one registration per socket: this wait's replaces `wait_readable`'s
         try:
             fd = self._pgconn.socket
         except psycopg.OperationalError as exc:
