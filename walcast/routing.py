@@ -51,6 +51,10 @@ __all__ = ["Router"]
 
 log = logging.getLogger(__name__)
 
+#: `tuple.__new__(ChangeEvent, fields)`: the event without the NamedTuple's Python `__new__`
+#: (230 of 540 ns per event); for the per-change path only, where all twelve fields are given.
+_new_tuple = tuple.__new__
+
 _MEMBER_TABLE = ("public", "member")
 _SESSION_TABLE = ("public", "session")
 
@@ -222,19 +226,22 @@ class Router:
                 self.dropped_null_organization += 1
                 return []
             return [
-                ChangeEvent(
-                    org if type(org) is str else str(org),
-                    key,
-                    epoch,
-                    commit_time,
-                    table,
-                    kind,
-                    new if kind == "INSERT" else None,
-                    old if kind == "DELETE" else None,
-                    unchanged,
-                    _text(row.get(user_column)) if user_column else None,
-                    _text(row.get(owner_column)) if owner_column else None,
-                    xid,
+                _new_tuple(
+                    ChangeEvent,
+                    (
+                        org if type(org) is str else str(org),
+                        key,
+                        epoch,
+                        commit_time,
+                        table,
+                        kind,
+                        new if kind == "INSERT" else None,
+                        old if kind == "DELETE" else None,
+                        unchanged,
+                        _text(row.get(user_column)) if user_column else None,
+                        _text(row.get(owner_column)) if owner_column else None,
+                        xid,
+                    ),
                 )
             ]
 
@@ -250,19 +257,22 @@ class Router:
                 self.dropped_null_organization += 1
                 return []
             return [
-                ChangeEvent(
-                    org,
-                    key,
-                    epoch,
-                    commit_time,
-                    table,
-                    event_type,
-                    new,
-                    old,
-                    unchanged,
-                    user,
-                    owner,
-                    xid,
+                _new_tuple(
+                    ChangeEvent,
+                    (
+                        org,
+                        key,
+                        epoch,
+                        commit_time,
+                        table,
+                        event_type,
+                        new,
+                        old,
+                        unchanged,
+                        user,
+                        owner,
+                        xid,
+                    ),
                 )
             ]
 
