@@ -169,10 +169,10 @@ class Progress:
     # -- outputs -----------------------------------------------------------------------------
 
     @property
-    def may_read_ahead(self) -> bool:
-        """Whether the reader may take another message that has already arrived before the
-        consumer asks past what it holds (the read-ahead budget)."""
-        return self.read_ahead < self.read_ahead_bytes
+    def room(self) -> int:
+        """Bytes of already-arrived messages the reader may still take before the consumer
+        asks past what it holds (the read-ahead budget); 0 or less: none."""
+        return self.read_ahead_bytes - self.read_ahead
 
     @property
     def target(self) -> int:

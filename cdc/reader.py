@@ -345,17 +345,19 @@ class ReplicationReader:
         progress = self._progress
         progress.drained()
         items: list[Item] = []
-        data: bytes | None = await self._read()
-        while data is not None:
-            progress.read(len(data))
+        first = await self._read()
+        progress.read(len(first))
+        messages = [first]
+        if progress.room > 0:
+            ahead = conn.read_copies_nowait(progress.room)
+            progress.read(sum(map(len, ahead)))
+            messages += ahead
+        for data in messages:
             decoded = self._decode(data)
             if decoded is not None:
                 if isinstance(decoded, Relation):
                     await self._resolve_types(decoded)
                 items += feed(decoded)
-            if not progress.may_read_ahead:
-                break
-            data = conn.read_copy_nowait()
         if self._protocol.reply_pending:
             await self._send_status()
         return items

@@ -254,6 +254,37 @@ class ReplicationConnection:
                 self._consume()  # take whatever the socket already holds, without waiting
         return None
 
+    def read_copies_nowait(self, budget: int) -> list[bytes]:
+        """The CopyData messages that have already arrived, taken while fewer than `budget`
+        bytes are (the last may cross it); never waits. One call per batch rather than one
+        per message: a catch-up reads hundreds of messages per batch.
+
+        Raises:
+            ServerError: the server ended the stream with an error.
+            ConnectionLost: the stream ended or the connection broke.
+        """
+        messages: list[bytes] = []
+        get_copy_data = self._pgconn.get_copy_data
+        consumed = False  #: the socket was read since the last message: it holds no more
+        while budget > 0:
+            try:
+                size, data = get_copy_data(1)
+            except psycopg.OperationalError as exc:
+                raise self._lost(str(exc)) from None
+            if size > 0:
+                messages.append(bytes(data))
+                budget -= size
+                consumed = False
+            elif size < 0:
+                self._copying = False
+                raise self._end_of_copy()
+            elif consumed:
+                break
+            else:
+                self._consume()  # take whatever the socket already holds, without waiting
+                consumed = True
+        return messages
+
     async def send_copy(self, data: bytes) -> None:
         """Queue one CopyData message to the server and flush it."""
         pgconn = self._pgconn

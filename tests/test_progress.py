@@ -111,7 +111,7 @@ def run(events: list[tuple[str, Any]], *, batched: bool = False) -> list[Any]:
             outputs.append(progress.start(arg))
         elif kind == "arrive":
             progress.read(arg)
-            outputs.append(progress.may_read_ahead)
+            outputs.append(progress.room > 0)
         elif kind == "drained":
             progress.drained()
         elif kind == "read":

@@ -142,3 +142,36 @@ async def test_connect_failure_is_connection_lost() -> None:
     async with asyncio.timeout(TIMEOUT):
         with pytest.raises(ConnectionLost):
             await ReplicationConnection.connect("host=127.0.0.1 port=1 connect_timeout=2")
+
+
+async def test_read_copies_nowait_takes_what_arrived_within_the_budget(database_url: str) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        conn = await ReplicationConnection.connect(database_url)
+        try:
+            await conn.simple_query("CREATE_REPLICATION_SLOT s LOGICAL pgoutput")
+            with psycopg.connect(database_url, autocommit=True) as sql:
+                sql.execute("CREATE TABLE t (id int, note text)")
+                sql.execute("CREATE PUBLICATION p FOR TABLE t")
+                sql.execute(
+                    "INSERT INTO t SELECT i, repeat('x', 100) FROM generate_series(1, 50) i"
+                )
+            await conn.start_replication("s", 0, {"proto_version": "1", "publication_names": "p"})
+            messages = [await conn.read_copy()]
+
+            def kinds() -> set[bytes]:
+                return {m[25:26] for m in messages if m[:1] == b"w"}
+
+            while b"C" not in kinds():  # up to the transaction's commit
+                taken = conn.read_copies_nowait(500)
+                if not taken:
+                    await asyncio.sleep(0.01)  # nothing arrived yet: never a wait inside
+                    continue
+                sizes = [len(m) for m in taken]
+                # The budget stops the batch at the message that crosses it, not before.
+                assert sum(sizes[:-1]) < 500
+                messages += taken
+            rows = [m for m in messages if m[:1] == b"w" and m[25:26] == b"I"]
+            assert len(rows) == 50
+            assert conn.read_copies_nowait(0) == []
+        finally:
+            conn.close()
