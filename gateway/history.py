@@ -106,6 +106,16 @@ _KEY = struct.Struct("<QQ")
 _KEPT_AT = struct.Struct("<d")
 _UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
+#: A change's entry holds `event[5:11]` as its JSON body: one slice of the tuple.
+assert ChangeEvent._fields[5:11] == (
+    "event_type",
+    "new",
+    "old",
+    "unchanged",
+    "target_user",
+    "owner_id",
+), "an entry's body is decoded in this order"
+
 ENTRY_OVERHEAD = sys.getsizeof(b"") + 3 * 8
 """Bytes an entry costs besides its length: the bytes object's header, and one slot in its
 organization's deque and two in the node-wide order."""
@@ -113,6 +123,10 @@ organization's deque and two in the node-wide order."""
 
 def _entry_key(entry: bytes) -> CursorKey:
     return _KEY.unpack_from(entry)
+
+
+def _kept_at(entry: bytes) -> float:
+    return _KEPT_AT.unpack_from(entry, 16)[0]
 
 
 def _after(entries: deque[bytes], key: CursorKey) -> list[bytes]:
@@ -214,7 +228,7 @@ class MemoryHistory:
 
     def _encode(self, event: RoutedEvent, now: float) -> bytes:
         key = event.key
-        if isinstance(event, ChangeEvent):
+        if type(event) is ChangeEvent:
             commit_time, table, epoch = event.commit_time, event.table, event.epoch
             last = self._last_change  # a transaction's events share these: worked out once
             if last[0] is commit_time and last[1] is table and last[2] == epoch:
@@ -225,15 +239,9 @@ class MemoryHistory:
                 context = self._context(table, epoch)
                 self._last_change = (commit_time, table, epoch, micros, context)
             head = _ENTRY.pack(key[0], key[1], now, micros, event.xid, context)
-            body: list[Any] = [
-                event.event_type,
-                event.new,
-                event.old,
-                event.unchanged,
-                event.target_user,
-                event.owner_id,
-            ]
+            body: Sequence[Any] = event[5:11]
         else:
+            assert isinstance(event, BroadcastEvent)
             head = _ENTRY.pack(key[0], key[1], now, 0, 0, self._context(None, event.epoch))
             body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
         return head + orjson.dumps(
@@ -283,12 +291,14 @@ class MemoryHistory:
             kept = self._orgs.get(org) or self._orgs.setdefault(org, _Kept(org))
         now = self._clock()
         entry = self._encode(event, now)
-        kept.entries.append(entry)
+        entries = kept.entries
+        entries.append(entry)
         self._order_entries.append(entry)
         self._order_kept.append(kept)
         self._size += 1
         self._bytes += len(entry) + ENTRY_OVERHEAD
-        self._expire(kept, now)
+        if len(entries) > self.max_events or _kept_at(entries[0]) < now - self.seconds:
+            self._expire(kept, now)
         if self._size > self.max_total_events or self._bytes > self.max_total_bytes:
             self._evict_node_wide()
         if len(self._order_entries) > 2 * self._size + 1024:
@@ -345,9 +355,7 @@ class MemoryHistory:
 
     def _expire(self, kept: _Kept, now: float) -> None:
         entries, oldest = kept.entries, now - self.seconds
-        while entries and (
-            _KEPT_AT.unpack_from(entries[0], 16)[0] < oldest or len(entries) > self.max_events
-        ):
+        while entries and (_kept_at(entries[0]) < oldest or len(entries) > self.max_events):
             self._evict_oldest(kept)
 
     def _evict_oldest(self, kept: _Kept) -> None:
