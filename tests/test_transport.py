@@ -79,16 +79,26 @@ async def test_slot_active_elsewhere(database_url: str) -> None:
             second.close()
 
 
+async def _streaming(database_url: str, columns: str, insert: str) -> ReplicationConnection:
+    """A connection streaming slot `s` (publication `p` of table `t`), `insert` committed."""
+    conn = await ReplicationConnection.connect(database_url)
+    try:
+        await conn.simple_query("CREATE_REPLICATION_SLOT s LOGICAL pgoutput")
+        with psycopg.connect(database_url, autocommit=True) as sql:
+            sql.execute(f"CREATE TABLE t ({columns})")
+            sql.execute("CREATE PUBLICATION p FOR TABLE t")
+            sql.execute(insert)
+        await conn.start_replication("s", 0, {"proto_version": "1", "publication_names": "p"})
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 async def test_copy_both_keepalive_and_status(database_url: str) -> None:
     async with asyncio.timeout(TIMEOUT):
-        conn = await ReplicationConnection.connect(database_url)
+        conn = await _streaming(database_url, "id int", "INSERT INTO t VALUES (1)")
         try:
-            await conn.simple_query("CREATE_REPLICATION_SLOT s LOGICAL pgoutput")
-            with psycopg.connect(database_url, autocommit=True) as sql:
-                sql.execute("CREATE TABLE t (id int)")
-                sql.execute("CREATE PUBLICATION p FOR TABLE t")
-                sql.execute("INSERT INTO t VALUES (1)")
-            await conn.start_replication("s", 0, {"proto_version": "1", "publication_names": "p"})
             kinds = set()
             while b"w" not in kinds:
                 data = await conn.read_copy()
@@ -146,16 +156,12 @@ async def test_connect_failure_is_connection_lost() -> None:
 
 async def test_read_copies_nowait_takes_what_arrived_within_the_budget(database_url: str) -> None:
     async with asyncio.timeout(TIMEOUT):
-        conn = await ReplicationConnection.connect(database_url)
+        conn = await _streaming(
+            database_url,
+            "id int, note text",
+            "INSERT INTO t SELECT i, repeat('x', 100) FROM generate_series(1, 50) AS i",
+        )
         try:
-            await conn.simple_query("CREATE_REPLICATION_SLOT s LOGICAL pgoutput")
-            with psycopg.connect(database_url, autocommit=True) as sql:
-                sql.execute("CREATE TABLE t (id int, note text)")
-                sql.execute("CREATE PUBLICATION p FOR TABLE t")
-                sql.execute(
-                    "INSERT INTO t SELECT i, repeat('x', 100) FROM generate_series(1, 50) i"
-                )
-            await conn.start_replication("s", 0, {"proto_version": "1", "publication_names": "p"})
             messages = [await conn.read_copy()]
 
             def kinds() -> set[bytes]:
