@@ -240,19 +240,8 @@ class ReplicationConnection:
             ServerError: the server ended the stream with an error.
             ConnectionLost: the stream ended or the connection broke.
         """
-        for attempt in range(2):
-            try:
-                size, data = self._pgconn.get_copy_data(1)
-            except psycopg.OperationalError as exc:
-                raise self._lost(str(exc)) from None
-            if size > 0:
-                return bytes(data)
-            if size < 0:
-                self._copying = False
-                raise self._end_of_copy()
-            if attempt == 0:
-                self._consume()  # take whatever the socket already holds, without waiting
-        return None
+        taken = self.read_copies_nowait(1)
+        return taken[0] if taken else None
 
     def read_copies_nowait(self, budget: int) -> list[bytes]:
         """The CopyData messages that have already arrived, taken while fewer than `budget`
