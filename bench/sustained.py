@@ -44,6 +44,8 @@ import tempfile
 import time
 import uuid
 from array import array
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -157,6 +159,21 @@ async def baseline_consumer(dsn: str, slot: str, commits: Subscriber) -> None:
             await process.wait()
 
 
+@asynccontextmanager
+async def pg_recvlogical_timing(dsn: str, slot: str) -> AsyncIterator[Subscriber]:
+    """`baseline_consumer` on a new `test_decoding` slot, stopped and its slot dropped after."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
+    commits = Subscriber("pg_recvlogical")
+    consumer = asyncio.create_task(baseline_consumer(dsn, slot, commits))
+    try:
+        yield commits
+    finally:
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await _drop_slot(dsn, slot)
+
+
 async def subscribe(
     http: aiohttp.ClientSession, url: str, subscriber: Subscriber, org: str, roles: list[str]
 ) -> aiohttp.ClientWebSocketResponse:
@@ -229,17 +246,9 @@ async def until_received(subscribers: list[Subscriber], expected: int) -> None:
 async def run_baseline(dsn: str, args: argparse.Namespace) -> dict[str, Any]:
     """The same load with pg_recvlogical as the only consumer: the floor on this machine."""
     slot = f"sustained_baseline_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (slot,))
-    baseline = Subscriber("pg_recvlogical")
-    consumer = asyncio.create_task(baseline_consumer(dsn, slot, baseline))
-    try:
+    async with pg_recvlogical_timing(dsn, slot) as baseline:
         summary = await run_pgbench(dsn, args)
         await until_received([baseline], int(summary.get("transactions", 0)))
-    finally:
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-        await _drop_slot(dsn, slot)
     started, ended = summary["started"], summary["ended"]
     return {
         "pgbench": summary,
@@ -253,19 +262,19 @@ async def run_walcast(dsn: str, args: argparse.Namespace, workdir: Path) -> dict
     """`walcast serve` with its three subscribers as the only consumer of the load."""
     slot = f"sustained_{uuid.uuid4().hex[:8]}"
     env = gc_threshold_env(args.gc_threshold)
-    async with serve_process(
-        dsn, CONFIG, slot=slot, publication="bench_sustained", workdir=workdir, **env
-    ) as serve:
+    async with AsyncExitStack() as stack:
+        serve = await stack.enter_async_context(
+            serve_process(
+                dsn, CONFIG, slot=slot, publication="bench_sustained", workdir=workdir, **env
+            )
+        )
         pid = serve.pid
         owner, member, other = Subscriber("owner"), Subscriber("member"), Subscriber("other")
-        beside = Subscriber("pg_recvlogical")
-        if args.paired:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(
-                    "SELECT pg_create_logical_replication_slot(%s, 'test_decoding')",
-                    (f"{slot}_beside",),
-                )
-            consumer = asyncio.create_task(baseline_consumer(dsn, f"{slot}_beside", beside))
+        beside = (
+            await stack.enter_async_context(pg_recvlogical_timing(dsn, f"{slot}_beside"))
+            if args.paired
+            else None
+        )
         async with aiohttp.ClientSession() as http:
             # /readyz: history is complete from start-up, so sockets may attach.
             for _ in range(600):
@@ -304,11 +313,8 @@ async def run_walcast(dsn: str, args: argparse.Namespace, workdir: Path) -> dict
             for ws, _, _ in sockets:
                 await ws.close()
             await asyncio.gather(*readers, sampler, return_exceptions=True)
-        if args.paired:
+        if beside is not None:
             await until_received([beside], int(summary.get("transactions", 0)))
-            consumer.cancel()
-            await asyncio.gather(consumer, return_exceptions=True)
-            await _drop_slot(dsn, f"{slot}_beside")
     pauses = gc_pauses(serve.gc_log)
     last = [p for p in pauses if started <= p.at and p.at >= ended - LAST_SECONDS]
     return {
@@ -325,7 +331,7 @@ async def run_walcast(dsn: str, args: argparse.Namespace, workdir: Path) -> dict
         "whole_run": _latencies([owner, member], started, ended),
         "worst_seconds": _worst_seconds([owner, member], started),
         "added_by_walcast": _added_delay(beside, owner, ended - LAST_SECONDS, ended)
-        if args.paired
+        if beside is not None
         else None,
         "received": {s.name: len(s.commits) for s in (owner, member, other)},
         "isolated": len(other.commits) == 0,
@@ -363,12 +369,16 @@ def _no_libpq_env() -> dict[str, str]:
 
 
 def _latencies(subscribers: list[Subscriber], since: float, until: float) -> dict[str, Any]:
-    values = sorted(
+    return _summary(
         (receive - commit) * 1000
         for s in subscribers
         for commit, receive in zip(s.commits, s.receives, strict=True)
         if since <= commit <= until
     )
+
+
+def _summary(milliseconds: Iterable[float]) -> dict[str, Any]:
+    values = sorted(milliseconds)
     return {
         "samples": len(values),
         "p50_ms": round(median(values), 1),
@@ -383,20 +393,14 @@ def _added_delay(
     """How much later than pg_recvlogical, running beside it on the same WAL, `subscriber` got
     each transaction (matched by commit time): walcast's own share of commit -> client, without
     the disk's and the walsender's, which both consumers wait for alike."""
-    first_seen = {}
+    first_seen: dict[float, float] = {}
     for commit, receive in zip(beside.commits, beside.receives, strict=True):
         first_seen.setdefault(commit, receive)
-    values = sorted(
+    return _summary(
         (receive - first_seen[commit]) * 1000
         for commit, receive in zip(subscriber.commits, subscriber.receives, strict=True)
         if since <= commit <= until and commit in first_seen
     )
-    return {
-        "samples": len(values),
-        "p50_ms": round(median(values), 1),
-        "p99_ms": round(percentile(values, 0.99), 1),
-        "max_ms": round(values[-1], 1) if values else None,
-    }
 
 
 def _worst_seconds(subscribers: list[Subscriber], since: float, count: int = 5) -> list[Any]:
