@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, overload
+from typing import Protocol, overload
 
 import orjson
 
@@ -116,6 +116,9 @@ assert ChangeEvent._fields[5:11] == (
     "owner_id",
 ), "an entry's body is decoded in this order"
 
+_dumps = orjson.dumps
+_PASSTHROUGH = orjson.OPT_PASSTHROUGH_SUBCLASS  #: a `RawJson` goes to `tag_raw_json`
+
 ENTRY_OVERHEAD = sys.getsizeof(b"") + 3 * 8
 """Bytes an entry costs besides its length: the bytes object's header, and one slot in its
 organization's deque and two in the node-wide order."""
@@ -125,8 +128,18 @@ def _entry_key(entry: bytes) -> CursorKey:
     return _KEY.unpack_from(entry)
 
 
+_unpack_kept_at = _KEPT_AT.unpack_from
+_pack_entry = _ENTRY.pack
+
+
+def _micros(when: datetime) -> int:
+    """`when` as µs since the Unix epoch."""
+    since = when - _UTC_EPOCH
+    return (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
+
+
 def _kept_at(entry: bytes) -> float:
-    return _KEPT_AT.unpack_from(entry, 16)[0]
+    return _unpack_kept_at(entry, 16)[0]
 
 
 def _after(entries: deque[bytes], key: CursorKey) -> list[bytes]:
@@ -226,27 +239,11 @@ class MemoryHistory:
             self._contexts.append((table, epoch))
         return found
 
-    def _encode(self, event: RoutedEvent, now: float) -> bytes:
+    def _encode_broadcast(self, event: BroadcastEvent, now: float) -> bytes:
         key = event.key
-        if type(event) is ChangeEvent:
-            commit_time, table, epoch = event.commit_time, event.table, event.epoch
-            last = self._last_change  # a transaction's events share these: worked out once
-            if last[0] is commit_time and last[1] is table and last[2] == epoch:
-                micros, context = last[3], last[4]
-            else:
-                when = commit_time - _UTC_EPOCH
-                micros = (when.days * 86_400 + when.seconds) * 1_000_000 + when.microseconds
-                context = self._context(table, epoch)
-                self._last_change = (commit_time, table, epoch, micros, context)
-            head = _ENTRY.pack(key[0], key[1], now, micros, event.xid, context)
-            body: Sequence[Any] = event[5:11]
-        else:
-            assert isinstance(event, BroadcastEvent)
-            head = _ENTRY.pack(key[0], key[1], now, 0, 0, self._context(None, event.epoch))
-            body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
-        return head + orjson.dumps(
-            body, default=tag_raw_json, option=orjson.OPT_PASSTHROUGH_SUBCLASS
-        )
+        head = _pack_entry(key[0], key[1], now, 0, 0, self._context(None, event.epoch))
+        body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
+        return head + _dumps(body, default=tag_raw_json, option=_PASSTHROUGH)
 
     def _decode(self, entry: bytes, organization_id: str | None) -> RoutedEvent:
         lsn, position, _, micros, xid, context = _ENTRY.unpack_from(entry)
@@ -290,14 +287,30 @@ class MemoryHistory:
         else:
             kept = self._orgs.get(org) or self._orgs.setdefault(org, _Kept(org))
         now = self._clock()
-        entry = self._encode(event, now)
+        if type(event) is ChangeEvent:  # the hot path, inline: a transaction's events share
+            commit_time, table, epoch = event.commit_time, event.table, event.epoch
+            last = self._last_change  # their commit time, table and epoch, worked out once
+            if last[0] is commit_time and last[1] is table and last[2] == epoch:
+                micros, context = last[3], last[4]
+            else:
+                micros, context = _micros(commit_time), self._context(table, epoch)
+                self._last_change = (commit_time, table, epoch, micros, context)
+            entry = _pack_entry(key[0], key[1], now, micros, event.xid, context) + _dumps(
+                event[5:11], default=tag_raw_json, option=_PASSTHROUGH
+            )
+        else:
+            assert isinstance(event, BroadcastEvent)
+            entry = self._encode_broadcast(event, now)
         entries = kept.entries
         entries.append(entry)
         self._order_entries.append(entry)
         self._order_kept.append(kept)
         self._size += 1
         self._bytes += len(entry) + ENTRY_OVERHEAD
-        if len(entries) > self.max_events or _kept_at(entries[0]) < now - self.seconds:
+        if (
+            len(entries) > self.max_events
+            or _unpack_kept_at(entries[0], 16)[0] < now - self.seconds
+        ):
             self._expire(kept, now)
         if self._size > self.max_total_events or self._bytes > self.max_total_bytes:
             self._evict_node_wide()
