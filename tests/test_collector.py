@@ -33,8 +33,7 @@ def collector() -> Iterator[list[int]]:
 
 
 def test_start_up_objects_are_out_of_the_collectors_sight(collector: list[int]) -> None:
-    assert gc.get_freeze_count() > 0
-    assert gc.get_count()[0] < 100  # collected just before the freeze
+    assert gc.get_freeze_count() > 10_000  # this process's modules, test machinery and all
 
 
 def test_reader_batches_held_then_handled_set_off_no_collection(collector: list[int]) -> None:
