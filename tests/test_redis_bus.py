@@ -572,7 +572,9 @@ async def test_sink_batches_a_burst_and_counts_a_commit_only_once_stored(
     assert [parse_stream_id(entry_id) for entry_id, _ in stored] == [(lsn, 1) for lsn in lsns]
     assert await redis.get(keys.position) == format_cursor(lsns[-1], 1).encode()
     assert sink._handled == lsns[-1] + 0x10
-    now[0] = 100.0  # the window now answers with the newest position it recorded
+    now[0] = 100.0
+    await sink.upkeep()  # the reader's tick: the window samples the newest position stored
+    now[0] = 200.0  # and answers with it once the history window has passed
     assert sink._window is not None and sink._window.retained() == lsns[-1] + 0x10
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from gateway.broadcasts import BroadcastSigner
 from gateway.config import RealtimeConfig, parse_realtime_config
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent
 from gateway.metrics import Metrics
-from walcast.pipeline import RetentionWindow
+from walcast.pipeline import SAMPLE_SECONDS, RetentionWindow
 from walcast.routing import Router
 
 SECRET = "routing-test-secret-0123456789-abcdefgh"
@@ -408,3 +409,40 @@ def test_retention_window_keeps_history_seconds_of_wal() -> None:
     assert window.retained() == 80
     window.record(70)  # never backwards
     assert window.retained() == 80
+
+
+def test_retention_window_of_a_busy_stream_stays_small() -> None:
+    """A new position every millisecond (a transaction at 1,000/s) for 30 s: the window keeps
+    about `seconds / SAMPLE_SECONDS` samples, not one per transaction."""
+    now = [0.0]
+    window = RetentionWindow(10.0, start_lsn=0, clock=lambda: now[0])
+    for step in range(1, 30_001):
+        now[0] = step / 1000
+        window.record(step)
+        window.retained()  # the pipeline asks after every batch
+    assert len(window) <= 10.0 / SAMPLE_SECONDS + 2
+
+
+def test_retention_window_answers_at_most_what_was_reached_then() -> None:
+    """Never a position past the one reached `seconds` ago (the slot would forget WAL a resume
+    needs), and never one reached more than `SAMPLE_SECONDS` plus the gap between two records
+    before that (the pipeline records every batch, and every second when idle)."""
+    rng = random.Random(7)
+    steps = (0.0001, 0.001, 0.02, 0.3)
+    slack = SAMPLE_SECONDS + max(steps)
+    now = [0.0]
+    window = RetentionWindow(5.0, start_lsn=0, clock=lambda: now[0])
+    reached: list[tuple[float, int]] = [(0.0, 0)]
+    lsn = 0
+    for _ in range(20_000):
+        now[0] += rng.choice(steps)
+        lsn += rng.randrange(1, 100)
+        window.record(lsn)
+        reached.append((now[0], lsn))
+        answer = window.retained()
+        cutoff = now[0] - 5.0
+        then = max((at_lsn for at, at_lsn in reached if at <= cutoff), default=0)
+        earlier = max((at_lsn for at, at_lsn in reached if at <= cutoff - slack), default=0)
+        assert earlier <= answer <= then
+        while len(reached) > 2 and reached[1][0] <= cutoff - slack:
+            reached.pop(0)

@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 YIELD_SECONDS = 0.005
 """Longest stretch of pipeline work between two turns of the event loop."""
 
+SAMPLE_SECONDS = 0.1
+"""The retention window's resolution: at most one sample of the position reached this often."""
+
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
 
@@ -109,16 +112,33 @@ class DropSink:
 
 
 class RetentionWindow:
-    """Samples of (time, WAL position reached); answers what the slot must still keep."""
+    """Samples of (time, WAL position reached); answers what the slot must still keep.
+
+    At most one sample per `SAMPLE_SECONDS`: a live stream reaches a new position with nearly
+    every transaction, and a sample each would keep `seconds` x the rate of them (up to 120,000
+    tuples at 1,000 transactions/s and 120 s), each one counted by the collector as the
+    process growing. A position reached within `SAMPLE_SECONDS` of the last
+    sample is left out; the next sample (the pipeline's tick records one every second) takes
+    it. So the answer is a position reached a little before `seconds` ago (at most
+    `SAMPLE_SECONDS` plus the time to the next record): never more than was reached then,
+    which would lose WAL a resume still needs.
+    """
 
     def __init__(self, seconds: float, start_lsn: int, clock: Callable[[], float]) -> None:
         self.seconds = seconds
         self._clock = clock
         self._samples: deque[tuple[float, int]] = deque([(clock(), start_lsn)])
 
+    def __len__(self) -> int:
+        """Samples kept: at most about `seconds / SAMPLE_SECONDS`."""
+        return len(self._samples)
+
     def record(self, lsn: int) -> None:
-        if lsn > self._samples[-1][1]:
-            self._samples.append((self._clock(), lsn))
+        last_at, last_lsn = self._samples[-1]
+        if lsn > last_lsn:
+            now = self._clock()
+            if now - last_at >= SAMPLE_SECONDS:
+                self._samples.append((now, lsn))
 
     def retained(self) -> int:
         """The position reached `seconds` ago (or the oldest known, if younger)."""

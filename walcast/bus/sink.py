@@ -390,6 +390,7 @@ class RedisSink:
         window = self._window
         if window is None:
             return
+        window.record(self._handled)  # the window samples; its last sample may be behind
         now = self._clock()
         idle = (self._handled, 0)
         position = format_cursor(*idle) if idle > self._position else ""
