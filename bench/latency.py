@@ -47,7 +47,7 @@ from gateway.config import parse_realtime_config
 from gateway.state import STATE
 from gateway.tickets import mint_ticket
 from tests.fix_gateway import ACCESS_TOKEN, start_gateway
-from walcast.serve import prepare_collector
+from walcast.serve import freeze_startup_objects
 
 ORG = "org_latency"
 BARE_GIVE_UP_SECONDS = 5.0  #: the baseline stops once it is this far behind its schedule
@@ -145,7 +145,7 @@ async def run(
             (probe_paths if i % every == 0 else drains).append(path)
         await client.connect(drains, READY_MARKER)
         await client.connect(probe_paths, READY_MARKER, probe=True)
-        prepare_collector()  # as `walcast serve` does once it listens
+        freeze_startup_objects()  # as `walcast serve` does once it listens
         passes = metrics.write_passes.collect()[0]
         passes_before = _sample(passes, "_count"), _sample(passes, "_sum")
         deliveries = metrics.deliveries.value

@@ -137,7 +137,6 @@ if _threshold == "off":
     gc.disable()
 elif _threshold:
     gc.set_threshold(*map(int, _threshold.split(",")))
-    gc.set_threshold = lambda *_: None  # the experiment's setting, not serve's, holds
 
 _path = os.environ.get("WALCAST_BENCH_GC_LOG")
 if _path:

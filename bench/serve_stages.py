@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import pickle
 import tomllib
 from collections.abc import Callable
@@ -42,7 +43,6 @@ from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
 from walcast.app import LocalSink
 from walcast.routing import Router
-from walcast.serve import prepare_collector
 
 SLOT = "stages"
 STAGES = ("read", "route", "publish", "serve path")
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     routed = route_all(new_router())(items)
     # The fixtures live through every run; in serve they come and go. Kept out of the
-    # collector's sight, and the collector set up as serve sets it, so collections cost what
-    # they cost serve.
-    prepare_collector()
+    # collector's sight, so collections cost what they cost serve.
+    gc.collect()
+    gc.freeze()
 
     def routing() -> None:
         route_all(new_router())(items)

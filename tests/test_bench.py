@@ -179,7 +179,7 @@ def test_sustained_delivers_pgbench_changes_masked_and_isolated(pg_server: Postg
     assert result["missing"] == {"owner": 0, "member": 0} and not result["closed_by_server"]
     assert result["isolated"] and result["masked_leaks"] == 0 and result["out_of_order"] == 0
     assert result["last_minute"]["samples"] == 2 * received["owner"]
-    assert result["rss_mb"]  # (at 50 tps serve may not collect at all: see test_collector)
+    assert result["rss_mb"]  # (the GC hook reaching serve: the serve_cdc test above)
     # The baseline run: pg_recvlogical timed every commit of its own pgbench run.
     # --paired: each change the owner got was matched to pg_recvlogical's copy of its commit.
     assert result["added_by_walcast"]["samples"] == received["owner"]
@@ -202,17 +202,3 @@ def test_gc_hook_times_collections_and_applies_the_threshold(tmp_path: Path) -> 
     assert answer.stdout.strip() == "False"  # the collector is off, as asked
     (pause,) = serve_cdc.gc_pauses(log)  # only the explicit collection ran, and was timed
     assert pause.generation == 2 and pause.seconds > 0
-
-
-def test_gc_hook_threshold_holds_over_serves_own(tmp_path: Path) -> None:
-    (tmp_path / "sitecustomize.py").write_text(serve_cdc.GC_HOOK)
-    root = Path(__file__).resolve().parent.parent
-    env = {"PYTHONPATH": f"{tmp_path}:{root}", "WALCAST_BENCH_GC_THRESHOLD": "5000,5,5"}
-    probe = (
-        "import gc; from walcast.serve import prepare_collector; prepare_collector();"
-        " print(gc.get_threshold())"
-    )
-    answer = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-    )
-    assert answer.stdout.strip() == "(5000, 5, 5)"  # the experiment's, not serve's own

@@ -1,8 +1,8 @@
 """Running an app until it is told to stop: bind the port, wait for a signal, shut down gracefully.
 
 `walcast serve` and `walcast demo` both end in `run_until_stopped`: the runner is set up, the
-site is bound by `start_site` (the one place a listening socket is opened), the cyclic collector
-is set up for streaming (`prepare_collector`), and the process waits for SIGTERM or SIGINT. Then
+site is bound by `start_site` (the one place a listening socket is opened), start-up objects are
+frozen out of the cyclic collector's sight, and the process waits for SIGTERM or SIGINT. Then
 the runner's clean-up runs the app's `on_shutdown` (sockets closed with 1001 "going away") and
 `cleanup_ctx` (pipeline and pools stopped).
 
@@ -28,7 +28,7 @@ __all__ = [
     "UsageError",
     "add_index",
     "endpoints",
-    "prepare_collector",
+    "freeze_startup_objects",
     "run_until_stopped",
     "start_site",
 ]
@@ -85,7 +85,7 @@ async def run_until_stopped(
         loop.add_signal_handler(sig, stop.set)
     # Before the app starts (its pipeline streams from then on): the collection that comes
     # with the freeze walks only start-up objects, not a catch-up's first events.
-    prepare_collector()
+    freeze_startup_objects()
     await runner.setup()
     try:
         await start_site(runner, host, port, guard)
@@ -99,28 +99,15 @@ async def run_until_stopped(
         await runner.cleanup()
 
 
-YOUNG_COLLECTION_THRESHOLD = 10_000
-"""Container objects the process may gain before the collector walks the young ones (Python's
-default is 700)."""
+def freeze_startup_objects() -> None:
+    """Take what start-up made (modules, config, the app) out of the cyclic collector's sight.
 
-
-def prepare_collector() -> None:
-    """Set the cyclic garbage collector up for a process that streams: start-up objects frozen
-    out of its sight, and young collections only once the process has really grown.
-
-    Start-up objects (modules, config, the app) live as long as the process, yet each full
-    collection would walk them all: a pause of tens of ms in the middle of fan-out. Frozen,
-    they are still freed by reference counting; only cycles among them would stay.
-
-    A reader batch keeps its rows alive until they are handled: a few thousand containers,
-    gone a few milliseconds later. At Python's default threshold nearly every batch set off a
-    young collection that walked them all, 1,128 in a catch-up of 300,000 changes (150-260 ms).
-    At `YOUNG_COLLECTION_THRESHOLD` the same catch-up collects 13 times.
+    Those objects live as long as the process, yet each full collection would walk them all:
+    a pause of tens of ms in the middle of fan-out. Frozen, they are still freed by reference
+    counting; only cycles among them would stay.
     """
     gc.collect()
     gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, older, oldest)
 
 
 def endpoints(app: web.Application) -> list[str]:
