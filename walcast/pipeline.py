@@ -117,11 +117,11 @@ class RetentionWindow:
     At most one sample per `SAMPLE_SECONDS`: a live stream reaches a new position with nearly
     every transaction, and a sample each would keep `seconds` x the rate of them (up to 120,000
     tuples at 1,000 transactions/s and 120 s), each one counted by the collector as the
-    process growing. A position reached within `SAMPLE_SECONDS` of the last
-    sample is left out; the next sample (the pipeline's tick records one every second) takes
-    it. So the answer is a position reached a little before `seconds` ago (at most
-    `SAMPLE_SECONDS` plus the time to the next record): never more than was reached then,
-    which would lose WAL a resume still needs.
+    process growing. A position reached within `SAMPLE_SECONDS` of the last sample is left
+    out; a later record takes it (the pipeline's tick and the Redis sink's upkeep record one
+    every second). So the answer is a position reached a little before `seconds` ago, at most
+    `SAMPLE_SECONDS` plus the time to the next record: never more than was reached then, which
+    would let the slot forget WAL a resume still needs.
     """
 
     def __init__(self, seconds: float, start_lsn: int, clock: Callable[[], float]) -> None:
