@@ -200,6 +200,11 @@ def gc_pauses(path: Path) -> list[GcPause]:
     return pauses
 
 
+def during(pauses: Sequence[GcPause], began: float, ended: float) -> list[GcPause]:
+    """The collections that ended between `began` and `ended` (unix time)."""
+    return [pause for pause in pauses if began <= pause.at <= ended]
+
+
 def summarize_gc(pauses: Sequence[GcPause]) -> dict[str, Any]:
     """Count, total and longest pause per generation, and the overall p99/max."""
     by_generation: dict[str, Any] = {}
@@ -370,8 +375,9 @@ def window(scrapes: Sequence[Poll], rows: int) -> tuple[Poll, Poll, str]:
     return scrapes[first - 1], scrapes[last], "whole catch-up"
 
 
-def logged_catchup_seconds(log: Path) -> float:
-    """From serve's own log: 'replication streaming' to 'caught up with the WAL' (ms stamps)."""
+def logged_catchup(log: Path) -> tuple[float, float]:
+    """From serve's own log: when 'replication streaming' and 'caught up with the WAL' were
+    logged (unix time, ms stamps)."""
     began = ended = None
     for line in log.read_text(errors="replace").splitlines():
         try:
@@ -385,7 +391,7 @@ def logged_catchup_seconds(log: Path) -> float:
             ended = _stamp(entry["ts"])
     if began is None or ended is None:
         raise SystemExit(f"serve's log does not show the catch-up ({log})")
-    return ended - began
+    return began, ended
 
 
 def _stamp(text: str) -> float:
@@ -399,7 +405,8 @@ class WalcastRun:
     window: str
     logged_rate: float  #: rows / the catch-up's duration in serve's log
     polls: Polls
-    gc: list[GcPause]
+    gc: list[GcPause]  #: the whole process's, start-up included
+    catch_up: tuple[float, float]  #: when the catch-up began and ended (unix time)
     rss_bytes: int
     profile: dict[str, Any] | None = None
 
@@ -440,7 +447,8 @@ async def run_walcast(
         rss = process_rss_bytes(pid)
     start, end, spans = window(polls.metrics, rows)
     changes = end.changes - start.changes
-    logged_rate = rows / logged_catchup_seconds(serve.log)
+    began, ended = logged_catchup(serve.log)
+    logged_rate = rows / (ended - began)
     return WalcastRun(
         rate=changes / (end.answered - start.answered) if spans == "10-90 %" else logged_rate,
         cpu_us=(end.cpu - start.cpu) / changes * 1e6,
@@ -448,6 +456,7 @@ async def run_walcast(
         logged_rate=logged_rate,
         polls=polls,
         gc=gc_pauses(serve.gc_log),
+        catch_up=(began, ended),
         rss_bytes=rss,
         profile=profile,
     )
@@ -597,6 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "healthz": healthz,
         "metrics": metrics,
         "gc": [summarize_gc(run.gc) for run in walcast_runs],
+        "catch_up_gc": [summarize_gc(during(run.gc, *run.catch_up)) for run in walcast_runs],
         "serve_rss_mb_at_end": [round(run.rss_bytes / 2**20, 1) for run in walcast_runs],
         "target_ratio": 0.8,
         "target_met": ratio >= 0.8,
@@ -604,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if walcast_runs[0].profile is not None:
         result["profile"] = walcast_runs[0].profile
-    gc_first = result["gc"][0]
+    gc_first, gc_catch_up = result["gc"][0], result["catch_up_gc"][0]
     emit(
         "serve_cdc",
         result,
@@ -621,7 +631,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"  /healthz and /metrics during the catch-up: slowest answer {worst:.0f} ms, "
             f"{slow} answers over 100 ms (target: none)",
             f"  GC in serve (first run): {gc_first['collections']} collections, "
-            f"{gc_first['total_ms']} ms in all, longest {gc_first['max_ms']} ms",
+            f"{gc_first['total_ms']} ms in all, longest {gc_first['max_ms']} ms; during the "
+            f"catch-up {gc_catch_up['collections']}, {gc_catch_up['total_ms']} ms, longest "
+            f"{gc_catch_up['max_ms']} ms",
         ],
         json_only=args.json_only,
     )

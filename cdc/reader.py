@@ -14,7 +14,8 @@ database must provide is `cdc.setup`'s.
   arrived in libpq's buffer, across transactions, up to `read_ahead_bytes` (`cdc.progress`'s
   budget). Nothing more is read until the consumer has asked past all of it, so a transaction
   of any size passes through in slices of about that many bytes, and the socket's back-pressure
-  holds the rest in the server.
+  holds the rest in the server. A read is decoded and handed out `DECODE_SLICE` messages at a
+  time, so few rows are in flight at once (no young garbage collection for them).
 * **Status updates**: at once for a keepalive that asks for a reply (`Progress.reply`), and
   every `status_interval` seconds while streaming (a timeout on the read, no timer task).
 * **Reconnects** on connection loss, server restart or "slot is active" (another process holds
@@ -56,6 +57,13 @@ __all__ = ["ReplicationReader"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DECODE_SLICE = 64
+"""Most messages decoded into items at a time. A read may take hundreds (the read-ahead
+budget), but their rows are decoded and handed out a slice at a time: rows in flight are young
+objects, and a whole read's worth of them (two or three per row) would set off a young
+collection nearly every read, walking them all and promoting them towards costly full ones.
+A slice stays well under Python's threshold (700)."""
 
 _BOOKKEEPING = frozenset({Begin, UnknownMessage})
 """Decoder messages that move the reader's transaction state or are skipped."""
@@ -188,10 +196,11 @@ class ReplicationReader:
         """Connect, set up, and yield items in commit order, a read's worth at a time, until
         `aclose()` or cancellation.
 
-        Use as `async for batch in reader.batches()`. A batch is what one read took (a message
-        and those already arrived, within the read-ahead budget): the consumer handles it
-        without an await per item, and it counts as handled once the consumer asks for the
-        next batch. One iteration (of `batches` or `items`) at a time per reader.
+        Use as `async for batch in reader.batches()`. A batch is the items of up to
+        `DECODE_SLICE` messages of one read (a message and those already arrived, within the
+        read-ahead budget): the consumer handles it without an await per item, and it counts as
+        handled once the consumer asks for the next batch. One iteration (of `batches` or
+        `items`) at a time per reader.
 
         Raises:
             SetupError: a set-up problem retrying cannot fix (its message says what to do).
@@ -255,12 +264,14 @@ class ReplicationReader:
                     async with asyncio.timeout(self.connect_timeout):
                         await self._connect()
                     while not self._closing:
-                        batch = await self._next_items()
-                        if progress.resuming:  # drop what was handed out before a reconnect
-                            batch = [item for item in batch if not progress.skip(item)]
-                        if batch:
-                            yield batch
-                            progress.handed_out_batch(batch)  # the consumer asked past it
+                        messages = await self._next_messages()
+                        for start in range(0, len(messages), DECODE_SLICE):
+                            batch = await self._items_of(messages[start : start + DECODE_SLICE])
+                            if progress.resuming:  # drop what was handed out before a reconnect
+                                batch = [item for item in batch if not progress.skip(item)]
+                            if batch:
+                                yield batch
+                                progress.handed_out_batch(batch)  # the consumer asked past it
                 except Exception as exc:
                     if self._closing:
                         return
@@ -331,20 +342,13 @@ class ReplicationReader:
             extra={"slot": self.slot, "publication": self.publication, "from": format_lsn(start)},
         )
 
-    async def _next_items(self) -> list[Item]:
-        """Read one CopyData message, and those already arrived (within the read-ahead
-        budget), into items. Called when the consumer has asked past every item read before.
-
-        Decoding is synchronous; the loop awaits only to describe a Relation's types and to
-        answer a keepalive that asks for a reply, so a batch costs one await, not one per
-        message; the budget keeps a batch to a few milliseconds of decoding.
-        """
+    async def _next_messages(self) -> list[bytes]:
+        """Read one CopyData message, and those already arrived within the read-ahead budget.
+        Called when the consumer has asked past every item read before."""
         conn = self._conn
         assert conn is not None
-        feed = self._builder.feed
         progress = self._progress
         progress.drained()
-        items: list[Item] = []
         first = await self._read()
         progress.read(len(first))
         messages = [first]
@@ -352,6 +356,16 @@ class ReplicationReader:
             ahead = conn.read_copies_nowait(progress.room)
             progress.read(sum(map(len, ahead)))
             messages += ahead
+        return messages
+
+    async def _items_of(self, messages: list[bytes]) -> list[Item]:
+        """Decode `messages` into items.
+
+        Decoding is synchronous; the loop awaits only to describe a Relation's types and to
+        answer a keepalive that asks for a reply, so a slice costs no await per message.
+        """
+        feed = self._builder.feed
+        items: list[Item] = []
         for data in messages:
             decoded = self._decode(data)
             if decoded is not None:
