@@ -14,6 +14,7 @@ from bench import (
     cdc_stages,
     cdc_throughput,
     fanout,
+    history_gc,
     latency,
     masking,
     memory,
@@ -49,6 +50,13 @@ def test_serve_stages_times_every_stage_of_the_captured_wal(
     assert set(result["us_per_change"]) == {"read", "route", "publish", "serve path"}
     again = serve_stages.main([*options, "--frames", str(frames), "--only", "route"])
     assert again["rows"] == 400 and list(again["us_per_change"]) == ["route"]
+
+
+def test_history_gc_times_a_full_collection_three_ways() -> None:
+    result = history_gc.main(["--events", "3000", "--orgs", "7", "--repeat", "1", "--json-only"])
+    assert result["events"] == 3000 and result["bytes_per_event"] > 200
+    for key in ("empty", "full", "full_plus_deque"):
+        assert result[f"full_collection_ms_{key}"] >= 0
 
 
 def test_send_cost_times_both_ways_of_writing() -> None:
