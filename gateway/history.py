@@ -25,9 +25,8 @@ calls), and at most `max_events` per organization, and at most `max_total_events
 `max_total_bytes` on the node, oldest first across organizations. It knows per organization up
 to which key it has evicted, so a cursor below that gets a resync instead of a silent gap. Each
 entry is one `bytes` object (see `MemoryHistory`): a few hundred bytes for a 200-byte row.
-Entries are kept in chunks the garbage collector stops tracking (`_Kept`), and the node-wide
-order holds no references at all, so a full collection costs about the same with an empty
-history as with a full one.
+Entries are kept in chunks the garbage collector stops tracking (`_Kept`), so a full collection
+costs about the same with an empty history as with a full one.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ import itertools
 import struct
 import sys
 import time
-from array import array
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -125,9 +123,8 @@ _PASSTHROUGH = orjson.OPT_PASSTHROUGH_SUBCLASS  #: a `RawJson` goes to `tag_raw_
 CHUNK = 64
 """Entries per chunk of a history (`_Kept`)."""
 
-ENTRY_OVERHEAD = sys.getsizeof(b"") + 8 + 4
-"""Bytes an entry costs besides its length: the bytes object's header, its slot in a chunk, and
-its record in the node-wide order (the index of its history)."""
+ENTRY_OVERHEAD = sys.getsizeof(b"") + 8
+"""Bytes an entry costs besides its length: the bytes object's header and its slot in a chunk."""
 
 
 def _entry_key(entry: bytes) -> CursorKey:
@@ -151,12 +148,6 @@ def _last_key(chunk: tuple[bytes, ...]) -> CursorKey:
     return _KEY.unpack_from(chunk[-1])
 
 
-def _keyed(kept: _Kept) -> Iterator[tuple[CursorKey, int]]:
-    """What `kept` holds as (key, its index), oldest first: to merge histories by key."""
-    index = kept.index
-    return ((_entry_key(entry), index) for entry in kept)
-
-
 class _Kept:
     """The history of one organization (or of the events for every organization): its
     entries, oldest first, in chunks of `CHUNK`.
@@ -172,25 +163,21 @@ class _Kept:
 
     __slots__ = (
         "chunks",
-        "evicted",
         "evicted_up_to",
         "head",
         "index",
         "length",
         "newest",
-        "ordered",
         "organization_id",
     )
 
     def __init__(self, organization_id: str | None, index: int) -> None:
         self.organization_id = organization_id
-        self.index = index  #: its place in `MemoryHistory._kept`, which the order records
+        self.index = index  #: its place in `MemoryHistory._kept`, which the node-wide order names
         self.chunks: deque[tuple[bytes, ...]] = deque()
         self.newest: list[bytes] = []  #: the entries not yet in a chunk
         self.head = 0  #: entries of the oldest chunk already removed
         self.length = 0  #: entries held
-        self.evicted = 0  #: entries removed so far
-        self.ordered = 0  #: its records the node-wide order has passed so far
         self.evicted_up_to: CursorKey | None = None  #: complete above this key
 
     def __len__(self) -> int:
@@ -214,7 +201,6 @@ class _Kept:
         """Remove the oldest entry; returns it and the bytes of entries this let go of (their
         lengths and `ENTRY_OVERHEAD` each): none until the last entry of a chunk goes."""
         self.length -= 1
-        self.evicted += 1
         chunks = self.chunks
         if not chunks:
             entry = self.newest.pop(0)
@@ -274,13 +260,12 @@ class MemoryHistory:
         self._shared = _Kept(None, 0)
         #: Every history, by its index: the shared one, then one per organization seen.
         self._kept: list[_Kept] = [self._shared]
-        #: The node-wide order: the index of the history that holds each entry, in key order,
-        #: from `_order_head` on. The node-wide bounds evict from the front. A history's n-th
-        #: record there stands for its n-th entry, so a record whose entry a per-organization
-        #: trim already evicted (`_Kept.ordered < _Kept.evicted`) is skipped. Numbers, not
-        #: references: the collector does not look inside an array.
-        self._order = array("I")
-        self._order_head = 0
+        #: The node-wide order, a heap of (key, history index): every history that holds
+        #: entries has an item there whose key is at or before its oldest entry's. The
+        #: node-wide bounds evict the top's oldest entry, after making the top current
+        #: (`_oldest_held`); a history's own trims leave its item behind, older than its
+        #: first entry, until it comes to the top. One item per history, not per entry.
+        self._oldest: list[tuple[CursorKey, int]] = []
         self._size = 0
         self._bytes = 0
         #: (table or None for a broadcast, epoch) of the entries, by the id their header names.
@@ -310,8 +295,7 @@ class MemoryHistory:
         self._orgs.clear()
         self._shared = _Kept(None, 0)
         self._kept = [self._shared]
-        self._order = array("I")
-        self._order_head = 0
+        self._oldest = []
         self._size = 0
         self._bytes = 0
         self.complete_from = None
@@ -395,21 +379,19 @@ class MemoryHistory:
         else:
             assert isinstance(event, BroadcastEvent)
             entry = self._encode_broadcast(event, now)
+        if not kept.length:  # it joins the node-wide order
+            heapq.heappush(self._oldest, (key, kept.index))
         newest = kept.newest  # `_Kept`'s append, inline
         newest.append(entry)
         if len(newest) == CHUNK:
             kept.seal()
         kept.length += 1
-        order = self._order
-        order.append(kept.index)
         self._size += 1
         self._bytes += len(entry) + ENTRY_OVERHEAD
         if kept.length > self.max_events:  # time is `trim`'s, once a second for every history
             self._expire(kept, now)
         if self._size > self.max_total_events or self._bytes > self.max_total_bytes:
             self._evict_node_wide()
-        if len(order) - self._order_head > 2 * self._size + 1024:
-            self._forget_evicted()
         if key > self.position:
             self.position = key
 
@@ -419,23 +401,28 @@ class MemoryHistory:
         Bytes are counted as long as they are held, so an eviction may release none (its
         chunk is still partly held) and more go; once nothing is kept, nothing is held.
         """
-        order, kept_by_index = self._order, self._kept
         while self._size and (
             self._size > self.max_total_events or self._bytes > self.max_total_bytes
         ):
-            oldest = kept_by_index[order[self._order_head]]
-            self._order_head += 1
-            if oldest.ordered == oldest.evicted:  # its entry is still held: the oldest of all
-                self._evict_oldest(oldest)
-            oldest.ordered += 1
-        self._compact_order()
+            oldest = self._oldest_held()
+            assert oldest is not None, "a history holds what the node holds"
+            self._evict_oldest(oldest)
 
-    def _compact_order(self) -> None:
-        """Drop the order's records before its head once they are the larger part."""
-        head = self._order_head
-        if head > 1024 and head > len(self._order) // 2:
-            del self._order[:head]
-            self._order_head = 0
+    def _oldest_held(self) -> _Kept | None:
+        """The history whose first entry is the oldest of all: the top of the node-wide order,
+        once items left behind by a history's own trims are brought up to date or dropped."""
+        heap, kept_by_index = self._oldest, self._kept
+        while heap:
+            key, index = heap[0]
+            kept = kept_by_index[index]
+            if not kept.length:
+                heapq.heappop(heap)
+                continue
+            first = _entry_key(kept.first())
+            if first == key:
+                return kept
+            heapq.heapreplace(heap, (first, index))
+        return None
 
     def events_after(self, organization_id: str, key: CursorKey) -> Sequence[RoutedEvent] | None:
         """`since`, synchronously."""
@@ -467,16 +454,10 @@ class MemoryHistory:
         self._expire(self._shared, now)
         for kept in self._orgs.values():
             self._expire(kept, now)
-        order, kept_by_index = self._order, self._kept
-        head = self._order_head
-        while head < len(order):
-            oldest = kept_by_index[order[head]]
-            if oldest.ordered == oldest.evicted:
-                break  # still held
-            oldest.ordered += 1
-            head += 1
-        self._order_head = head
-        self._compact_order()
+        self._oldest_held()
+        if len(self._oldest) > 2 * len(self._kept) + 64:  # histories emptied and refilled
+            self._oldest = [(_entry_key(kept.first()), kept.index) for kept in self._kept if kept]
+            heapq.heapify(self._oldest)
 
     def _expire(self, kept: _Kept, now: float) -> None:
         oldest = now - self.seconds
@@ -489,14 +470,6 @@ class MemoryHistory:
         self._size -= 1
         self._bytes -= released
 
-    def _forget_evicted(self) -> None:
-        """Rebuild the node-wide order from what is held (per-org trims leave stale records)."""
-        merged = heapq.merge(*map(_keyed, self._kept))
-        self._order = array("I", (index for _, index in merged))
-        self._order_head = 0
-        for kept in self._kept:
-            kept.ordered = kept.evicted
-
     def held(self, organization_id: str | None) -> list[RoutedEvent]:
         """The events kept for `organization_id` (None: for every organization), oldest first."""
         kept = self._shared if organization_id is None else self._orgs.get(organization_id)
@@ -506,8 +479,9 @@ class MemoryHistory:
 
     @property
     def order_length(self) -> int:
-        """Records in the node-wide eviction order (stale ones included): stays bounded."""
-        return len(self._order) - self._order_head
+        """Items in the node-wide order (those left behind included): at most about two per
+        history, whatever the number of events."""
+        return len(self._oldest)
 
 
 class _Replayed(Sequence[RoutedEvent]):

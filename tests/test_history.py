@@ -124,13 +124,17 @@ def test_the_node_wide_bound_counts_what_per_org_and_time_trims_removed() -> Non
     history.trim()
     assert len(history) == 0 and history.order_length == 0
 
-    # Per-org trims alone leave stale entries in the node-wide order; they are dropped before
-    # they pile up.
+    # A busy organization at its own bound evicts its oldest with every event, while a quiet
+    # one holds the node-wide oldest. The order keeps an item per history, not per event:
+    # nothing piles up behind the quiet event that would have to be swept or rebuilt (a
+    # rebuild of a per-event order held an append for 137 ms with 100,000 events kept).
+    lsn += 0x10
+    history.append(_event(lsn, org="quiet0"))
     for _ in range(5000):
         lsn += 0x10
         history.append(_event(lsn, org="busy"))
-    assert len(history) == 5
-    assert history.order_length <= 2 * 5 + 1024
+        assert history.order_length <= 2 * 2
+    assert len(history) == 6
 
 
 async def test_since_is_events_after_without_a_pause() -> None:
@@ -259,7 +263,7 @@ def test_the_node_wide_byte_bound_evicts_the_oldest_of_any_org() -> None:
         history.append(event)
         assert history.nbytes <= 100 * 400
     assert 90 <= len(history) <= 130
-    assert history.order_length <= 2 * len(history) + 1024
+    assert history.order_length <= 2 * 4  # about one item per history (4 here), not per event
     # The oldest went first, whatever its organization: a cursor before them must resync.
     assert history.events_after("org_1", (0x10, 0)) is None
     kept = history.events_after("org_1", (0x10 + 290, 1))
@@ -385,4 +389,4 @@ def test_what_is_kept_and_what_resyncs_follow_the_rules_across_chunks(
                 assert got is None
                 continue
             assert (None if got is None else [e.key for e in got]) == model.after(org, key)
-    assert history.order_length <= 2 * len(history) + 1024
+    assert history.order_length <= 2 * 4  # about one item per history (4 here), not per event
