@@ -21,6 +21,7 @@ from cdc.render import RawJson
 from gateway.config import parse_realtime_config
 from gateway.events import BroadcastEvent, ChangeEvent, RoutedEvent
 from gateway.history import CHUNK, ENTRY_OVERHEAD, MemoryHistory, _Kept
+from walcast.pipeline import HISTORY_TRIM_SLACK
 
 TABLE = parse_realtime_config({"tables": {"notes": {}}}).tables["public.notes"]
 WHEN = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -96,6 +97,25 @@ def test_time_trims_and_a_resume_below_what_was_trimmed_must_resync() -> None:
     history.trim()
     assert len(history) == 0 and history.order_length == 0
     assert _after(history, "o", (0x30, 1)) == []
+
+
+def test_with_a_trim_every_second_no_event_outlives_the_slack_the_slot_keeps() -> None:
+    """Expiry is trim's (once a second): an event may outlive `seconds` by up to that second,
+    and the pipeline keeps `HISTORY_TRIM_SLACK` more WAL in the slot than `historySeconds`,
+    so a restarted node still re-reads every event a client may resume from."""
+    history, now = _streaming(seconds=10)
+    appended_at: dict[CursorKey, float] = {}
+    lsn = 0x20
+    for step in range(4000):  # 0.01 s apart, a trim at each whole second
+        now[0] = step / 100
+        lsn += 1
+        history.append(_event(lsn, org=f"org_{step % 3}"))
+        appended_at[(lsn, 1)] = now[0]
+        if step % 100 == 0:
+            history.trim()
+        firsts = [struct.unpack_from("<QQ", kept.first()) for kept in history._orgs.values()]
+        oldest = min(appended_at[first] for first in firsts)
+        assert now[0] - oldest <= 10 + 1.0 < 10 + HISTORY_TRIM_SLACK
 
 
 def test_the_per_org_bound_evicts_that_org_s_oldest() -> None:

@@ -16,8 +16,9 @@ Events stay in commit order, so an event committed after a large transaction rea
 sockets only once that transaction has been handled.
 
 What the slot may forget is decided by `RetentionWindow`: the WAL position the node had reached
-`historySeconds` ago. That is at or before the oldest transaction still in any history, so a
-node killed at any moment re-reads, on restart, every event a client might still resume from.
+`historySeconds` (and `HISTORY_TRIM_SLACK`) ago. That is at or before the oldest transaction
+still in any history, so a node killed at any moment re-reads, on restart, every event a client
+might still resume from.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ YIELD_SECONDS = 0.005
 
 SAMPLE_SECONDS = 0.1
 """The retention window's resolution: at most one sample of the position reached this often."""
+
+HISTORY_TRIM_SLACK = 2.0
+"""Seconds an event may outlive `historySeconds` in history: it drops expired events once a
+second (`walcast.app`'s tick), so the slot keeps this much more."""
 
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
@@ -213,7 +218,7 @@ class Pipeline:
         )
         self.router.epoch = self.epoch
         self.retention = retention = RetentionWindow(
-            self._config.historySeconds, start_lsn, self._clock
+            self._config.historySeconds + HISTORY_TRIM_SLACK, start_lsn, self._clock
         )
         marker = uuid.uuid4().hex
         async with await psycopg.AsyncConnection.connect(self._dsn, autocommit=True) as conn:
