@@ -455,7 +455,7 @@ class MemoryHistory:
         self._expire(self._shared, now)
         for kept in self._orgs.values():
             self._expire(kept, now)
-        self._oldest_held()
+        self._oldest_held()  # drops the items of histories the expiry emptied, from the top
         if len(self._oldest) > 2 * len(self._kept) + 64:  # histories emptied and refilled
             self._oldest = [(_entry_key(kept.first()), kept.index) for kept in self._kept if kept]
             heapq.heapify(self._oldest)

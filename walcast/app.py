@@ -37,13 +37,12 @@ from walcast.aio import cancel_and_wait
 from walcast.bus.app import bus_keys, install_node, make_feed
 from walcast.bus.client import redis_client
 from walcast.dsn import to_url
-from walcast.pipeline import Pipeline
+from walcast.pipeline import TICK_SECONDS, Pipeline
 
 __all__ = ["PIPELINE", "LocalSink", "make_app"]
 
 log = logging.getLogger(__name__)
 
-TICK_SECONDS = 1.0
 SLOT_METRICS_EVERY = 5  #: ticks between slot queries (retained WAL gauge)
 
 PIPELINE = web.AppKey("walcast_pipeline", Pipeline)

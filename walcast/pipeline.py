@@ -47,6 +47,7 @@ from walcast.routing import Router
 
 __all__ = [
     "SYNC_PREFIX",
+    "TICK_SECONDS",
     "DropSink",
     "EventSink",
     "Pipeline",
@@ -63,9 +64,12 @@ YIELD_SECONDS = 0.005
 SAMPLE_SECONDS = 0.1
 """The retention window's resolution: at most one sample of the position reached this often."""
 
-HISTORY_TRIM_SLACK = 2.0
-"""Seconds an event may outlive `historySeconds` in history: it drops expired events once a
-second (`walcast.app`'s tick), so the slot keeps this much more."""
+TICK_SECONDS = 1.0
+"""How often `walcast.app` runs the periodic upkeep: `Pipeline.tick` and the history's trim."""
+
+HISTORY_TRIM_SLACK = 2 * TICK_SECONDS
+"""Seconds an event may outlive `historySeconds` in history, which drops expired events once a
+tick: the slot keeps this much more (a tick, and one more for a late one)."""
 
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
