@@ -35,6 +35,8 @@ from bench.common import add_common_args, database
 from bench.serve_cdc import CONFIG, END_PREFIX, INSERT_BATCHES, PUBLICATION, SCHEMA
 from cdc.changes import ChangeBuilder, Item, RowChange
 from cdc.decoder import Decoder
+from cdc.inserts import InsertRuns
+from cdc.reader import DECODE_SLICE
 from cdc.replication import ReplicationProtocol, XLogData
 from gateway.broadcasts import BroadcastSigner
 from gateway.config import parse_realtime_config
@@ -57,13 +59,33 @@ def prepare(dsn: str, rows: int, batch: int, orgs: int) -> None:
         conn.execute("SELECT pg_logical_emit_message(true, %s, 'end')", (END_PREFIX,))
 
 
+def reading(frames: list[bytes]) -> Callable[[int, int], list[Item]]:
+    """The reader's decoding, as `cdc.reader` does it: `frames[start:stop]`'s items, runs of
+    inserts in one call (`cdc.inserts`) and every other message one by one."""
+    protocol, decoder, builder = ReplicationProtocol(), Decoder(), ChangeBuilder()
+    receive, decode, feed = protocol.receive, decoder.decode, builder.feed
+    take = InsertRuns(protocol, decoder, builder).take
+
+    def read_slice(start: int, stop: int) -> list[Item]:
+        messages = frames[start:stop]
+        items: list[Item] = []
+        i = 0
+        while i < len(messages):
+            i = take(messages, i, items)
+            if i < len(messages):
+                message = receive(messages[i])
+                i += 1
+                if type(message) is XLogData:
+                    items += feed(decode(message.payload, message.data_start))
+        return items
+
+    return read_slice
+
+
 def read(frames: list[bytes]) -> list[Item]:
-    receive, decode, feed = ReplicationProtocol().receive, Decoder().decode, ChangeBuilder().feed
-    items: list[Item] = []
-    for frame in frames:
-        message = receive(frame)
-        if type(message) is XLogData:
-            items.extend(feed(decode(message.payload, message.data_start)))
+    read_slice, items = reading(frames), []
+    for start in range(0, len(frames), DECODE_SLICE):
+        items += read_slice(start, start + DECODE_SLICE)
     return items
 
 
@@ -138,13 +160,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         new_publisher()(routed)
 
     def serve_path() -> None:
-        route, publish = route_all(new_router()), new_publisher()
-        receive, decode = ReplicationProtocol().receive, Decoder().decode
-        feed = ChangeBuilder().feed
-        for frame in frames:
-            message = receive(frame)
-            if type(message) is XLogData:
-                publish(route(feed(decode(message.payload, message.data_start))))
+        route, publish, read_slice = route_all(new_router()), new_publisher(), reading(frames)
+        for start in range(0, len(frames), DECODE_SLICE):
+            publish(route(read_slice(start, start + DECODE_SLICE)))
 
     stages = dict(zip(STAGES, (lambda: read(frames), routing, publishing, serve_path), strict=True))
     if args.only:

@@ -33,6 +33,17 @@
  *     for the common text forms this file makes the very same value itself, and hands the
  *     cell to the loader whenever it is not sure (non-ASCII, unusual digits, invalid UTF-8),
  *     so the loader stays the definition.
+ *
+ * insert_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn,
+ *            position, kind, no_columns) -> (stop, position, received, wal_end)
+ *     Twin: the general path (xlog_data, read_insert, load_row and the Python around them;
+ *     see cdc/inserts.py, whose tests feed random streams both ways). From `messages[start]`
+ *     on, each CopyData message that is an XLogData Insert of a relation in `relations` whose
+ *     plan in `plans` was bound for that very Relation, with every cell 't', 'b' or 'n' and
+ *     read as load_row reads it, becomes a `row_change` appended to `items`, numbered on from
+ *     `position`. Stops at the first message that is anything else, or that fails in any way
+ *     (the error is cleared: the general path reports it), and returns that index, the last
+ *     position given, the highest data start and the last WAL end of the messages taken.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -357,12 +368,12 @@ iso_timestamp(const char *p, Py_ssize_t n, int utc_suffix)
     return text;
 }
 
-/* The value of one bytes cell, as `loader(cell)` would give it. */
+/* The value of the cell text `p[:n]`, as `loader(bytes)` would give it. `cell` is that text as
+   bytes when the caller has it, or NULL: the bytes are then made only if the loader is called. */
 static PyObject *
-load_cell(PyObject *cell, int code, PyObject *loader, PyObject *raw_json)
+load_text(const char *p, Py_ssize_t n, PyObject *cell, int code, PyObject *loader,
+          PyObject *raw_json)
 {
-    const char *p = PyBytes_AS_STRING(cell);
-    Py_ssize_t n = PyBytes_GET_SIZE(cell);
     switch (code) {
     case CODE_TEXT: {
         PyObject *text = PyUnicode_DecodeUTF8(p, n, NULL);
@@ -427,7 +438,16 @@ load_cell(PyObject *cell, int code, PyObject *loader, PyObject *raw_json)
     default:
         break;
     }
-    return PyObject_CallOneArg(loader, cell);
+    if (cell != NULL) {
+        return PyObject_CallOneArg(loader, cell);
+    }
+    PyObject *made = PyBytes_FromStringAndSize(p, n);
+    if (made == NULL) {
+        return NULL;
+    }
+    PyObject *value = PyObject_CallOneArg(loader, made);
+    Py_DECREF(made);
+    return value;
 }
 
 /* Checks the shared arguments of load_row and load_values; a new reference to cells as a
@@ -464,7 +484,8 @@ load_value(PyObject *cell, Py_ssize_t i, PyObject *codes, PyObject *loaders, PyO
     if (!PyBytes_CheckExact(cell)) {
         return PyObject_CallOneArg(loader, cell);
     }
-    return load_cell(cell, (unsigned char)PyBytes_AS_STRING(codes)[i], loader, raw_json);
+    return load_text(PyBytes_AS_STRING(cell), PyBytes_GET_SIZE(cell), cell,
+                     (unsigned char)PyBytes_AS_STRING(codes)[i], loader, raw_json);
 }
 
 static PyObject *
@@ -551,6 +572,202 @@ load_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return values;
 }
 
+/* --- runs of inserts --------------------------------------------------------------------- */
+
+/* The insert plan of relation `oid` (a new reference), or NULL, no error set, when there is
+   none to use: the relation is unknown, or the plan was bound for another Relation message. A
+   plan is (relation, names, codes, loaders, schema, table) (cdc.changes.ChangeBuilder). */
+static PyObject *
+plan_for(PyObject *relations, PyObject *plans, uint32_t oid)
+{
+    PyObject *key = PyLong_FromUnsignedLong(oid);
+    if (key == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *relation = PyDict_GetItemWithError(relations, key); /* borrowed */
+    PyObject *plan = relation == NULL ? NULL : PyDict_GetItemWithError(plans, key);
+    Py_DECREF(key);
+    if (plan == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 6 ||
+        PyTuple_GET_ITEM(plan, 0) != relation) {
+        return NULL;
+    }
+    PyObject *names = PyTuple_GET_ITEM(plan, 1), *codes = PyTuple_GET_ITEM(plan, 2);
+    PyObject *loaders = PyTuple_GET_ITEM(plan, 3);
+    if (!PyTuple_CheckExact(names) || !PyBytes_CheckExact(codes) || !PyTuple_CheckExact(loaders) ||
+        PyTuple_GET_SIZE(names) != PyBytes_GET_SIZE(codes) ||
+        PyTuple_GET_SIZE(names) != PyTuple_GET_SIZE(loaders)) {
+        return NULL;
+    }
+    return Py_NewRef(plan);
+}
+
+/* The row of the TupleData at `data[pos:size]` ('t', 'b' and 'n' cells only, all of them), as
+   load_row would make it from read_cells' cells; NULL for anything else or any failure (the
+   error, if one is set, is the caller's to clear). */
+static PyObject *
+row_at(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos, PyObject *plan,
+       PyObject *raw_json)
+{
+    PyObject *names = PyTuple_GET_ITEM(plan, 1), *loaders = PyTuple_GET_ITEM(plan, 3);
+    const unsigned char *codes = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(plan, 2));
+    Py_ssize_t width = PyTuple_GET_SIZE(names);
+    PyObject *row = PyDict_New();
+    if (row == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < width; i++) {
+        if (pos >= size) {
+            goto fail;
+        }
+        unsigned char kind = data[pos];
+        PyObject *value;
+        if (kind == 't' || kind == 'b') {
+            if (size - pos < 5) {
+                goto fail;
+            }
+            uint32_t length = be32(data + pos + 1);
+            Py_ssize_t start = pos + 5;
+            if ((uint64_t)length > (uint64_t)(size - start)) {
+                goto fail;
+            }
+            value = load_text((const char *)data + start, (Py_ssize_t)length, NULL, codes[i],
+                              PyTuple_GET_ITEM(loaders, i), raw_json);
+            if (value == NULL) {
+                goto fail;
+            }
+            pos = start + (Py_ssize_t)length;
+        }
+        else if (kind == 'n') {
+            value = Py_NewRef(Py_None);
+            pos += 1;
+        }
+        else {
+            goto fail; /* 'u' or unknown: the general path's to judge */
+        }
+        int failed = PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), value);
+        Py_DECREF(value);
+        if (failed) {
+            goto fail;
+        }
+    }
+    if (pos == size) {
+        return row;
+    }
+fail:
+    Py_DECREF(row);
+    return NULL;
+}
+
+static PyObject *
+insert_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError,
+                        "insert_run(messages, start, items, relations, plans, row_change, "
+                        "raw_json, commit_lsn, position, kind, no_columns) takes 11 arguments");
+        return NULL;
+    }
+    PyObject *messages = args[0], *items = args[2], *relations = args[3], *plans = args[4];
+    PyObject *cls = args[5], *raw_json = args[6], *commit_lsn = args[7], *kind = args[9];
+    PyObject *no_columns = args[10];
+    if (!PyList_CheckExact(messages) || !PyList_CheckExact(items) ||
+        !PyDict_CheckExact(relations) || !PyDict_CheckExact(plans) || !PyLong_CheckExact(commit_lsn)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "insert_run: messages and items must be lists, relations and plans dicts, "
+                        "commit_lsn an int");
+        return NULL;
+    }
+    if (check_record_class(cls, "insert_run") < 0) {
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    long long position = PyLong_AsLongLong(args[8]);
+    if ((i == -1 || position == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "insert_run: negative start");
+        return NULL;
+    }
+    unsigned long long received = 0, wal_end = 0;
+    PyObject *plan = NULL;
+    uint32_t plan_oid = 0;
+    for (; i < PyList_GET_SIZE(messages); i++) {
+        PyObject *message = PyList_GET_ITEM(messages, i); /* borrowed: the list is not changed */
+        if (!PyBytes_CheckExact(message)) {
+            break;
+        }
+        const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(message);
+        Py_ssize_t size = PyBytes_GET_SIZE(message);
+        /* XLogData ('w', data start, WAL end, send time) around 'I', OID, 'N', column count */
+        if (size < 25 + 8 || data[0] != 'w' || data[25] != 'I' || data[30] != 'N') {
+            break;
+        }
+        uint32_t oid = be32(data + 26);
+        if (plan == NULL || oid != plan_oid) {
+            Py_CLEAR(plan);
+            plan = plan_for(relations, plans, oid);
+            if (plan == NULL) {
+                break;
+            }
+            plan_oid = oid;
+        }
+        Py_ssize_t ncols = ((Py_ssize_t)data[31] << 8) | data[32];
+        if (ncols != PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 1))) {
+            break;
+        }
+        Py_INCREF(message); /* a loader runs Python code: hold what `data` points into */
+        PyObject *row = row_at(data + 25, size - 25, 8, plan, raw_json);
+        Py_DECREF(message);
+        if (row == NULL) {
+            PyErr_Clear(); /* the general path reports it, as a ProtocolError */
+            break;
+        }
+        PyObject *fields[8] = {
+            Py_NewRef(commit_lsn),
+            PyLong_FromLongLong(position + 1),
+            Py_NewRef(PyTuple_GET_ITEM(plan, 4)),
+            Py_NewRef(PyTuple_GET_ITEM(plan, 5)),
+            Py_NewRef(kind),
+            row,
+            Py_NewRef(Py_None),
+            Py_NewRef(no_columns),
+        };
+        if (fields[1] == NULL) {
+            for (int f = 0; f < 8; f++) {
+                Py_XDECREF(fields[f]);
+            }
+            goto fail;
+        }
+        PyObject *change = new_record((PyTypeObject *)cls, 8, fields);
+        if (change == NULL) {
+            goto fail;
+        }
+        int failed = PyList_Append(items, change);
+        Py_DECREF(change);
+        if (failed) {
+            goto fail;
+        }
+        position += 1;
+        unsigned long long data_start = be64(data + 1);
+        if (data_start > received) {
+            received = data_start;
+        }
+        wal_end = be64(data + 9);
+    }
+    Py_XDECREF(plan);
+    return Py_BuildValue("(nLKK)", i, position, received, wal_end);
+
+fail:
+    Py_XDECREF(plan);
+    return NULL;
+}
+
 /* --- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef speedups_methods[] = {
@@ -564,6 +781,9 @@ static PyMethodDef speedups_methods[] = {
      "load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict: a typed row."},
     {"load_values", (PyCFunction)(void (*)(void))load_values, METH_FASTCALL,
      "load_values(codes, loaders, raw_json, unchanged, cells) -> tuple: typed values."},
+    {"insert_run", (PyCFunction)(void (*)(void))insert_run, METH_FASTCALL,
+     "insert_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn, "
+     "position, kind, no_columns) -> (stop, position, received, wal_end): a run of inserts."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,3 +28,17 @@ def load_values(
     cells: Sequence[Any],
     /,
 ) -> tuple[Any, ...]: ...
+def insert_run(
+    messages: list[Any],
+    start: int,
+    items: list[Any],
+    relations: dict[int, Relation],
+    plans: dict[int, tuple[Any, ...]],
+    row_change: type,
+    raw_json: type,
+    commit_lsn: int,
+    position: int,
+    kind: str,
+    no_columns: tuple[str, ...],
+    /,
+) -> tuple[int, int, int, int]: ...

@@ -40,6 +40,7 @@ from cdc import catalog, setup
 from cdc.backoff import full_jitter
 from cdc.changes import ChangeBuilder, Item, TypeDescription
 from cdc.decoder import Decoder
+from cdc.inserts import InsertRuns
 from cdc.lsn import format_lsn
 from cdc.messages import Begin, PgOutputMessage, Relation, UnknownMessage
 from cdc.progress import READ_AHEAD_BYTES, Progress
@@ -147,6 +148,7 @@ class ReplicationReader:
         self._protocol = ReplicationProtocol()
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
+        self._inserts = InsertRuns(self._protocol, self._decoder, self._builder)
         self._types: dict[int, TypeDescription] = {}
         self._streaming = False
         self._status_sent_at = 0.0
@@ -322,6 +324,7 @@ class ReplicationReader:
         self._protocol = ReplicationProtocol(start)
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
+        self._inserts = InsertRuns(self._protocol, self._decoder, self._builder)
         if self._types:
             self._builder.register_types(list(self._types.values()))
         try:
@@ -364,10 +367,18 @@ class ReplicationReader:
         Decoding is synchronous; the loop awaits only to describe a Relation's types and to
         answer a keepalive that asks for a reply, so a slice costs no await per message.
         """
-        feed = self._builder.feed
+        feed, take = self._builder.feed, self._inserts.take
         items: list[Item] = []
-        for data in messages:
-            decoded = self._decode(data)
+        i, count = 0, len(messages)
+        while i < count:
+            taken = take(messages, i, items)  # a run of inserts, in one call
+            if taken > i:
+                self._stream_ok = True
+                i = taken
+                if i == count:
+                    break
+            decoded = self._decode(messages[i])  # anything else, one by one
+            i += 1
             if decoded is not None:
                 if isinstance(decoded, Relation):
                     await self._resolve_types(decoded)

@@ -195,6 +195,13 @@ class ReplicationProtocol:
             self.reply_pending = True
         return message
 
+    def received(self, data_start: int, wal_end: int) -> None:
+        """Update the LSN state as `receive` does for an XLogData message (data start, WAL end)
+        parsed elsewhere (`cdc.inserts`)."""
+        self.server_wal_end = wal_end
+        if data_start > self.received_lsn:
+            self.received_lsn = data_start
+
     def confirm(self, lsn: int) -> None:
         """Let the server forget WAL before `lsn`; an older position is ignored."""
         if lsn > self.flush_lsn:

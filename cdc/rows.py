@@ -127,9 +127,11 @@ class Bound:
     """A Relation with its loaders bound: names, and one loader per column with its code."""
 
     __slots__ = (
+        "codes",
         "key_indexes",
         "load_row",
         "load_values",
+        "loads",
         "names",
         "relation",
         "schema",
@@ -152,8 +154,9 @@ class Bound:
         self.key_indexes = tuple(i for i, c in enumerate(relation.columns) if c.is_key)
         transformer = Transformer(adapters)
         loaders = [transformer.get_loader(oid, _TEXT) for oid in oids]
-        codes = codes_for(loaders, codes_by_class)
-        loads = tuple(loader.load for loader in loaders)
+        #: one code per column (`codes_for`), and one bound `load` per column
+        self.codes = codes = codes_for(loaders, codes_by_class)
+        self.loads = loads = tuple(loader.load for loader in loaders)
         #: cells → {name: value}, unchanged TOAST cells left out (in C where built)
         self.load_row: Callable[[Sequence[Any]], dict[str, Any]] = partial(
             load_row, self.names, codes, loads, RawJson, _UNCHANGED

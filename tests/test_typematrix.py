@@ -5,12 +5,14 @@ a server may be built without (xml) are parts of their own, skipped where the se
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
 import pytest
 
-from cdc.changes import RowChange, TransactionEnd
+import cdc.inserts
+from cdc.changes import ChangeBuilder, RowChange, TransactionEnd
 from cdc.reader import ReplicationReader
 from cdc.render import dumps
 from tests.pg import PostgresServer
@@ -27,8 +29,11 @@ def _snapshot(conn: psycopg.Connection[Any]) -> dict[int, Any]:
 
 @pytest.mark.parametrize("part", MATRIX_PARTS)
 async def test_new_and_old_equal_to_jsonb(
-    pg_server: PostgresServer, database_url: str, part: str
+    pg_server: PostgresServer, database_url: str, part: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Where C is built, the inserts are typed by the reader's runs (cdc.inserts), never by
+    # the general path: this oracle is what checks the runs' values.
+    general_inserts = _counting(monkeypatch, ChangeBuilder, "_on_insert")
     matrix = matrix_part(pg_server, part)
     nrows = max(len(values) for _, _, values in matrix) + 1  # and a row of NULLs
     names = ", ".join(f'"{name}"' for name, _, _ in matrix)
@@ -70,6 +75,7 @@ async def test_new_and_old_equal_to_jsonb(
 
     kinds = [change.kind for change in changes]
     assert kinds == ["INSERT"] * nrows + ["UPDATE"] * nrows + ["DELETE"] * nrows
+    assert general_inserts() == (0 if cdc.inserts._insert_run is not None else nrows)
     for change in changes[:nrows]:
         new = rendered(change.new)
         assert new == inserted[_id(new)]
@@ -81,6 +87,20 @@ async def test_new_and_old_equal_to_jsonb(
         assert change.new is None
         old = rendered(change.old)
         assert old == updated[_id(old)]
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> Callable[[], int]:
+    """Count calls of `cls.name` from now on; returns the count so far."""
+    calls = 0
+    method = getattr(cls, name)
+
+    def counted(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return method(*args)
+
+    monkeypatch.setattr(cls, name, counted)
+    return lambda: calls
 
 
 def _id(row: dict[str, Any]) -> int:
