@@ -35,7 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -57,6 +57,31 @@ _new_tuple = tuple.__new__
 
 _MEMBER_TABLE = ("public", "member")
 _SESSION_TABLE = ("public", "session")
+
+
+class _TableRoute(NamedTuple):
+    """What routing reads of a table's config, once per row: plain fields, not the
+    pydantic model's attribute lookups."""
+
+    table: TableConfig
+    on_insert: bool
+    on_update: bool
+    on_delete: bool
+    organization_column: str
+    user_column: str | None
+    owner_column: str | None
+
+    @classmethod
+    def of(cls, table: TableConfig) -> _TableRoute:
+        return cls(
+            table,
+            table.onInsert,
+            table.onUpdate,
+            table.onDelete,
+            table.organizationColumn,
+            table.userColumn,
+            table.ownerColumn,
+        )
 
 
 def _text(value: Any) -> str | None:
@@ -88,9 +113,10 @@ class Router:
         self._xid = 0
         #: The history epoch every cursor carries (set by the pipeline once it knows it).
         self.epoch = NO_EPOCH
-        #: The configured tables whose events flow: not withheld.
-        self._tables: dict[tuple[str, str], TableConfig] = {
-            (table.schema_name, table.table_name): table for table in config.tables.values()
+        #: The configured tables whose events flow (not withheld), with what routing reads.
+        self._tables: dict[tuple[str, str], _TableRoute] = {
+            (table.schema_name, table.table_name): _TableRoute.of(table)
+            for table in config.tables.values()
         }
         #: Withheld tables → the config keys and columns found missing.
         self._withheld: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
@@ -106,9 +132,9 @@ class Router:
                 return self._member_change(item)
             if key == _SESSION_TABLE:
                 return self._session_change(item)
-            table = self._tables.get(key)
-            if table is not None:
-                return self._row_change(item, table)
+            route = self._tables.get(key)
+            if route is not None:
+                return self._row_change(item, route)
             if key in self._withheld:
                 self._metrics.withheld_events.labels(f"{item.schema}.{item.table}").inc()
             return []
@@ -146,7 +172,7 @@ class Router:
         name = table.qualified_name
         if not missing:
             if self._withheld.pop(key, None) is not None:
-                self._tables[key] = table
+                self._tables[key] = _TableRoute.of(table)
                 log.info(
                     "table %s has every column the realtime config names again: its events"
                     " flow again (from %X)",
@@ -178,8 +204,9 @@ class Router:
     # -- row changes -----------------------------------------------------------------------
 
     def _row_change(
-        self, change: RowChange, table: TableConfig
+        self, change: RowChange, route: _TableRoute
     ) -> list[RoutedEvent | AccessRevoked]:
+        table, on_insert, on_update, on_delete, org_column, user_column, owner_column = route
         commit_time = self._commit_time
         assert commit_time is not None, "a RowChange always follows its TransactionStart"
         # One event per change, built directly (no cursor string: formatted where it is sent).
@@ -191,7 +218,7 @@ class Router:
         )
         kind = change.kind
         if kind == "TRUNCATE":
-            if not table.onDelete:
+            if not on_delete:
                 return []
             return [
                 ChangeEvent(
@@ -210,14 +237,9 @@ class Router:
                 )
             ]
 
-        org_column, user_column, owner_column = (
-            table.organizationColumn,
-            table.userColumn,
-            table.ownerColumn,
-        )
         new, old = change.new, change.old
         if kind == "INSERT" or kind == "DELETE":
-            if not (table.onInsert if kind == "INSERT" else table.onDelete):
+            if not (on_insert if kind == "INSERT" else on_delete):
                 return []
             row = new if kind == "INSERT" else old
             assert row is not None
@@ -286,15 +308,15 @@ class Router:
         new_owner = _text(new.get(owner_column)) if owner_column else None
         old_owner = _text(before.get(owner_column)) if owner_column else None
         if new_org == old_org and new_user == old_user:
-            if not table.onUpdate:
+            if not on_update:
                 return []
             # The owner sees raw values only if they own both versions of the row.
             owner = new_owner if new_owner == old_owner else None
             return event("UPDATE", new_org, new, old, new_user, owner)
         routed: list[RoutedEvent | AccessRevoked] = []
-        if table.onDelete:
+        if on_delete:
             routed += event("DELETE", old_org, None, old or new, old_user, old_owner)
-        if table.onInsert:
+        if on_insert:
             routed += event("INSERT", new_org, new, None, new_user, new_owner)
         return routed
 
