@@ -24,7 +24,7 @@ from cdc.inserts import InsertRuns
 from cdc.render import RawJson
 from cdc.replication import ReplicationProtocol, XLogData
 
-pytestmark = pytest.mark.skipif(
+needs_c = pytest.mark.skipif(
     cdc.inserts._insert_run is None, reason="cdc._speedups was not built (no C compiler)"
 )
 
@@ -256,6 +256,7 @@ def _kinds(item: Item) -> Any:
     return {name: type(value) for name, value in item.new.items()}
 
 
+@needs_c
 @FUZZ
 @given(streams())
 def test_fuzz_runs_give_what_one_by_one_gives(messages: list[bytes]) -> None:
@@ -282,6 +283,7 @@ def fed_up_to(messages: list[bytes], count: int) -> tuple[Stream, list[Item]]:
     return stream, items
 
 
+@needs_c
 def test_a_run_takes_every_insert_of_a_transaction_in_one_call() -> None:
     messages = transaction(100)
     stream, items = fed_up_to(messages, 2)
@@ -303,6 +305,7 @@ def test_no_run_outside_a_transaction() -> None:
         stream.one(messages[2])
 
 
+@needs_c
 def test_a_run_stops_at_a_value_the_loader_refuses_and_the_general_path_reports_it() -> None:
     messages = transaction(5)
     messages[4] = xlog(insert(NARROW, [b"not a number", b"row"]), 0x2000)
@@ -312,6 +315,7 @@ def test_a_run_stops_at_a_value_the_loader_refuses_and_the_general_path_reports_
         stream.one(messages[4])
 
 
+@needs_c
 def test_new_type_descriptions_retire_the_plans_until_the_relation_is_bound_again() -> None:
     messages = transaction(4)
     stream, items = fed_up_to(messages, 2)
@@ -322,6 +326,7 @@ def test_new_type_descriptions_retire_the_plans_until_the_relation_is_bound_agai
     assert [item.position for item in items if type(item) is RowChange] == [1, 2, 3, 4]
 
 
+@needs_c
 def test_a_plan_bound_for_an_earlier_relation_message_is_not_used() -> None:
     messages = transaction(2)
     stream, items = fed_up_to(messages, 2)
@@ -330,6 +335,7 @@ def test_a_plan_bound_for_an_earlier_relation_message_is_not_used() -> None:
     assert stream.runs.take(messages, 2, items) == 2
 
 
+@needs_c
 def test_the_row_values_are_those_of_the_loaders() -> None:
     row: list[bytes | str | None] = [
         b"5",
@@ -366,6 +372,7 @@ def test_the_row_values_are_those_of_the_loaders() -> None:
     assert type(new["price"]) is RawJson and type(new["ratio"]) is RawJson
 
 
+@needs_c
 @pytest.mark.parametrize(
     "call",
     [
@@ -380,3 +387,13 @@ def test_the_row_values_are_those_of_the_loaders() -> None:
 def test_insert_run_refuses_arguments_of_the_wrong_kind(call: Callable[..., Any]) -> None:
     with pytest.raises((TypeError, ValueError)):
         call(cdc.inserts._insert_run)
+
+
+def test_without_the_extension_nothing_is_taken_and_every_message_goes_the_general_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cdc.inserts, "_insert_run", None)
+    messages = transaction(5)
+    stream, items = fed_up_to(messages, 2)
+    assert stream.runs.take(messages, 2, items) == 2
+    same(one_by_one(messages), with_runs(messages))
