@@ -79,6 +79,38 @@ be64(const unsigned char *p)
 
 /* --- tuple cells ------------------------------------------------------------------------- */
 
+/* What the cell at `*pos` is: its kind byte ('t', 'b', 'n', 'u', or another), or one of these
+   when the message ends first. A 't' or 'b' cell's text is `data[*text:*text + *length]`;
+   `*pos` moves past any cell whose kind is returned. */
+enum { CELL_NO_KIND = -1, CELL_NO_LENGTH = -2, CELL_NO_TEXT = -3 };
+
+static inline int
+next_cell(const unsigned char *data, Py_ssize_t size, Py_ssize_t *pos, Py_ssize_t *text,
+          Py_ssize_t *length)
+{
+    Py_ssize_t at = *pos;
+    if (at >= size) {
+        return CELL_NO_KIND;
+    }
+    unsigned char kind = data[at];
+    if (kind == 't' || kind == 'b') {
+        if (size - at < 5) {
+            return CELL_NO_LENGTH;
+        }
+        uint32_t n = be32(data + at + 1);
+        if ((uint64_t)n > (uint64_t)(size - at - 5)) {
+            return CELL_NO_TEXT;
+        }
+        *text = at + 5;
+        *length = (Py_ssize_t)n;
+        *pos = at + 5 + (Py_ssize_t)n;
+    }
+    else if (kind == 'n' || kind == 'u') {
+        *pos = at + 1;
+    }
+    return kind;
+}
+
 /* `ncols` cells from `*pos` on; advances `*pos`. New tuple, or NULL with the exception set.
    A tuple of bytes and None only is untracked by the garbage collector: it cannot be part of
    a cycle, and there is one per row. */
@@ -93,44 +125,35 @@ cells_at(const unsigned char *data, Py_ssize_t size, Py_ssize_t *pos_in, Py_ssiz
         return NULL;
     }
     for (Py_ssize_t i = 0; i < ncols; i++) {
-        if (pos >= size) {
-            PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
-            goto fail;
-        }
-        unsigned char kind = data[pos];
+        Py_ssize_t text = 0, length = 0;
+        int kind = next_cell(data, size, &pos, &text, &length);
         PyObject *cell;
         if (kind == 't' || kind == 'b') {
-            if (size - pos < 5) {
-                PyErr_SetString(PyExc_IndexError, "tuple cell length past the end of the message");
-                goto fail;
-            }
-            uint32_t length = be32(data + pos + 1);
-            Py_ssize_t start = pos + 5;
-            if ((uint64_t)length > (uint64_t)(size - start)) {
-                /* As the Python loop sees it: the next cell's kind is past the end, or, after
-                   the last cell, the position is. */
-                if (i + 1 < ncols) {
-                    PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
-                }
-                else {
-                    PyErr_SetString(PyExc_ValueError, "tuple cell length is negative or past the end");
-                }
-                goto fail;
-            }
-            cell = PyBytes_FromStringAndSize((const char *)data + start, (Py_ssize_t)length);
+            cell = PyBytes_FromStringAndSize((const char *)data + text, length);
             if (cell == NULL) {
                 goto fail;
             }
-            pos = start + (Py_ssize_t)length;
         }
         else if (kind == 'n') {
             cell = Py_NewRef(Py_None);
-            pos += 1;
         }
         else if (kind == 'u') {
             cell = Py_NewRef(unchanged);
             atomic = 0;
-            pos += 1;
+        }
+        else if (kind == CELL_NO_KIND || (kind == CELL_NO_TEXT && i + 1 < ncols)) {
+            /* As the Python loop sees a text running past the end: the next cell's kind is
+               past the end, or, after the last cell, the position is. */
+            PyErr_SetString(PyExc_IndexError, "tuple cell past the end of the message");
+            goto fail;
+        }
+        else if (kind == CELL_NO_LENGTH) {
+            PyErr_SetString(PyExc_IndexError, "tuple cell length past the end of the message");
+            goto fail;
+        }
+        else if (kind == CELL_NO_TEXT) {
+            PyErr_SetString(PyExc_ValueError, "tuple cell length is negative or past the end");
+            goto fail;
         }
         else {
             char message[64];
@@ -621,33 +644,21 @@ row_at(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos, PyObject *pla
         return NULL;
     }
     for (Py_ssize_t i = 0; i < width; i++) {
-        if (pos >= size) {
-            goto fail;
-        }
-        unsigned char kind = data[pos];
+        Py_ssize_t text = 0, length = 0;
+        int kind = next_cell(data, size, &pos, &text, &length);
         PyObject *value;
         if (kind == 't' || kind == 'b') {
-            if (size - pos < 5) {
-                goto fail;
-            }
-            uint32_t length = be32(data + pos + 1);
-            Py_ssize_t start = pos + 5;
-            if ((uint64_t)length > (uint64_t)(size - start)) {
-                goto fail;
-            }
-            value = load_text((const char *)data + start, (Py_ssize_t)length, NULL, codes[i],
+            value = load_text((const char *)data + text, length, NULL, codes[i],
                               PyTuple_GET_ITEM(loaders, i), raw_json);
             if (value == NULL) {
                 goto fail;
             }
-            pos = start + (Py_ssize_t)length;
         }
         else if (kind == 'n') {
             value = Py_NewRef(Py_None);
-            pos += 1;
         }
         else {
-            goto fail; /* 'u' or unknown: the general path's to judge */
+            goto fail; /* 'u', unknown or cut short: the general path's to judge */
         }
         int failed = PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), value);
         Py_DECREF(value);
