@@ -35,9 +35,9 @@ from bench.common import add_common_args, database
 from bench.serve_cdc import CONFIG, END_PREFIX, INSERT_BATCHES, PUBLICATION, SCHEMA
 from cdc.changes import ChangeBuilder, Item, RowChange
 from cdc.decoder import Decoder
-from cdc.inserts import InsertRuns
 from cdc.reader import DECODE_SLICE
 from cdc.replication import ReplicationProtocol, XLogData
+from cdc.runs import ChangeRuns
 from gateway.broadcasts import BroadcastSigner
 from gateway.config import parse_realtime_config
 from gateway.history import MemoryHistory
@@ -61,10 +61,10 @@ def prepare(dsn: str, rows: int, batch: int, orgs: int) -> None:
 
 def reading(frames: list[bytes]) -> Callable[[int, int], list[Item]]:
     """The reader's decoding, as `cdc.reader` does it: `frames[start:stop]`'s items, runs of
-    inserts in one call (`cdc.inserts`) and every other message one by one."""
+    row changes in one call (`cdc.runs`) and every other message one by one."""
     protocol, decoder, builder = ReplicationProtocol(), Decoder(), ChangeBuilder()
     receive, decode, feed = protocol.receive, decoder.decode, builder.feed
-    take = InsertRuns(protocol, decoder, builder).take
+    take = ChangeRuns(protocol, decoder, builder).take
 
     def read_slice(start: int, stop: int) -> list[Item]:
         messages = frames[start:stop]

@@ -34,16 +34,17 @@
  *     cell to the loader whenever it is not sure (non-ASCII, unusual digits, invalid UTF-8),
  *     so the loader stays the definition.
  *
- * insert_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn,
- *            position, kind, no_columns) -> (stop, position, received, wal_end)
- *     Twin: the general path (xlog_data, read_insert, load_row and the Python around them;
- *     see cdc/inserts.py, whose tests feed random streams both ways). From `messages[start]`
- *     on, each CopyData message that is an XLogData Insert of a relation in `relations` whose
- *     plan in `plans` was bound for that very Relation, with every cell 't', 'b' or 'n' and
- *     read as load_row reads it, becomes a `row_change` appended to `items`, numbered on from
- *     `position`. Stops at the first message that is anything else, or that fails in any way
- *     (the error is cleared: the general path reports it), and returns that index, the last
- *     position given, the highest data start and the last WAL end of the messages taken.
+ * change_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn,
+ *            position, kinds, no_columns) -> (stop, position, received, wal_end)
+ *     Twin: the general path (xlog_data, the decoder, load_row, load_values and the Python
+ *     around them; see cdc/runs.py, whose tests feed random streams both ways). From
+ *     `messages[start]` on, each CopyData message that is an XLogData Insert, Update or Delete
+ *     of a relation in `relations` whose plan in `plans` was bound for that very Relation,
+ *     with every cell of its tuples 't', 'b' or 'n' and read as the loaders read it, becomes a
+ *     `row_change` (kind from `kinds`: insert, update, delete) appended to `items`, numbered
+ *     on from `position`. Stops at the first message that is anything else, or that fails in
+ *     any way (the error is cleared: the general path reports it), and returns that index,
+ *     the last position given, the highest data start and the last WAL end of those taken.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -595,11 +596,15 @@ load_values(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return values;
 }
 
-/* --- runs of inserts --------------------------------------------------------------------- */
+/* --- runs of row changes ---------------------------------------------------------------- */
 
-/* The insert plan of relation `oid` (a new reference), or NULL, no error set, when there is
-   none to use: the relation is unknown, or the plan was bound for another Relation message. A
-   plan is (relation, names, codes, loaders, schema, table) (cdc.changes.ChangeBuilder). */
+/* A plan: (relation, names, codes, loaders, schema, table, key_indexes), one per bound
+   relation (cdc.changes.ChangeBuilder.run_plans). */
+enum { PLAN_RELATION, PLAN_NAMES, PLAN_CODES, PLAN_LOADERS, PLAN_SCHEMA, PLAN_TABLE, PLAN_KEYS,
+       PLAN_SIZE };
+
+/* The plan of relation `oid` (a new reference), or NULL, no error set, when there is none to
+   use: the relation is unknown, or the plan was bound for another Relation message. */
 static PyObject *
 plan_for(PyObject *relations, PyObject *plans, uint32_t oid)
 {
@@ -615,85 +620,188 @@ plan_for(PyObject *relations, PyObject *plans, uint32_t oid)
         PyErr_Clear();
         return NULL;
     }
-    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != 6 ||
-        PyTuple_GET_ITEM(plan, 0) != relation) {
+    if (!PyTuple_CheckExact(plan) || PyTuple_GET_SIZE(plan) != PLAN_SIZE ||
+        PyTuple_GET_ITEM(plan, PLAN_RELATION) != relation) {
         return NULL;
     }
-    PyObject *names = PyTuple_GET_ITEM(plan, 1), *codes = PyTuple_GET_ITEM(plan, 2);
-    PyObject *loaders = PyTuple_GET_ITEM(plan, 3);
+    PyObject *names = PyTuple_GET_ITEM(plan, PLAN_NAMES);
+    PyObject *codes = PyTuple_GET_ITEM(plan, PLAN_CODES);
+    PyObject *loaders = PyTuple_GET_ITEM(plan, PLAN_LOADERS);
+    PyObject *keys = PyTuple_GET_ITEM(plan, PLAN_KEYS);
     if (!PyTuple_CheckExact(names) || !PyBytes_CheckExact(codes) || !PyTuple_CheckExact(loaders) ||
-        PyTuple_GET_SIZE(names) != PyBytes_GET_SIZE(codes) ||
+        !PyTuple_CheckExact(keys) || PyTuple_GET_SIZE(names) != PyBytes_GET_SIZE(codes) ||
         PyTuple_GET_SIZE(names) != PyTuple_GET_SIZE(loaders)) {
         return NULL;
+    }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(keys); k++) {
+        PyObject *index = PyTuple_GET_ITEM(keys, k);
+        Py_ssize_t i = PyLong_CheckExact(index) ? PyLong_AsSsize_t(index) : -1;
+        if (i < 0 || i >= PyTuple_GET_SIZE(names)) {
+            PyErr_Clear();
+            return NULL;
+        }
     }
     return Py_NewRef(plan);
 }
 
-/* The row of the TupleData at `data[pos:size]` ('t', 'b' and 'n' cells only, all of them), as
-   load_row would make it from read_cells' cells; NULL for anything else or any failure (the
-   error, if one is set, is the caller's to clear). */
-static PyObject *
-row_at(const unsigned char *data, Py_ssize_t size, Py_ssize_t pos, PyObject *plan,
-       PyObject *raw_json)
+/* The TupleData at `data[*pos:]` ('t', 'b' and 'n' cells only, one per column) loaded into
+   `values` (new references), as load_values would load read_cells' cells; advances `*pos`.
+   0, or -1 for anything else or any failure (the error, if one is set, is the caller's to
+   clear; `values` then holds nothing). */
+static int
+load_tuple(const unsigned char *data, Py_ssize_t size, Py_ssize_t *pos, PyObject *plan,
+           PyObject *raw_json, PyObject **values)
 {
-    PyObject *names = PyTuple_GET_ITEM(plan, 1), *loaders = PyTuple_GET_ITEM(plan, 3);
-    const unsigned char *codes = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(plan, 2));
-    Py_ssize_t width = PyTuple_GET_SIZE(names);
-    PyObject *row = PyDict_New();
-    if (row == NULL) {
-        return NULL;
+    PyObject *loaders = PyTuple_GET_ITEM(plan, PLAN_LOADERS);
+    const unsigned char *codes =
+        (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(plan, PLAN_CODES));
+    Py_ssize_t width = PyTuple_GET_SIZE(loaders), at = *pos, i = 0;
+    if (size - at < 2 || (((Py_ssize_t)data[at] << 8) | data[at + 1]) != width) {
+        return -1;
     }
-    for (Py_ssize_t i = 0; i < width; i++) {
+    at += 2;
+    for (; i < width; i++) {
         Py_ssize_t text = 0, length = 0;
-        int kind = next_cell(data, size, &pos, &text, &length);
-        PyObject *value;
+        int kind = next_cell(data, size, &at, &text, &length);
         if (kind == 't' || kind == 'b') {
-            value = load_text((const char *)data + text, length, NULL, codes[i],
-                              PyTuple_GET_ITEM(loaders, i), raw_json);
-            if (value == NULL) {
-                goto fail;
+            values[i] = load_text((const char *)data + text, length, NULL, codes[i],
+                                  PyTuple_GET_ITEM(loaders, i), raw_json);
+            if (values[i] == NULL) {
+                break;
             }
         }
         else if (kind == 'n') {
-            value = Py_NewRef(Py_None);
+            values[i] = Py_NewRef(Py_None);
         }
         else {
-            goto fail; /* 'u', unknown or cut short: the general path's to judge */
-        }
-        int failed = PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), value);
-        Py_DECREF(value);
-        if (failed) {
-            goto fail;
+            break; /* 'u', unknown or cut short: the general path's to judge */
         }
     }
-    if (pos == size) {
-        return row;
+    if (i < width) {
+        while (i-- > 0) {
+            Py_DECREF(values[i]);
+        }
+        return -1;
     }
-fail:
-    Py_DECREF(row);
-    return NULL;
+    *pos = at;
+    return 0;
+}
+
+/* A row from loaded `values`: every column, or (`keys`) the replica identity's only.
+   Takes the references of `values` either way; NULL with an exception set on failure. */
+static PyObject *
+row_of(PyObject *plan, PyObject **values, int keys)
+{
+    PyObject *names = PyTuple_GET_ITEM(plan, PLAN_NAMES);
+    PyObject *key_indexes = PyTuple_GET_ITEM(plan, PLAN_KEYS);
+    Py_ssize_t width = PyTuple_GET_SIZE(names);
+    Py_ssize_t count = keys ? PyTuple_GET_SIZE(key_indexes) : width;
+    PyObject *row = PyDict_New();
+    for (Py_ssize_t k = 0; row != NULL && k < count; k++) {
+        Py_ssize_t i = keys ? PyLong_AsSsize_t(PyTuple_GET_ITEM(key_indexes, k)) : k;
+        if (PyDict_SetItem(row, PyTuple_GET_ITEM(names, i), values[i]) < 0) {
+            Py_CLEAR(row);
+        }
+    }
+    for (Py_ssize_t i = 0; i < width; i++) {
+        Py_DECREF(values[i]);
+    }
+    return row;
+}
+
+/* The row of the TupleData at `data[*pos:]` (`keys`: its replica identity's columns), or
+   NULL as load_tuple fails (an error set is the caller's to clear). */
+static PyObject *
+tuple_row(const unsigned char *data, Py_ssize_t size, Py_ssize_t *pos, PyObject *plan,
+          PyObject *raw_json, int keys)
+{
+    PyObject *stack[32], **values = stack;
+    Py_ssize_t width = PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, PLAN_NAMES));
+    if (width > 32) {
+        values = PyMem_New(PyObject *, (size_t)width);
+        if (values == NULL) {
+            return PyErr_NoMemory();
+        }
+    }
+    PyObject *row = NULL;
+    if (load_tuple(data, size, pos, plan, raw_json, values) == 0) {
+        row = row_of(plan, values, keys);
+    }
+    if (values != stack) {
+        PyMem_Free(values);
+    }
+    return row;
+}
+
+/* One Insert, Update or Delete message body (`data[:size]`, past the XLogData header) as the
+   general path types it: *kind (0, 1, 2), *new and *old rows (None when absent). 0 when
+   taken; -1 when it is not this function's (an error, if set, is the caller's to clear). */
+static int
+change_of(const unsigned char *data, Py_ssize_t size, PyObject *plan, PyObject *raw_json,
+          int *kind, PyObject **new, PyObject **old)
+{
+    *new = *old = NULL;
+    Py_ssize_t pos = 5; /* past the kind byte and the relation OID */
+    *kind = data[0] == 'I' ? 0 : data[0] == 'U' ? 1 : 2;
+    if (pos < size && (data[pos] == 'K' || data[pos] == 'O') && *kind != 0) {
+        int keys = data[pos] == 'K';
+        pos += 1;
+        *old = tuple_row(data, size, &pos, plan, raw_json, keys);
+        if (*old == NULL) {
+            return -1;
+        }
+    }
+    else if (*kind == 2) {
+        return -1; /* a Delete always names its old row */
+    }
+    if (*kind != 2) {
+        if (pos >= size || data[pos] != 'N') {
+            Py_CLEAR(*old);
+            return -1;
+        }
+        pos += 1;
+        *new = tuple_row(data, size, &pos, plan, raw_json, 0);
+        if (*new == NULL) {
+            Py_CLEAR(*old);
+            return -1;
+        }
+    }
+    if (pos != size) {
+        Py_CLEAR(*old);
+        Py_CLEAR(*new);
+        return -1;
+    }
+    if (*new == NULL) {
+        *new = Py_NewRef(Py_None);
+    }
+    if (*old == NULL) {
+        *old = Py_NewRef(Py_None);
+    }
+    return 0;
 }
 
 static PyObject *
-insert_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+change_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 11) {
         PyErr_SetString(PyExc_TypeError,
-                        "insert_run(messages, start, items, relations, plans, row_change, "
-                        "raw_json, commit_lsn, position, kind, no_columns) takes 11 arguments");
+                        "change_run(messages, start, items, relations, plans, row_change, "
+                        "raw_json, commit_lsn, position, kinds, no_columns) takes 11 arguments");
         return NULL;
     }
     PyObject *messages = args[0], *items = args[2], *relations = args[3], *plans = args[4];
-    PyObject *cls = args[5], *raw_json = args[6], *commit_lsn = args[7], *kind = args[9];
+    PyObject *cls = args[5], *raw_json = args[6], *commit_lsn = args[7], *kinds = args[9];
     PyObject *no_columns = args[10];
     if (!PyList_CheckExact(messages) || !PyList_CheckExact(items) ||
-        !PyDict_CheckExact(relations) || !PyDict_CheckExact(plans) || !PyLong_CheckExact(commit_lsn)) {
+        !PyDict_CheckExact(relations) || !PyDict_CheckExact(plans) ||
+        !PyLong_CheckExact(commit_lsn) || !PyTuple_CheckExact(kinds) ||
+        PyTuple_GET_SIZE(kinds) != 3) {
         PyErr_SetString(PyExc_TypeError,
-                        "insert_run: messages and items must be lists, relations and plans dicts, "
-                        "commit_lsn an int");
+                        "change_run: messages and items must be lists, relations and plans dicts, "
+                        "commit_lsn an int, kinds a tuple of three names");
         return NULL;
     }
-    if (check_record_class(cls, "insert_run") < 0) {
+    if (check_record_class(cls, "change_run") < 0) {
         return NULL;
     }
     Py_ssize_t i = PyLong_AsSsize_t(args[1]);
@@ -702,7 +810,7 @@ insert_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (i < 0) {
-        PyErr_SetString(PyExc_ValueError, "insert_run: negative start");
+        PyErr_SetString(PyExc_ValueError, "change_run: negative start");
         return NULL;
     }
     unsigned long long received = 0, wal_end = 0;
@@ -715,8 +823,9 @@ insert_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(message);
         Py_ssize_t size = PyBytes_GET_SIZE(message);
-        /* XLogData ('w', data start, WAL end, send time) around 'I', OID, 'N', column count */
-        if (size < 25 + 8 || data[0] != 'w' || data[25] != 'I' || data[30] != 'N') {
+        /* XLogData ('w', data start, WAL end, send time) around 'I', 'U' or 'D' and an OID */
+        if (size < 25 + 5 || data[0] != 'w' ||
+            (data[25] != 'I' && data[25] != 'U' && data[25] != 'D')) {
             break;
         }
         uint32_t oid = be32(data + 26);
@@ -728,25 +837,23 @@ insert_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             plan_oid = oid;
         }
-        Py_ssize_t ncols = ((Py_ssize_t)data[31] << 8) | data[32];
-        if (ncols != PyTuple_GET_SIZE(PyTuple_GET_ITEM(plan, 1))) {
-            break;
-        }
+        int kind;
+        PyObject *new, *old;
         Py_INCREF(message); /* a loader runs Python code: hold what `data` points into */
-        PyObject *row = row_at(data + 25, size - 25, 8, plan, raw_json);
+        int taken = change_of(data + 25, size - 25, plan, raw_json, &kind, &new, &old);
         Py_DECREF(message);
-        if (row == NULL) {
+        if (taken < 0) {
             PyErr_Clear(); /* the general path reports it, as a ProtocolError */
             break;
         }
         PyObject *fields[8] = {
             Py_NewRef(commit_lsn),
             PyLong_FromLongLong(position + 1),
-            Py_NewRef(PyTuple_GET_ITEM(plan, 4)),
-            Py_NewRef(PyTuple_GET_ITEM(plan, 5)),
-            Py_NewRef(kind),
-            row,
-            Py_NewRef(Py_None),
+            Py_NewRef(PyTuple_GET_ITEM(plan, PLAN_SCHEMA)),
+            Py_NewRef(PyTuple_GET_ITEM(plan, PLAN_TABLE)),
+            Py_NewRef(PyTuple_GET_ITEM(kinds, kind)),
+            new,
+            old,
             Py_NewRef(no_columns),
         };
         if (fields[1] == NULL) {
@@ -792,9 +899,10 @@ static PyMethodDef speedups_methods[] = {
      "load_row(names, codes, loaders, raw_json, unchanged, cells) -> dict: a typed row."},
     {"load_values", (PyCFunction)(void (*)(void))load_values, METH_FASTCALL,
      "load_values(codes, loaders, raw_json, unchanged, cells) -> tuple: typed values."},
-    {"insert_run", (PyCFunction)(void (*)(void))insert_run, METH_FASTCALL,
-     "insert_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn, "
-     "position, kind, no_columns) -> (stop, position, received, wal_end): a run of inserts."},
+    {"change_run", (PyCFunction)(void (*)(void))change_run, METH_FASTCALL,
+     "change_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn, "
+     "position, kinds, no_columns) -> (stop, position, received, wal_end): a run of row "
+     "changes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -28,7 +28,7 @@ def load_values(
     cells: Sequence[Any],
     /,
 ) -> tuple[Any, ...]: ...
-def insert_run(
+def change_run(
     messages: list[Any],
     start: int,
     items: list[Any],
@@ -38,7 +38,7 @@ def insert_run(
     raw_json: type,
     commit_lsn: int,
     position: int,
-    kind: str,
+    kinds: tuple[str, str, str],
     no_columns: tuple[str, ...],
     /,
 ) -> tuple[int, int, int, int]: ...

@@ -340,11 +340,11 @@ class ChangeBuilder:
         self._types: dict[int, TypeDescription] = {}
         self._array_elements: dict[int, int] = {}  # array OID → element OID, from typarray
         self._bound: dict[int, rows.Bound] = {}
-        #: Relation OID → (relation, names, codes, loaders, schema, table): what
-        #: `cdc.inserts` needs to type that relation's inserts itself, for each bound one.
-        self.insert_plans: dict[int, tuple[Any, ...]] = {}
+        #: Relation OID → (relation, names, codes, loaders, schema, table, key indexes): what
+        #: `cdc.runs` needs to type that relation's row changes itself, for each bound one.
+        self.run_plans: dict[int, tuple[Any, ...]] = {}
         #: The transaction being fed (its commit LSN; None between transactions), and how
-        #: many of its changes have had a position (`cdc.inserts` moves it on for its own).
+        #: many of its changes have had a position (`cdc.runs` moves it on for its own).
         self.commit_lsn: int | None = None
         self.position = 0
         self._handlers: dict[type, Callable[[Any], list[Item]]] = {
@@ -390,7 +390,7 @@ class ChangeBuilder:
             self._install(description)
         if new:
             self._bound.clear()  # rebind lazily: loaders are picked when a relation is bound
-            self.insert_plans.clear()
+            self.run_plans.clear()
 
     def _install(self, d: TypeDescription) -> None:
         adapters = self._adapters
@@ -434,13 +434,14 @@ class ChangeBuilder:
         bound = self._bound[relation.oid] = rows.Bound(
             relation, oids, self._adapters, self._codes_by_class
         )
-        self.insert_plans[relation.oid] = (
+        self.run_plans[relation.oid] = (
             relation,
             bound.names,
             bound.codes,
             bound.loads,
             bound.schema,
             bound.table,
+            bound.key_indexes,
         )
         return bound
 

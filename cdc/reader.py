@@ -40,7 +40,6 @@ from cdc import catalog, setup
 from cdc.backoff import full_jitter
 from cdc.changes import ChangeBuilder, Item, TypeDescription
 from cdc.decoder import Decoder
-from cdc.inserts import InsertRuns
 from cdc.lsn import format_lsn
 from cdc.messages import Begin, PgOutputMessage, Relation, UnknownMessage
 from cdc.progress import READ_AHEAD_BYTES, Progress
@@ -50,6 +49,7 @@ from cdc.replication import (
     build_status_update,
     datetime_to_pg_time,
 )
+from cdc.runs import ChangeRuns
 from cdc.setup import ReplicaIdentityMode, Requirements
 from cdc.transport import ConnectionLost, ReplicationConnection, ServerError
 
@@ -148,7 +148,7 @@ class ReplicationReader:
         self._protocol = ReplicationProtocol()
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
-        self._inserts = InsertRuns(self._protocol, self._decoder, self._builder)
+        self._inserts = ChangeRuns(self._protocol, self._decoder, self._builder)
         self._types: dict[int, TypeDescription] = {}
         self._streaming = False
         self._status_sent_at = 0.0
@@ -324,7 +324,7 @@ class ReplicationReader:
         self._protocol = ReplicationProtocol(start)
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
-        self._inserts = InsertRuns(self._protocol, self._decoder, self._builder)
+        self._inserts = ChangeRuns(self._protocol, self._decoder, self._builder)
         if self._types:
             self._builder.register_types(list(self._types.values()))
         try:
@@ -371,7 +371,7 @@ class ReplicationReader:
         items: list[Item] = []
         i, count = 0, len(messages)
         while i < count:
-            taken = take(messages, i, items)  # a run of inserts, in one call
+            taken = take(messages, i, items)  # a run of row changes, in one call
             if taken > i:
                 self._stream_ok = True
                 i = taken

@@ -197,7 +197,7 @@ class ReplicationProtocol:
 
     def received(self, data_start: int, wal_end: int) -> None:
         """Update the LSN state as `receive` does for an XLogData message (data start, WAL end)
-        parsed elsewhere (`cdc.inserts`)."""
+        parsed elsewhere (`cdc.runs`)."""
         self.server_wal_end = wal_end
         if data_start > self.received_lsn:
             self.received_lsn = data_start

@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-import cdc.inserts
+import cdc.runs
 from cdc.changes import ChangeBuilder, RowChange, TransactionEnd
 from cdc.reader import ReplicationReader
 from cdc.render import dumps
@@ -27,22 +27,25 @@ def _snapshot(conn: psycopg.Connection[Any]) -> dict[int, Any]:
     return {row_id: _exact(_parse(doc)) for row_id, doc in rows}
 
 
-@pytest.mark.parametrize("inserts", ["runs", "general"])
+@pytest.mark.parametrize("path", ["runs", "general"])
 @pytest.mark.parametrize("part", MATRIX_PARTS)
 async def test_new_and_old_equal_to_jsonb(
     pg_server: PostgresServer,
     database_url: str,
     part: str,
-    inserts: str,
+    path: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The inserts are typed by the reader's runs in C (cdc.inserts), or, as without the C
+    # The row changes are typed by the reader's runs in C (cdc.runs), or, as without the C
     # extension, each by the general path: this oracle checks the values of both.
-    if inserts == "general":
-        monkeypatch.setattr(cdc.inserts, "_insert_run", None)
-    elif cdc.inserts._insert_run is None:
+    if path == "general":
+        monkeypatch.setattr(cdc.runs, "_change_run", None)
+    elif cdc.runs._change_run is None:
         pytest.skip("cdc._speedups was not built (no C compiler)")
-    general_inserts = _counting(monkeypatch, ChangeBuilder, "_on_insert")
+    general = [
+        _counting(monkeypatch, ChangeBuilder, name)
+        for name in ("_on_insert", "_on_update", "_on_delete")
+    ]
     matrix = matrix_part(pg_server, part)
     nrows = max(len(values) for _, _, values in matrix) + 1  # and a row of NULLs
     names = ", ".join(f'"{name}"' for name, _, _ in matrix)
@@ -84,7 +87,7 @@ async def test_new_and_old_equal_to_jsonb(
 
     kinds = [change.kind for change in changes]
     assert kinds == ["INSERT"] * nrows + ["UPDATE"] * nrows + ["DELETE"] * nrows
-    assert general_inserts() == (0 if inserts == "runs" else nrows)
+    assert [count() for count in general] == [0 if path == "runs" else nrows] * 3
     for change in changes[:nrows]:
         new = rendered(change.new)
         assert new == inserted[_id(new)]

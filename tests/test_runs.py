@@ -1,10 +1,11 @@
-"""cdc.inserts: a run of inserts taken in one C call gives what feeding them one by one gives.
+"""cdc.runs: a run of row changes taken in one C call gives what feeding them one by one gives.
 
 The general path (`ReplicationProtocol.receive` → `Decoder.decode` → `ChangeBuilder.feed`) is
 the definition; the run must produce the same items, stop with the same error at the same
 message, and leave the same protocol and transaction state, for any stream: valid inserts,
-values a loader refuses, wrong widths, truncated tuples, unchanged-TOAST cells, inserts outside
-a transaction or of a relation described anew, keepalives and every other message in between.
+updates (with no old row, its key or all of it) and deletes, values a loader refuses, wrong
+widths, truncated tuples, unchanged-TOAST cells, changes outside a transaction or of a relation
+described anew, keepalives and every other message in between.
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import cdc.inserts
+import cdc.runs
 from cdc.changes import ChangeBuilder, Item, RowChange, TypeDescription
 from cdc.decoder import Decoder
-from cdc.inserts import InsertRuns
 from cdc.render import RawJson
 from cdc.replication import ReplicationProtocol, XLogData
+from cdc.runs import ChangeRuns
+
+KINDS = ("INSERT", "UPDATE", "DELETE")
 
 needs_c = pytest.mark.skipif(
-    cdc.inserts._insert_run is None, reason="cdc._speedups was not built (no C compiler)"
+    cdc.runs._change_run is None, reason="cdc._speedups was not built (no C compiler)"
 )
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -56,8 +59,9 @@ def commit(commit_lsn: int) -> bytes:
 def relation(oid: int, name: str, columns: list[tuple[str, int]]) -> bytes:
     out = b"R" + struct.pack("!I", oid) + _s("public") + _s(name) + b"f"
     out += struct.pack("!h", len(columns))
-    for column, type_oid in columns:
-        out += struct.pack("!b", 0) + _s(column) + struct.pack("!Ii", type_oid, -1)
+    for i, (column, type_oid) in enumerate(columns):
+        key = 1 if i == 0 else 0  # the first column is the replica identity
+        out += struct.pack("!b", key) + _s(column) + struct.pack("!Ii", type_oid, -1)
     return out
 
 
@@ -78,6 +82,18 @@ def tuple_data(cells: list[bytes | str | None]) -> bytes:
 
 def insert(oid: int, cells: list[bytes | str | None]) -> bytes:
     return b"I" + struct.pack("!I", oid) + b"N" + tuple_data(cells)
+
+
+Cells = list[bytes | str | None]
+
+
+def update(oid: int, new: Cells, old: Cells | None = None, old_kind: bytes = b"O") -> bytes:
+    before = b"" if old is None else old_kind + tuple_data(old)
+    return b"U" + struct.pack("!I", oid) + before + b"N" + tuple_data(new)
+
+
+def delete(oid: int, old: Cells, old_kind: bytes = b"O") -> bytes:
+    return b"D" + struct.pack("!I", oid) + old_kind + tuple_data(old)
 
 
 # One table whose columns take every code of cdc.rows (TEXT, INT, BOOL, NUMERIC, JSON,
@@ -136,7 +152,7 @@ def cells_for(draw: st.DrawFn, columns: list[tuple[str, int]]) -> list[bytes | s
 
 @st.composite
 def streams(draw: st.DrawFn) -> list[bytes]:
-    """CopyData messages: mostly transactions of inserts into described tables, with every kind
+    """CopyData messages: mostly transactions of row changes of described tables, with every kind
     of surprise the general path has a rule for (each ends the stream if it is an error)."""
     lsn = 0x1000
     messages: list[bytes] = []
@@ -175,7 +191,20 @@ def streams(draw: st.DrawFn) -> list[bytes]:
             damage = draw(st.sampled_from(["none"] * 20 + ["width", "truncated", "longer"]))
             if damage == "width":
                 cells = cells[: draw(st.integers(0, len(cells)))] + [b"1"] * draw(st.integers(0, 1))
-            payload = insert(oid, cells)
+            shape = draw(st.sampled_from(["insert"] * 3 + ["update", "delete"]))
+            if shape == "insert":
+                payload = insert(oid, cells)
+            else:
+                old_kind = draw(st.sampled_from([b"K", b"O", b"N"]))
+                before = draw(cells_for(columns))
+                if old_kind == b"K":  # a key-only old row: NULL but for the key
+                    before = before[:1] + [None] * (len(before) - 1)
+                if shape == "update":
+                    payload = update(oid, cells, None if old_kind == b"N" else before, old_kind)
+                else:  # a Delete without an old row is malformed: the general path says so
+                    payload = delete(oid, before, b"O" if old_kind == b"N" else old_kind)
+                    if old_kind == b"N" and draw(st.booleans()):
+                        payload = payload[:5] + b"N" + payload[6:]
             if damage == "truncated":
                 payload = payload[: draw(st.integers(1, len(payload)))]
             elif damage == "longer":
@@ -194,7 +223,7 @@ class Stream:
         self.protocol, self.decoder = ReplicationProtocol(), Decoder()
         self.builder = ChangeBuilder()
         self.builder.register_types([MOOD])
-        self.runs = InsertRuns(self.protocol, self.decoder, self.builder)
+        self.runs = ChangeRuns(self.protocol, self.decoder, self.builder)
 
     def one(self, data: bytes) -> list[Item]:
         message = self.protocol.receive(data)
@@ -376,24 +405,70 @@ def test_the_row_values_are_those_of_the_loaders() -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda run: run((b"w",), 0, [], {}, {}, RowChange, RawJson, 1, 0, "INSERT", ()),
-        lambda run: run([], 0, (), {}, {}, RowChange, RawJson, 1, 0, "INSERT", ()),
-        lambda run: run([], 0, [], {}, {}, dict, RawJson, 1, 0, "INSERT", ()),
-        lambda run: run([], -1, [], {}, {}, RowChange, RawJson, 1, 0, "INSERT", ()),
-        lambda run: run([], 0, [], {}, {}, RowChange, RawJson, None, 0, "INSERT", ()),
+        lambda run: run(
+            (b"w",), 0, [], {}, {}, RowChange, RawJson, 1, 0, ("INSERT", "UPDATE", "DELETE"), ()
+        ),
+        lambda run: run(
+            [], 0, (), {}, {}, RowChange, RawJson, 1, 0, ("INSERT", "UPDATE", "DELETE"), ()
+        ),
+        lambda run: run([], 0, [], {}, {}, dict, RawJson, 1, 0, KINDS, ()),
+        lambda run: run(
+            [], -1, [], {}, {}, RowChange, RawJson, 1, 0, ("INSERT", "UPDATE", "DELETE"), ()
+        ),
+        lambda run: run(
+            [], 0, [], {}, {}, RowChange, RawJson, None, 0, ("INSERT", "UPDATE", "DELETE"), ()
+        ),
         lambda run: run([], 0, [], {}),
+        lambda run: run([], 0, [], {}, {}, RowChange, RawJson, 1, 0, ("INSERT",), ()),
     ],
 )
-def test_insert_run_refuses_arguments_of_the_wrong_kind(call: Callable[..., Any]) -> None:
+def test_change_run_refuses_arguments_of_the_wrong_kind(call: Callable[..., Any]) -> None:
     with pytest.raises((TypeError, ValueError)):
-        call(cdc.inserts._insert_run)
+        call(cdc.runs._change_run)
 
 
 def test_without_the_extension_nothing_is_taken_and_every_message_goes_the_general_way(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(cdc.inserts, "_insert_run", None)
+    monkeypatch.setattr(cdc.runs, "_change_run", None)
     messages = transaction(5)
     stream, items = fed_up_to(messages, 2)
     assert stream.runs.take(messages, 2, items) == 2
     same(one_by_one(messages), with_runs(messages))
+
+
+@needs_c
+def test_updates_and_deletes_carry_their_old_rows_as_the_general_path_gives_them() -> None:
+    messages = [
+        xlog(begin(0x9000)),
+        xlog(relation(NARROW, "narrow", NARROW_COLUMNS)),
+        xlog(update(NARROW, [b"1", b"new"])),  # no old row: the key did not change
+        xlog(update(NARROW, [b"2", b"new"], [b"1", None], b"K")),  # the key changed
+        xlog(update(NARROW, [b"2", b"newer"], [b"2", b"new"], b"O")),  # REPLICA IDENTITY FULL
+        xlog(delete(NARROW, [b"2", None], b"K")),
+        xlog(delete(NARROW, [b"3", b"gone"], b"O")),
+    ]
+    stream, items = fed_up_to(messages, 2)
+    assert stream.runs.take(messages, 2, items) == len(messages)
+    changes = [item for item in items if type(item) is RowChange]
+    assert [(c.kind, c.new, c.old, c.position) for c in changes] == [
+        ("UPDATE", {"id": 1, "note": "new"}, None, 1),
+        ("UPDATE", {"id": 2, "note": "new"}, {"id": 1}, 2),
+        ("UPDATE", {"id": 2, "note": "newer"}, {"id": 2, "note": "new"}, 3),
+        ("DELETE", None, {"id": 2}, 4),
+        ("DELETE", None, {"id": 3, "note": "gone"}, 5),
+    ]
+    same(one_by_one(messages), with_runs(messages))
+
+
+@needs_c
+def test_an_update_with_an_unchanged_toast_cell_is_left_to_the_general_path() -> None:
+    messages = [
+        xlog(begin(0x9000)),
+        xlog(relation(NARROW, "narrow", NARROW_COLUMNS)),
+        xlog(update(NARROW, [b"1", "u"], [b"1", b"kept"], b"O")),
+    ]
+    stream, items = fed_up_to(messages, 2)
+    assert stream.runs.take(messages, 2, items) == 2
+    same(one_by_one(messages), with_runs(messages))
+    assert with_runs(messages)[0][-1].new == {"id": 1, "note": "kept"}  # merged from the old row

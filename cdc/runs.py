@@ -1,14 +1,15 @@
-"""Runs of inserts, from CopyData message to `RowChange` in one C call: the catch-up fast path.
+"""Runs of row changes, from CopyData message to `RowChange` in one C call: the catch-up fast path.
 
 Why it exists: each row of a catch-up is one CopyData message, and each goes through framing
 (`cdc.replication`), decoding (`cdc.decoder`) and typing (`cdc.changes`): five Python calls
-around about a microsecond of C work. `InsertRuns.take` hands a run of consecutive messages to
-`cdc._speedups.insert_run`, which does all three for each, and stops at the first message it
-is not sure of: anything but an XLogData Insert of a relation whose plan is bound (the plan of
-its latest Relation message), inside a transaction, with every cell sent and readable. The
+around about a microsecond of C work. `ChangeRuns.take` hands a run of consecutive messages to
+`cdc._speedups.change_run`, which does all three for each, and stops at the first message it
+is not sure of: anything but an XLogData Insert, Update or Delete of a relation whose plan is
+bound (the plan of its latest Relation message), inside a transaction, with every cell of its
+tuples sent and readable (an unchanged TOAST cell is the general path's to merge). The
 reader feeds that message through the general path, which defines every result and every
 error: a run gives the same items and leaves the same state as feeding its messages one by one
-(tests/test_inserts.py feeds random streams both ways).
+(tests/test_runs.py feeds random streams both ways).
 
 Without the C extension, `take` takes nothing and every message goes the general way.
 """
@@ -23,19 +24,20 @@ from cdc.decoder import Decoder
 from cdc.render import RawJson
 from cdc.replication import ReplicationProtocol
 
-__all__ = ["InsertRuns"]
+__all__ = ["ChangeRuns"]
 
-_insert_run: Callable[..., tuple[int, int, int, int]] | None
+_change_run: Callable[..., tuple[int, int, int, int]] | None
 try:
-    from cdc._speedups import insert_run as _insert_run
+    from cdc._speedups import change_run as _change_run
 except ImportError:  # built without a C compiler
-    _insert_run = None
+    _change_run = None
 
 _NO_COLUMNS: tuple[str, ...] = ()
+_KINDS = ("INSERT", "UPDATE", "DELETE")
 
 
-class InsertRuns:
-    """Takes runs of plain inserts off a list of CopyData messages, for one stream's state."""
+class ChangeRuns:
+    """Takes runs of row changes off a list of CopyData messages, for one stream's state."""
 
     def __init__(
         self, protocol: ReplicationProtocol, decoder: Decoder, builder: ChangeBuilder
@@ -45,23 +47,23 @@ class InsertRuns:
         self._builder = builder
 
     def take(self, messages: list[Any], start: int, items: list[Item]) -> int:
-        """Append the items of the run of inserts at `messages[start]` to `items`; returns the
+        """Append the items of the run of row changes at `messages[start]` to `items`; returns the
         index of the first message not taken (`start` when none was)."""
         builder = self._builder
         commit_lsn = builder.commit_lsn
-        if _insert_run is None or commit_lsn is None:
+        if _change_run is None or commit_lsn is None:
             return start
-        stop, position, received, wal_end = _insert_run(
+        stop, position, received, wal_end = _change_run(
             messages,
             start,
             items,
             self._decoder.relations,
-            builder.insert_plans,
+            builder.run_plans,
             RowChange,
             RawJson,
             commit_lsn,
             builder.position,
-            "INSERT",
+            _KINDS,
             _NO_COLUMNS,
         )
         if stop > start:
