@@ -187,17 +187,17 @@ class ReplicationProtocol:
         message: XLogData | Keepalive | None = _xlog_data(data, XLogData)  # the common case
         if message is None:
             message = parse_copy_data(data)
-        self.server_wal_end = message.wal_end
         if isinstance(message, XLogData):
-            if message.data_start > self.received_lsn:
-                self.received_lsn = message.data_start
-        elif message.reply_requested:
-            self.reply_pending = True
+            self.received(message.data_start, message.wal_end)
+        else:
+            self.server_wal_end = message.wal_end
+            if message.reply_requested:
+                self.reply_pending = True
         return message
 
     def received(self, data_start: int, wal_end: int) -> None:
-        """Update the LSN state as `receive` does for an XLogData message (data start, WAL end)
-        parsed elsewhere (`cdc.runs`)."""
+        """The LSN state after an XLogData message (data start, WAL end): `receive` parses
+        one; `cdc.runs` reports the messages it took."""
         self.server_wal_end = wal_end
         if data_start > self.received_lsn:
             self.received_lsn = data_start
