@@ -148,7 +148,7 @@ class ReplicationReader:
         self._protocol = ReplicationProtocol()
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
-        self._inserts = ChangeRuns(self._protocol, self._decoder, self._builder)
+        self._runs = ChangeRuns(self._protocol, self._decoder, self._builder)
         self._types: dict[int, TypeDescription] = {}
         self._streaming = False
         self._status_sent_at = 0.0
@@ -324,7 +324,7 @@ class ReplicationReader:
         self._protocol = ReplicationProtocol(start)
         self._decoder = Decoder()
         self._builder = ChangeBuilder()
-        self._inserts = ChangeRuns(self._protocol, self._decoder, self._builder)
+        self._runs = ChangeRuns(self._protocol, self._decoder, self._builder)
         if self._types:
             self._builder.register_types(list(self._types.values()))
         try:
@@ -367,7 +367,7 @@ class ReplicationReader:
         Decoding is synchronous; the loop awaits only to describe a Relation's types and to
         answer a keepalive that asks for a reply, so a slice costs no await per message.
         """
-        feed, take = self._builder.feed, self._inserts.take
+        feed, take = self._builder.feed, self._runs.take
         items: list[Item] = []
         i, count = 0, len(messages)
         while i < count:
