@@ -158,6 +158,22 @@ def test_member_insert_and_unchanged_role_revoke_nothing() -> None:
     assert _router().route(_change("UPDATE", "member", new=row, old=dict(row))) == []
 
 
+def test_a_config_naming_the_session_store_still_gets_access_changes_only() -> None:
+    """A realtime config that lists `member` or `session` must not turn their rows into
+    events: a member row would reach the organization raw, a session row its token."""
+    config = parse_realtime_config({"tables": {"member": {}, "session": {}}})
+    router = _router(config)
+    member = {"organizationId": "o", "userId": "u", "role": "owner"}
+    assert router.route(_change("INSERT", "member", new=member)) == []
+    (notice,) = router.route(_change("DELETE", "member", old=member))
+    assert isinstance(notice, AccessRevoked) and notice.reason == "member-removed"
+    session = {"id": "s1", "userId": "u", "token": "secret", "organizationId": "o"}
+    assert router.route(_change("INSERT", "session", new=session)) == []
+    router.route(TableColumns(0x100, 1, "public", "member", ("x",)))  # withheld, then back
+    router.route(TableColumns(0x100, 2, "public", "member", tuple(member)))
+    assert router.route(_change("INSERT", "member", new=member)) == []
+
+
 def test_session_delete_revokes_that_session() -> None:
     (notice,) = _router().route(
         _change("DELETE", "session", old={"id": "s1", "userId": "u", "token": "secret"})

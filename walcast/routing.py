@@ -114,10 +114,9 @@ class Router:
         #: The history epoch every cursor carries (set by the pipeline once it knows it).
         self.epoch = NO_EPOCH
         #: The configured tables whose events flow (not withheld), with what routing reads.
-        self._tables: dict[tuple[str, str], _TableRoute] = {
-            (table.schema_name, table.table_name): _TableRoute.of(table)
-            for table in config.tables.values()
-        }
+        self._tables: dict[tuple[str, str], _TableRoute] = {}
+        for table in config.tables.values():
+            self._flow(table)
         #: Withheld tables → the config keys and columns found missing.
         self._withheld: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {}
         self._forged_log = Throttle(LOG_INTERVAL, clock)
@@ -126,15 +125,15 @@ class Router:
         self.dropped_bad_broadcast = 0
 
     def route(self, item: Item) -> list[RoutedEvent | AccessRevoked]:
-        if isinstance(item, RowChange):
+        if type(item) is RowChange:
             key = (item.schema, item.table)
+            route = self._tables.get(key)  # never the session store's tables: see `_flow`
+            if route is not None:
+                return self._row_change(item, route)
             if key == _MEMBER_TABLE:
                 return self._member_change(item)
             if key == _SESSION_TABLE:
                 return self._session_change(item)
-            route = self._tables.get(key)
-            if route is not None:
-                return self._row_change(item, route)
             if key in self._withheld:
                 self._metrics.withheld_events.labels(f"{item.schema}.{item.table}").inc()
             return []
@@ -149,6 +148,13 @@ class Router:
         elif isinstance(item, TableColumns):
             self._check_columns(item)
         return []
+
+    def _flow(self, table: TableConfig) -> None:
+        """Let a configured table's events flow. The session store's tables are routed as
+        access changes whatever the config says, so they are never in `_tables`."""
+        key = (table.schema_name, table.table_name)
+        if key != _MEMBER_TABLE and key != _SESSION_TABLE:
+            self._tables[key] = _TableRoute.of(table)
 
     @property
     def withheld(self) -> frozenset[str]:
@@ -172,7 +178,7 @@ class Router:
         name = table.qualified_name
         if not missing:
             if self._withheld.pop(key, None) is not None:
-                self._tables[key] = _TableRoute.of(table)
+                self._flow(table)
                 log.info(
                     "table %s has every column the realtime config names again: its events"
                     " flow again (from %X)",
@@ -206,100 +212,60 @@ class Router:
     def _row_change(
         self, change: RowChange, route: _TableRoute
     ) -> list[RoutedEvent | AccessRevoked]:
-        table, on_insert, on_update, on_delete, org_column, user_column, owner_column = route
-        commit_time = self._commit_time
-        assert commit_time is not None, "a RowChange always follows its TransactionStart"
-        # One event per change, built directly (no cursor string: formatted where it is sent).
-        key, epoch, xid, unchanged = (
-            (change.commit_lsn, change.position),
-            self.epoch,
-            self._xid,
-            change.unchanged,
-        )
-        kind = change.kind
-        if kind == "TRUNCATE":
+        table, on_insert, _, on_delete, org_column, user_column, owner_column = route
+        kind, new, old = change.kind, change.new, change.old
+        # An INSERT or DELETE is one event for the row's organization, built directly: no
+        # cursor string (formatted where it is sent), no NamedTuple `__new__`.
+        if kind == "INSERT":
+            if not on_insert:
+                return []
+            row, old = new, None
+        elif kind == "DELETE":
             if not on_delete:
                 return []
-            return [
-                ChangeEvent(
-                    None,
-                    key,
-                    epoch,
+            row, new = old, None
+        elif kind == "UPDATE":
+            return self._update(change, route)
+        else:  # TRUNCATE: every organization's
+            if not on_delete:
+                return []
+            return [self._event(change, table, "TRUNCATE", None, None, None, None, None)]
+        assert row is not None, "an INSERT has its new row, a DELETE its old one"
+        org = row.get(org_column)
+        if org is None:
+            self.dropped_null_organization += 1
+            return []
+        commit_time = self._commit_time
+        assert commit_time is not None, "a RowChange always follows its TransactionStart"
+        return [
+            _new_tuple(
+                ChangeEvent,
+                (
+                    org if type(org) is str else str(org),
+                    (change.commit_lsn, change.position),
+                    self.epoch,
                     commit_time,
                     table,
-                    "TRUNCATE",
-                    None,
-                    None,
-                    unchanged,
-                    None,
-                    None,
-                    xid,
-                )
-            ]
+                    kind,
+                    new,
+                    old,
+                    change.unchanged,
+                    _text(row.get(user_column)) if user_column else None,
+                    _text(row.get(owner_column)) if owner_column else None,
+                    self._xid,
+                ),
+            )
+        ]
 
+    def _update(self, change: RowChange, route: _TableRoute) -> list[RoutedEvent | AccessRevoked]:
+        """An UPDATE: one event, or a DELETE for the old audience and an INSERT for the new one
+        when the row moves to another organization or targeted user.
+
+        Without an old row (REPLICA IDENTITY DEFAULT and no key change) the routing columns are
+        assumed unchanged, which is all PostgreSQL lets us know.
+        """
+        table, on_insert, on_update, on_delete, org_column, user_column, owner_column = route
         new, old = change.new, change.old
-        if kind == "INSERT" or kind == "DELETE":
-            if not (on_insert if kind == "INSERT" else on_delete):
-                return []
-            row = new if kind == "INSERT" else old
-            assert row is not None
-            org = row.get(org_column)
-            if org is None:
-                self.dropped_null_organization += 1
-                return []
-            return [
-                _new_tuple(
-                    ChangeEvent,
-                    (
-                        org if type(org) is str else str(org),
-                        key,
-                        epoch,
-                        commit_time,
-                        table,
-                        kind,
-                        new if kind == "INSERT" else None,
-                        old if kind == "DELETE" else None,
-                        unchanged,
-                        _text(row.get(user_column)) if user_column else None,
-                        _text(row.get(owner_column)) if owner_column else None,
-                        xid,
-                    ),
-                )
-            ]
-
-        def event(
-            event_type: str,
-            org: str | None,
-            new: dict[str, Any] | None,
-            old: dict[str, Any] | None,
-            user: str | None,
-            owner: str | None,
-        ) -> list[RoutedEvent | AccessRevoked]:
-            if org is None:
-                self.dropped_null_organization += 1
-                return []
-            return [
-                _new_tuple(
-                    ChangeEvent,
-                    (
-                        org,
-                        key,
-                        epoch,
-                        commit_time,
-                        table,
-                        event_type,
-                        new,
-                        old,
-                        unchanged,
-                        user,
-                        owner,
-                        xid,
-                    ),
-                )
-            ]
-
-        # UPDATE: without an old row (REPLICA IDENTITY DEFAULT and no key change) the routing
-        # columns are assumed unchanged, which is all PostgreSQL lets us know.
         assert new is not None
         before = old if old is not None and org_column in old else new
         new_org, old_org = _text(new.get(org_column)), _text(before.get(org_column))
@@ -312,13 +278,61 @@ class Router:
                 return []
             # The owner sees raw values only if they own both versions of the row.
             owner = new_owner if new_owner == old_owner else None
-            return event("UPDATE", new_org, new, old, new_user, owner)
+            return self._events(change, table, "UPDATE", new_org, new, old, new_user, owner)
         routed: list[RoutedEvent | AccessRevoked] = []
         if on_delete:
-            routed += event("DELETE", old_org, None, old or new, old_user, old_owner)
+            routed += self._events(
+                change, table, "DELETE", old_org, None, old or new, old_user, old_owner
+            )
         if on_insert:
-            routed += event("INSERT", new_org, new, None, new_user, new_owner)
+            routed += self._events(change, table, "INSERT", new_org, new, None, new_user, new_owner)
         return routed
+
+    def _events(
+        self,
+        change: RowChange,
+        table: TableConfig,
+        event_type: str,
+        org: str | None,
+        new: dict[str, Any] | None,
+        old: dict[str, Any] | None,
+        user: str | None,
+        owner: str | None,
+    ) -> list[RoutedEvent | AccessRevoked]:
+        """An UPDATE's event for `org`, or none (counted) when the row has no organization."""
+        if org is None:
+            self.dropped_null_organization += 1
+            return []
+        return [self._event(change, table, event_type, org, new, old, user, owner)]
+
+    def _event(
+        self,
+        change: RowChange,
+        table: TableConfig,
+        event_type: str,
+        org: str | None,
+        new: dict[str, Any] | None,
+        old: dict[str, Any] | None,
+        user: str | None,
+        owner: str | None,
+    ) -> ChangeEvent:
+        commit_time = self._commit_time
+        assert commit_time is not None, "a RowChange always follows its TransactionStart"
+        fields = (
+            org,
+            (change.commit_lsn, change.position),
+            self.epoch,
+            commit_time,
+            table,
+            event_type,
+            new,
+            old,
+            change.unchanged,
+            user,
+            owner,
+            self._xid,
+        )
+        return _new_tuple(ChangeEvent, fields)
 
     # -- the session store -----------------------------------------------------------------
 
