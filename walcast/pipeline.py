@@ -71,6 +71,9 @@ HISTORY_TRIM_SLACK = 2 * TICK_SECONDS
 """Seconds an event may outlive `historySeconds` in history, which drops expired events once a
 tick: the slot keeps this much more (a tick, and one more for a late one)."""
 
+#: `walcast_changes_total` counts a change under `change[2:5]`: one slice of the tuple.
+assert RowChange._fields[2:5] == ("schema", "table", "kind"), "counted by relation and kind"
+
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
 
@@ -253,7 +256,7 @@ class Pipeline:
             async for batch in reader.batches():
                 for item in batch:
                     if type(item) is RowChange:
-                        relation = (item.schema, item.table, item.kind)
+                        relation = item[2:5]  # (schema, table, kind), in one step
                         count[relation] = count.get(relation, 0) + 1
                         events = route(item)
                         if events:
