@@ -45,7 +45,7 @@ from typing import Protocol, overload
 import orjson
 
 from cdc.cursors import NO_EPOCH, CursorKey
-from cdc.render import tag_raw_json, untag_raw_json
+from cdc.render import RawJson, raw_json_mask, restore_raw_json, tag_raw_json, untag_raw_json
 from gateway.config import TableConfig
 from gateway.events import BroadcastEvent, ChangeEvent, RoutedEvent
 
@@ -100,9 +100,16 @@ class History(Protocol):
         ...
 
 
-_ENTRY = struct.Struct("<QQdqQI")
+_ENTRY = struct.Struct("<QQdqQIQQ")
 """An entry's header: commit LSN, position (its key), kept at, commit time (µs since the Unix
-epoch, UTC), transaction id, context (table and epoch, `MemoryHistory._contexts`)."""
+epoch, UTC), transaction id, context (table and epoch, `MemoryHistory._contexts`), and which
+values of the new and the old row are `RawJson` (`cdc.render.raw_json_mask`), or `TAGGED`."""
+
+TAGGED = 2**64 - 1
+"""In an entry's new-row mask: the body marks its `RawJson` values itself (`tag_raw_json`), for
+rows the masks cannot describe (arrays, composites, over 63 columns) and for broadcasts.
+Other entries hold plain JSON, which orjson writes without a Python call per `RawJson`
+value: about 0.4 µs less per change (two numeric or json cells)."""
 _KEY = struct.Struct("<QQ")
 _KEPT_AT = struct.Struct("<d")
 _UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -118,6 +125,7 @@ assert ChangeEvent._fields[5:11] == (
 ), "an entry's body is decoded in this order"
 
 _dumps = orjson.dumps
+_mask = raw_json_mask
 _PASSTHROUGH = orjson.OPT_PASSTHROUGH_SUBCLASS  #: a `RawJson` goes to `tag_raw_json`
 
 CHUNK = 64
@@ -321,12 +329,12 @@ class MemoryHistory:
 
     def _encode_broadcast(self, event: BroadcastEvent, now: float) -> bytes:
         key = event.key
-        head = _pack_entry(key[0], key[1], now, 0, 0, self._context(None, event.epoch))
+        head = _pack_entry(key[0], key[1], now, 0, 0, self._context(None, event.epoch), TAGGED, 0)
         body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
         return head + _dumps(body, default=tag_raw_json, option=_PASSTHROUGH)
 
     def _decode(self, entry: bytes, organization_id: str | None) -> RoutedEvent:
-        lsn, position, _, micros, xid, context = _ENTRY.unpack_from(entry)
+        lsn, position, _, micros, xid, context, new_mask, old_mask = _ENTRY.unpack_from(entry)
         table, epoch = self._contexts[context]
         body = orjson.loads(memoryview(entry)[_ENTRY.size :])
         if table is None:
@@ -342,7 +350,9 @@ class MemoryHistory:
                 user,
             )
         event_type, new, old, unchanged, user, owner = body
-        if entry.find(b"\\u0000", _ENTRY.size) >= 0:  # a RawJson cell: restore its kind
+        if new_mask != TAGGED:
+            new, old = restore_raw_json(new, new_mask), restore_raw_json(old, old_mask)
+        elif entry.find(b"\\u0000", _ENTRY.size) >= 0:  # a RawJson cell: restore its kind
             new, old = untag_raw_json(new), untag_raw_json(old)
         return ChangeEvent(
             organization_id,
@@ -374,9 +384,15 @@ class MemoryHistory:
             else:
                 micros, context = _micros(commit_time), self._context(table, epoch)
                 self._last_change = (commit_time, table, epoch, micros, context)
-            entry = _pack_entry(key[0], key[1], now, micros, event.xid, context) + _dumps(
-                event[5:11], default=tag_raw_json, option=_PASSTHROUGH
-            )
+            new_mask, old_mask = _mask(event.new, RawJson), _mask(event.old, RawJson)
+            if new_mask >= 0 and old_mask >= 0:
+                entry = _pack_entry(
+                    key[0], key[1], now, micros, event.xid, context, new_mask, old_mask
+                ) + _dumps(event[5:11])
+            else:
+                entry = _pack_entry(
+                    key[0], key[1], now, micros, event.xid, context, TAGGED, 0
+                ) + _dumps(event[5:11], default=tag_raw_json, option=_PASSTHROUGH)
         else:
             assert isinstance(event, BroadcastEvent)
             entry = self._encode_broadcast(event, now)
