@@ -90,12 +90,19 @@ def read(frames: list[bytes]) -> list[Item]:
 
 
 def route_all(router: Router) -> Callable[[list[Item]], list[list[Any]]]:
-    """Route each item as the pipeline does: a list of events per item that has any."""
+    """Route each item as the pipeline does (a row change through `route_change`): a list of
+    events per item that has any."""
+    route, route_change = router.route, router.route_change
 
-    def route(items: list[Item]) -> list[list[Any]]:
-        return [events for events in map(router.route, items) if events]
+    def route_items(items: list[Item]) -> list[list[Any]]:
+        routed = []
+        for item in items:
+            events = route_change(item) if type(item) is RowChange else route(item)
+            if events:
+                routed.append(events)
+        return routed
 
-    return route
+    return route_items
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import walcast.routing
 from cdc.changes import LogicalMessage, RowChange, TableColumns, TransactionStart
 from cdc.cursors import format_cursor, parse_cursor
 from gateway.broadcasts import BroadcastSigner
@@ -462,3 +464,135 @@ def test_retention_window_answers_at_most_what_was_reached_then() -> None:
         assert earlier <= answer <= then
         while len(reached) > 2 and reached[1][0] <= cutoff - slack:
             reached.pop(0)
+
+
+# -- the C route of the common INSERT and DELETE (walcast/_speedups.c) -------------------------
+
+needs_c = pytest.mark.skipif(
+    walcast.routing._route_row_change is None, reason="walcast._speedups was not built"
+)
+
+ROUTED = parse_realtime_config(
+    {
+        "tables": {
+            "plain": {},
+            "owned": {"ownerColumn": "createdBy", "onDelete": False},
+            "targeted": {"userColumn": "userId", "onInsert": False},
+            "both": {"userColumn": "userId", "ownerColumn": "createdBy"},
+            "quiet": {"onInsert": False, "onUpdate": False, "onDelete": False},
+        }
+    }
+)
+_TABLES = ("plain", "owned", "targeted", "both", "quiet", "member", "session", "other")
+_CELL = st.one_of(st.none(), st.sampled_from(["o1", "o2", "u1", ""]), st.integers(0, 3))
+
+
+@st.composite
+def _row(draw: st.DrawFn) -> dict[str, Any] | None:
+    columns = ("id", "organizationId", "userId", "createdBy", "role", "token", "expiresAt")
+    if draw(st.integers(0, 9)) == 0:
+        return None
+    present = draw(st.lists(st.sampled_from(columns), unique=True))
+    return {column: draw(_CELL) for column in present}
+
+
+@st.composite
+def _items(draw: st.DrawFn) -> list[Any]:
+    items: list[Any] = []
+    for position in range(1, draw(st.integers(1, 40)) + 1):
+        choice = draw(st.integers(0, 19))
+        if choice == 0:
+            xid = draw(st.integers(1, 9))
+            items.append(TransactionStart(xid=xid, commit_lsn=0x100 * xid, commit_time=WHEN))
+        elif choice == 1:  # a table loses a column the config names, or gets it back
+            table = draw(st.sampled_from(_TABLES))
+            columns = draw(
+                st.sampled_from([("id",), ("id", "organizationId", "userId", "createdBy")])
+            )
+            items.append(TableColumns(0x100, position, "public", table, columns))
+        else:
+            # An equal kind string that is not the interned one takes the general path.
+            kind = draw(
+                st.sampled_from(["INSERT", "DELETE", "UPDATE", "TRUNCATE", "".join("INSERT")])
+            )
+            table = draw(st.sampled_from(_TABLES))
+            new, old = draw(_row()), draw(_row())
+            items.append(RowChange(0x200, position, "public", table, kind, new, old, ("b",)))
+    return items
+
+
+@needs_c
+@given(_items())
+@settings(max_examples=150, deadline=None)
+def test_the_c_route_gives_what_the_router_gives(items: list[Any]) -> None:
+    """Two routers, one routing row changes through `route_change` (C for the common INSERT
+    and DELETE), one through `route` only: the same events (of the same types), in order,
+    and the same drop counts, whatever the stream."""
+    fast, slow = Router(ROUTED, BroadcastSigner((SECRET,)), Metrics()), _router(ROUTED)
+    fast.route(TransactionStart(xid=1, commit_lsn=0x100, commit_time=WHEN))
+    fast.epoch = slow.epoch = "e1"
+    for item in items:
+        if type(item) is RowChange:
+            got = _outcome(fast.route_change, item)
+        else:
+            got = _outcome(fast.route, item)
+        assert got == _outcome(slow.route, item), item
+    assert fast.dropped_null_organization == slow.dropped_null_organization
+    assert fast.withheld == slow.withheld
+
+
+def _outcome(route: Any, item: Any) -> Any:
+    try:
+        events = route(item)
+    except AssertionError as exc:  # a row the reader never gives (an INSERT without its row)
+        return ("assert", str(exc))
+    return [(type(event), event) for event in events]
+
+
+@needs_c
+def test_the_c_route_takes_the_common_insert_and_delete_itself() -> None:
+    """What C routes without calling back, and what it hands to `Router.route`."""
+    router = _router(ROUTED)
+    router.epoch = "e1"
+    route_change = router.route_change
+    assert isinstance(route_change, functools.partial)
+    handed: list[Any] = []
+    fast = functools.partial(route_change.func, *route_change.args[:-1], handed.append)
+    row = {"id": 1, "organizationId": "o1", "userId": "u1", "createdBy": "u2"}
+    (event,) = fast(_change("INSERT", "both", new=row))
+    assert event == ChangeEvent("o1", (0x100, 1), "e1", WHEN, ROUTED.tables["public.both"],
+                                "INSERT", row, None, (), "u1", "u2", 1)  # fmt: skip
+    assert type(event) is ChangeEvent and type(event.key) is tuple
+    (event,) = fast(_change("DELETE", "plain", old=row))
+    assert (event.event_type, event.new, event.old, event.target_user) == (
+        "DELETE",
+        None,
+        row,
+        None,
+    )
+    general = [
+        _change("UPDATE", "plain", new=row, old=row),
+        _change("TRUNCATE", "plain"),
+        _change("INSERT", "plain", new={**row, "organizationId": None}),  # counted by Python
+        _change("INSERT", "plain", new={**row, "organizationId": 7}),  # str() by Python
+        _change("INSERT", "both", new={**row, "userId": 7}),
+        _change("INSERT", "targeted", new=row),  # onInsert false
+        _change("DELETE", "owned", old=row),  # onDelete false
+        _change("INSERT", "member", new=row),
+        _change("INSERT", "other", new=row),
+        TransactionStart(xid=2, commit_lsn=0x200, commit_time=WHEN),
+    ]
+    for item in general:
+        handed.clear()
+        fast(item)
+        assert handed == [item]
+
+
+def test_without_the_extension_every_item_goes_through_route(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(walcast.routing, "_route_row_change", None)
+    router = _router(ROUTED)
+    assert router.route_change == router.route
+    (event,) = router.route_change(_change("INSERT", "plain", new={"organizationId": "o1"}))
+    assert isinstance(event, ChangeEvent) and event.organization_id == "o1"

@@ -239,7 +239,8 @@ class Pipeline:
             read_ahead_bytes=self._settings.read_ahead_bytes,
         )
         reader.retain_from(start_lsn)
-        route, sink, metrics = self.router.route, self._sink, self._metrics
+        route, route_change = self.router.route, self.router.route_change
+        sink, metrics = self._sink, self._metrics
         publish, mark_position = sink.publish, sink.mark_position
         count = metrics.changes.counts  #: walcast_changes_total, a plain dict
         timer = time.perf_counter
@@ -258,7 +259,7 @@ class Pipeline:
                     if type(item) is RowChange:
                         relation = item[2:5]  # (schema, table, kind), in one step
                         count[relation] = count.get(relation, 0) + 1
-                        events = route(item)
+                        events = route_change(item)
                         if events:
                             publish(events)
                     elif type(item) is TransactionEnd:

@@ -1,0 +1,187 @@
+/* The common row change of `walcast.routing` in C: one call per INSERT or DELETE.
+ *
+ * Optional. Without it (no compiler) the pipeline calls `Router.route` for every item, which
+ * stays the definition: this function routes only the cases whose answer it is sure of and
+ * hands everything else to that very method (tests/test_routing.py feeds random changes both
+ * ways and requires the same events and the same counts).
+ *
+ * route_row_change(tables, state, row_change, event, kinds, fallback, item) -> list
+ *     `item` is a `row_change` (cdc.changes.RowChange) of a table in `tables` ((schema, table)
+ *     -> the router's _TableRoute: table config, on_insert, on_update, on_delete, organization,
+ *     user and owner columns) whose kind is `kinds[0]` (INSERT, with on_insert) or `kinds[1]`
+ *     (DELETE, with on_delete), whose row's organization is a str and whose user and owner
+ *     (when the table names those columns) are a str or None, while `state` ([commit time,
+ *     transaction id, epoch], kept by the router) has a commit time: the answer is one `event`
+ *     (gateway.events.ChangeEvent) in a list, built as the router builds it. Anything else:
+ *     `fallback(item)`.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* The fields of cdc.changes.RowChange and of walcast.routing._TableRoute used here. */
+enum { CHANGE_LSN, CHANGE_POSITION, CHANGE_SCHEMA, CHANGE_TABLE, CHANGE_KIND, CHANGE_NEW,
+       CHANGE_OLD, CHANGE_UNCHANGED, CHANGE_FIELDS };
+enum { ROUTE_TABLE, ROUTE_ON_INSERT, ROUTE_ON_UPDATE, ROUTE_ON_DELETE, ROUTE_ORGANIZATION,
+       ROUTE_USER, ROUTE_OWNER, ROUTE_FIELDS };
+#define EVENT_FIELDS 12
+
+/* The row's value of `column` (a borrowed reference, or Py_None) when the table names that
+ * column and the value is a str or NULL; NULL when routing it needs the Python path. */
+static PyObject *
+text_column(PyObject *row, PyObject *column)
+{
+    if (column == Py_None || !PyUnicode_Check(column) || PyUnicode_GET_LENGTH(column) == 0) {
+        return Py_None; /* the table names no such column (the router's `if user_column`) */
+    }
+    PyObject *value = PyDict_GetItemWithError(row, column);
+    if (value == NULL) {
+        return PyErr_Occurred() ? NULL : Py_None;
+    }
+    if (value == Py_None || PyUnicode_CheckExact(value)) {
+        return value;
+    }
+    return NULL;
+}
+
+static PyObject *
+route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "route_row_change(tables, state, row_change, event, kinds, fallback, "
+                        "item) takes 7 arguments");
+        return NULL;
+    }
+    PyObject *tables = args[0], *state = args[1], *kinds = args[4], *fallback = args[5];
+    PyTypeObject *row_change = (PyTypeObject *)args[2], *event = (PyTypeObject *)args[3];
+    PyObject *item = args[6];
+    if (!PyDict_CheckExact(tables) || !PyList_CheckExact(state) || PyList_GET_SIZE(state) != 3 ||
+        !PyTuple_CheckExact(kinds) || PyTuple_GET_SIZE(kinds) != 2 || !PyType_Check(args[2]) ||
+        !PyType_Check(args[3]) || !PyType_IsSubtype(event, &PyTuple_Type) ||
+        event->tp_basicsize != PyTuple_Type.tp_basicsize) {
+        PyErr_SetString(PyExc_TypeError, "route_row_change: wrong argument types");
+        return NULL;
+    }
+    if (Py_TYPE(item) != row_change || PyTuple_GET_SIZE(item) != CHANGE_FIELDS) {
+        goto general;
+    }
+    PyObject *commit_time = PyList_GET_ITEM(state, 0);
+    if (commit_time == Py_None) {
+        goto general;
+    }
+    PyObject *key = PyTuple_Pack(2, PyTuple_GET_ITEM(item, CHANGE_SCHEMA),
+                                 PyTuple_GET_ITEM(item, CHANGE_TABLE));
+    if (key == NULL) {
+        return NULL;
+    }
+    PyObject *route = PyDict_GetItemWithError(tables, key);
+    Py_DECREF(key);
+    if (route == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        goto general; /* the session store, a withheld or an unconfigured table */
+    }
+    if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != ROUTE_FIELDS) {
+        goto general;
+    }
+    PyObject *kind = PyTuple_GET_ITEM(item, CHANGE_KIND), *row, *new_row, *old_row;
+    if (kind == PyTuple_GET_ITEM(kinds, 0)) {
+        if (PyTuple_GET_ITEM(route, ROUTE_ON_INSERT) != Py_True) {
+            goto general;
+        }
+        row = new_row = PyTuple_GET_ITEM(item, CHANGE_NEW);
+        old_row = Py_None;
+    }
+    else if (kind == PyTuple_GET_ITEM(kinds, 1)) {
+        if (PyTuple_GET_ITEM(route, ROUTE_ON_DELETE) != Py_True) {
+            goto general;
+        }
+        row = old_row = PyTuple_GET_ITEM(item, CHANGE_OLD);
+        new_row = Py_None;
+    }
+    else {
+        goto general; /* UPDATE, TRUNCATE, or a kind string that is not the interned one */
+    }
+    if (!PyDict_CheckExact(row)) {
+        goto general;
+    }
+    PyObject *organization = text_column(row, PyTuple_GET_ITEM(route, ROUTE_ORGANIZATION));
+    if (organization == NULL || organization == Py_None) {
+        goto error_or_general;
+    }
+    PyObject *user = text_column(row, PyTuple_GET_ITEM(route, ROUTE_USER));
+    if (user == NULL) {
+        goto error_or_general;
+    }
+    PyObject *owner = text_column(row, PyTuple_GET_ITEM(route, ROUTE_OWNER));
+    if (owner == NULL) {
+        goto error_or_general;
+    }
+
+    PyObject *cursor_key = PyTuple_Pack(2, PyTuple_GET_ITEM(item, CHANGE_LSN),
+                                        PyTuple_GET_ITEM(item, CHANGE_POSITION));
+    if (cursor_key == NULL) {
+        return NULL;
+    }
+    PyObject *routed = event->tp_alloc(event, EVENT_FIELDS);
+    if (routed == NULL) {
+        Py_DECREF(cursor_key);
+        return NULL;
+    }
+    PyObject *fields[EVENT_FIELDS] = {
+        organization,
+        cursor_key,
+        PyList_GET_ITEM(state, 2), /* epoch */
+        commit_time,
+        PyTuple_GET_ITEM(route, ROUTE_TABLE),
+        kind,
+        new_row,
+        old_row,
+        PyTuple_GET_ITEM(item, CHANGE_UNCHANGED),
+        user,
+        owner,
+        PyList_GET_ITEM(state, 1), /* transaction id */
+    };
+    for (int i = 0; i < EVENT_FIELDS; i++) {
+        if (i != 1) {
+            Py_INCREF(fields[i]);
+        }
+        PyTuple_SET_ITEM(routed, i, fields[i]);
+    }
+    PyObject *events = PyList_New(1);
+    if (events == NULL) {
+        Py_DECREF(routed);
+        return NULL;
+    }
+    PyList_SET_ITEM(events, 0, routed);
+    return events;
+
+error_or_general:
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+general:
+    return PyObject_CallOneArg(fallback, item);
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"route_row_change", (PyCFunction)(void (*)(void))route_row_change, METH_FASTCALL,
+     "route_row_change(tables, state, row_change, event, kinds, fallback, item) -> list: the "
+     "events of one reader item, the common INSERT or DELETE routed here."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "walcast._speedups",
+    .m_doc = "The common row change of walcast.routing in C (optional; see walcast/_speedups.c).",
+    .m_size = 0,
+    .m_methods = speedups_methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModuleDef_Init(&speedups_module);
+}
