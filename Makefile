@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-pg lint bench clean
 
-$(STAMP): pyproject.toml setup.py cdc/_speedups.c walcast/_speedups.c
+$(STAMP): pyproject.toml setup.py cdc/_speedups.c gateway/_speedups.c walcast/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

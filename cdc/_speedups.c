@@ -45,12 +45,6 @@
  *     on from `position`. Stops at the first message that is anything else, or that fails in
  *     any way (the error is cleared: the general path reports it), and returns that index,
  *     the last position given, the highest data start and the last WAL end of those taken.
- *
- * raw_json_mask(row: dict | None, raw_json: type) -> int
- *     Twin: cdc.render.raw_json_mask_py. Which of a typed row's values are `raw_json`, as bits
- *     by position (bit i: the i-th value); 0 for None; -1 when bits cannot say it all: not an
- *     exact dict, more than 63 values, or a value that is not exactly str, int, float, bool,
- *     None or `raw_json` (a list or dict may hold RawJson inside).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -892,45 +886,6 @@ fail:
     return NULL;
 }
 
-/* --- raw JSON positions ------------------------------------------------------------------ */
-
-static PyObject *
-raw_json_mask(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "raw_json_mask(row, raw_json) takes 2 arguments");
-        return NULL;
-    }
-    PyObject *row = args[0];
-    PyTypeObject *raw_json = (PyTypeObject *)args[1];
-    if (!PyType_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "raw_json_mask: raw_json must be a type");
-        return NULL;
-    }
-    if (row == Py_None) {
-        return PyLong_FromLong(0);
-    }
-    if (!PyDict_CheckExact(row) || PyDict_GET_SIZE(row) > 63) {
-        return PyLong_FromLong(-1);
-    }
-    uint64_t mask = 0;
-    Py_ssize_t pos = 0;
-    int i = 0;
-    PyObject *key, *value;
-    while (PyDict_Next(row, &pos, &key, &value)) {
-        PyTypeObject *type = Py_TYPE(value);
-        if (type == raw_json) {
-            mask |= (uint64_t)1 << i;
-        }
-        else if (!(type == &PyUnicode_Type || type == &PyLong_Type || value == Py_None ||
-                   type == &PyBool_Type || type == &PyFloat_Type)) {
-            return PyLong_FromLong(-1);
-        }
-        i++;
-    }
-    return PyLong_FromUnsignedLongLong(mask);
-}
-
 /* --- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef speedups_methods[] = {
@@ -948,9 +903,6 @@ static PyMethodDef speedups_methods[] = {
      "change_run(messages, start, items, relations, plans, row_change, raw_json, commit_lsn, "
      "position, kinds, no_columns) -> (stop, position, received, wal_end): a run of row "
      "changes."},
-    {"raw_json_mask", (PyCFunction)(void (*)(void))raw_json_mask, METH_FASTCALL,
-     "raw_json_mask(row, raw_json) -> int: which values are RawJson, as bits; -1: not only "
-     "plain values."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,20 +14,11 @@ raises `TypeError` rather than guessing a spelling.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-__all__ = [
-    "RawJson",
-    "dumps",
-    "raw_json_mask",
-    "raw_json_mask_py",
-    "restore_raw_json",
-    "tag_raw_json",
-    "untag_raw_json",
-]
+__all__ = ["RawJson", "dumps", "tag_raw_json", "untag_raw_json"]
 
 
 class RawJson(str):
@@ -84,47 +75,3 @@ def untag_raw_json(value: Any) -> Any:
     if kind is dict:
         return {name: untag_raw_json(item) for name, item in value.items()}
     return value
-
-
-_PLAIN = frozenset({str, int, float, bool, type(None)})
-
-
-def raw_json_mask_py(row: dict[str, Any] | None, raw_json: type) -> int:
-    """Which of a typed row's values are `raw_json` (`RawJson`), as bits by position (bit i:
-    the i-th value), so that the row can be kept as plain JSON, which orjson writes without a
-    `default=` call per such value, and typed again by `restore_raw_json`.
-
-    0 for None; -1 when bits cannot say it all: not a dict, more than 63 values, or a value
-    other than str, int, float, bool, None or `raw_json` (a list or dict may hold RawJson
-    inside): keep that row with `tag_raw_json` instead. `cdc._speedups.raw_json_mask` is the
-    same function in C.
-    """
-    if row is None:
-        return 0
-    if type(row) is not dict or len(row) > 63:
-        return -1
-    mask = 0
-    for i, value in enumerate(row.values()):
-        kind = type(value)
-        if kind is raw_json:
-            mask |= 1 << i
-        elif kind not in _PLAIN:
-            return -1
-    return mask
-
-
-def restore_raw_json(row: dict[str, Any] | None, mask: int) -> dict[str, Any] | None:
-    """The inverse of `raw_json_mask` over the row read back from JSON."""
-    if not mask or row is None:
-        return row
-    return {
-        name: RawJson(value) if mask >> i & 1 else value
-        for i, (name, value) in enumerate(row.items())
-    }
-
-
-raw_json_mask: Callable[[dict[str, Any] | None, type], int]
-try:
-    from cdc._speedups import raw_json_mask
-except ImportError:  # built without a C compiler
-    raw_json_mask = raw_json_mask_py

@@ -34,19 +34,23 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import struct
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Protocol, overload
 
-import orjson
-
 from cdc.cursors import NO_EPOCH, CursorKey
-from cdc.render import RawJson, raw_json_mask, restore_raw_json, tag_raw_json, untag_raw_json
 from gateway.config import TableConfig
+from gateway.entries import (
+    CODEC,
+    broadcast_entry,
+    change_entry,
+    entry_key,
+    event_of,
+    kept_at,
+    micros_of,
+)
 from gateway.events import BroadcastEvent, ChangeEvent, RoutedEvent
 
 __all__ = ["History", "HistoryUnavailable", "MemoryHistory"]
@@ -100,34 +104,6 @@ class History(Protocol):
         ...
 
 
-_ENTRY = struct.Struct("<QQdqQIQQ")
-"""An entry's header: commit LSN, position (its key), kept at, commit time (µs since the Unix
-epoch, UTC), transaction id, context (table and epoch, `MemoryHistory._contexts`), and which
-values of the new and the old row are `RawJson` (`cdc.render.raw_json_mask`), or `TAGGED`."""
-
-TAGGED = 2**64 - 1
-"""In an entry's new-row mask: the body marks its `RawJson` values itself (`tag_raw_json`), for
-rows the masks cannot describe (arrays, composites, over 63 columns) and for broadcasts.
-Other entries hold plain JSON, which orjson writes without a Python call per `RawJson`
-value: about 0.4 µs less per change (two numeric or json cells)."""
-_KEY = struct.Struct("<QQ")
-_KEPT_AT = struct.Struct("<d")
-_UTC_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-#: A change's entry holds `event[5:11]` as its JSON body: one slice of the tuple.
-assert ChangeEvent._fields[5:11] == (
-    "event_type",
-    "new",
-    "old",
-    "unchanged",
-    "target_user",
-    "owner_id",
-), "an entry's body is decoded in this order"
-
-_dumps = orjson.dumps
-_mask = raw_json_mask
-_PASSTHROUGH = orjson.OPT_PASSTHROUGH_SUBCLASS  #: a `RawJson` goes to `tag_raw_json`
-
 CHUNK = 64
 """Entries per chunk of a history (`_Kept`)."""
 
@@ -135,25 +111,8 @@ ENTRY_OVERHEAD = sys.getsizeof(b"") + 8
 """Bytes an entry costs besides its length: the bytes object's header and its slot in a chunk."""
 
 
-def _entry_key(entry: bytes) -> CursorKey:
-    return _KEY.unpack_from(entry)
-
-
-_pack_entry = _ENTRY.pack
-
-
-def _micros(when: datetime) -> int:
-    """`when` as µs since the Unix epoch."""
-    since = when - _UTC_EPOCH
-    return (since.days * 86_400 + since.seconds) * 1_000_000 + since.microseconds
-
-
-def _kept_at(entry: bytes) -> float:
-    return _KEPT_AT.unpack_from(entry, 16)[0]
-
-
 def _last_key(chunk: tuple[bytes, ...]) -> CursorKey:
-    return _KEY.unpack_from(chunk[-1])
+    return entry_key(chunk[-1])
 
 
 class _Kept:
@@ -229,9 +188,9 @@ class _Kept:
         chunks, newest = self.chunks, self.newest
         at = bisect.bisect_right(chunks, key, key=_last_key)  # the first chunk ending above
         if at == len(chunks):
-            return newest[bisect.bisect_right(newest, key, key=_entry_key) :]
+            return newest[bisect.bisect_right(newest, key, key=entry_key) :]
         chunk = chunks[at]
-        start = bisect.bisect_right(chunk, key, lo=self.head if at == 0 else 0, key=_entry_key)
+        start = bisect.bisect_right(chunk, key, lo=self.head if at == 0 else 0, key=entry_key)
         found = list(chunk[start:])
         found += itertools.chain.from_iterable(itertools.islice(chunks, at + 1, None))
         found += newest
@@ -327,47 +286,8 @@ class MemoryHistory:
             self._contexts.append((table, epoch))
         return found
 
-    def _encode_broadcast(self, event: BroadcastEvent, now: float) -> bytes:
-        key = event.key
-        head = _pack_entry(key[0], key[1], now, 0, 0, self._context(None, event.epoch), TAGGED, 0)
-        body = [event.event, event.payload, sorted(event.target_roles), event.target_user]
-        return head + _dumps(body, default=tag_raw_json, option=_PASSTHROUGH)
-
     def _decode(self, entry: bytes, organization_id: str | None) -> RoutedEvent:
-        lsn, position, _, micros, xid, context, new_mask, old_mask = _ENTRY.unpack_from(entry)
-        table, epoch = self._contexts[context]
-        body = orjson.loads(memoryview(entry)[_ENTRY.size :])
-        if table is None:
-            name, payload, roles, user = body
-            assert organization_id is not None, "a broadcast names its organization"
-            return BroadcastEvent(
-                organization_id,
-                (lsn, position),
-                epoch,
-                name,
-                orjson.Fragment(orjson.dumps(payload)),
-                frozenset(roles),
-                user,
-            )
-        event_type, new, old, unchanged, user, owner = body
-        if new_mask != TAGGED:
-            new, old = restore_raw_json(new, new_mask), restore_raw_json(old, old_mask)
-        elif entry.find(b"\\u0000", _ENTRY.size) >= 0:  # a RawJson cell: restore its kind
-            new, old = untag_raw_json(new), untag_raw_json(old)
-        return ChangeEvent(
-            organization_id,
-            (lsn, position),
-            epoch,
-            _UTC_EPOCH + timedelta(microseconds=micros),
-            table,
-            event_type,
-            new,
-            old,
-            tuple(unchanged),
-            user,
-            owner,
-            xid,
-        )
+        return event_of(entry, organization_id, self._contexts)
 
     def append(self, event: RoutedEvent) -> None:
         key = event.key
@@ -382,20 +302,12 @@ class MemoryHistory:
             if last[0] is commit_time and last[1] is table and last[2] == epoch:
                 micros, context = last[3], last[4]
             else:
-                micros, context = _micros(commit_time), self._context(table, epoch)
+                micros, context = micros_of(commit_time), self._context(table, epoch)
                 self._last_change = (commit_time, table, epoch, micros, context)
-            new_mask, old_mask = _mask(event.new, RawJson), _mask(event.old, RawJson)
-            if new_mask >= 0 and old_mask >= 0:
-                entry = _pack_entry(
-                    key[0], key[1], now, micros, event.xid, context, new_mask, old_mask
-                ) + _dumps(event[5:11])
-            else:
-                entry = _pack_entry(
-                    key[0], key[1], now, micros, event.xid, context, TAGGED, 0
-                ) + _dumps(event[5:11], default=tag_raw_json, option=_PASSTHROUGH)
+            entry = change_entry(event, now, micros, context, CODEC)
         else:
             assert isinstance(event, BroadcastEvent)
-            entry = self._encode_broadcast(event, now)
+            entry = broadcast_entry(event, now, self._context(None, event.epoch))
         if not kept.length:  # it joins the node-wide order
             heapq.heappush(self._oldest, (key, kept.index))
         newest = kept.newest  # `_Kept`'s append, inline
@@ -435,7 +347,7 @@ class MemoryHistory:
             if not kept.length:
                 heapq.heappop(heap)
                 continue
-            first = _entry_key(kept.first())
+            first = entry_key(kept.first())
             if first == key:
                 return kept
             heapq.heapreplace(heap, (first, index))
@@ -460,7 +372,7 @@ class MemoryHistory:
             (entry, None) for entry in self._shared.after(key)
         ]
         if shared:
-            own = list(heapq.merge(own, shared, key=lambda pair: _entry_key(pair[0])))
+            own = list(heapq.merge(own, shared, key=lambda pair: entry_key(pair[0])))
         return _Replayed(self._decode, own)
 
     async def since(self, organization_id: str, key: CursorKey) -> Sequence[RoutedEvent] | None:
@@ -473,17 +385,17 @@ class MemoryHistory:
             self._expire(kept, now)
         self._oldest_held()  # drops the items of histories the expiry emptied, from the top
         if len(self._oldest) > 2 * len(self._kept) + 64:  # histories emptied and refilled
-            self._oldest = [(_entry_key(kept.first()), kept.index) for kept in self._kept if kept]
+            self._oldest = [(entry_key(kept.first()), kept.index) for kept in self._kept if kept]
             heapq.heapify(self._oldest)
 
     def _expire(self, kept: _Kept, now: float) -> None:
         oldest = now - self.seconds
-        while kept and (_kept_at(kept.first()) < oldest or len(kept) > self.max_events):
+        while kept and (kept_at(kept.first()) < oldest or len(kept) > self.max_events):
             self._evict_oldest(kept)
 
     def _evict_oldest(self, kept: _Kept) -> None:
         entry, released = kept.popleft()
-        kept.evicted_up_to = _entry_key(entry)
+        kept.evicted_up_to = entry_key(entry)
         self._size -= 1
         self._bytes -= released
 

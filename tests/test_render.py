@@ -6,17 +6,9 @@ import json
 from datetime import datetime
 from decimal import Decimal
 
-import orjson
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
-from cdc.render import RawJson, dumps, raw_json_mask_py, restore_raw_json
-
-try:
-    from cdc import _speedups
-except ImportError:  # built without a C compiler
-    _speedups = None  # type: ignore[assignment]
+from cdc.render import RawJson, dumps
 
 
 @pytest.mark.parametrize(
@@ -129,66 +121,3 @@ def test_datetime_is_not_a_row_value_but_still_serializes() -> None:
     # Rows never hold datetimes (changes.py renders them as to_jsonb text); other callers of
     # dumps (event envelopes) get orjson's RFC 3339 output.
     assert dumps(datetime(2026, 1, 1, 10, 0, 0)) == b'"2026-01-01T10:00:00"'
-
-
-# -- raw_json_mask: rows kept as plain JSON, typed again by position ----------------------------
-
-_SCALARS = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(-(2**63), 2**63 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(),
-    st.sampled_from(["1.50", "-0.000", "12345678901234567890.5", '{"k": [1, "x"]}']).map(RawJson),
-)
-_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3), max_leaves=4)
-_ROWS = st.one_of(
-    st.none(),
-    st.dictionaries(st.text(max_size=8), _VALUES, max_size=70),
-    st.dictionaries(st.text(max_size=8), _SCALARS, max_size=70),
-)
-
-
-@given(_ROWS)
-def test_the_mask_twins_agree_and_restore_every_raw_json(row: dict[str, object] | None) -> None:
-    mask = raw_json_mask_py(row, RawJson)
-    if _speedups is not None:
-        assert _speedups.raw_json_mask(row, RawJson) == mask
-    if mask < 0:  # the row needs the tagged form: it holds a list, or too many values
-        assert row is not None
-        assert len(row) > 63 or any(
-            type(v) not in (str, int, float, bool, RawJson) and v is not None for v in row.values()
-        )
-        return
-    back = restore_raw_json(orjson.loads(orjson.dumps(row)), mask)
-    assert back == row
-    if row is not None and back is not None:
-        assert [type(v) for v in back.values()] == [type(v) for v in row.values()]
-
-
-@pytest.mark.parametrize(
-    ("row", "mask"),
-    [
-        ({"a": 1, "b": RawJson("1"), "c": "x", "d": RawJson("{}")}, 0b1010),
-        ({f"c{i}": i for i in range(62)} | {"last": RawJson("1")}, 1 << 62),  # 63 values
-        ({f"c{i}": i for i in range(63)} | {"last": RawJson("1")}, -1),  # 64: tagged instead
-        ({"n": True, "x": 1.5, "s": "NaN"}, 0),  # a NaN numeric is text, not RawJson
-        ({"nested": {"k": RawJson("1")}}, -1),
-        ({"array": [RawJson("1")]}, -1),
-        ({"subclass": type("Text", (str,), {})("x")}, -1),
-    ],
-)
-def test_mask_edges(row: dict[str, object], mask: int) -> None:
-    assert raw_json_mask_py(row, RawJson) == mask
-    if _speedups is not None:
-        assert _speedups.raw_json_mask(row, RawJson) == mask
-
-
-def test_the_c_mask_checks_its_arguments() -> None:
-    if _speedups is None:
-        pytest.skip("built without the C extension")
-    with pytest.raises(TypeError):
-        _speedups.raw_json_mask({}, "not a type")  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        _speedups.raw_json_mask({})  # type: ignore[call-arg]
-    assert _speedups.raw_json_mask([RawJson("1")], RawJson) == -1  # type: ignore[arg-type]

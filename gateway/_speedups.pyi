@@ -1,0 +1,12 @@
+from collections.abc import Callable
+from typing import Any
+
+def raw_json_mask(row: dict[str, Any] | None, raw_json: type, /) -> int: ...
+def change_entry(
+    event: Any,
+    now: float,
+    micros: int,
+    context: int,
+    codec: tuple[type, Callable[[Any], bytes], Callable[[Any], bytes]],
+    /,
+) -> bytes: ...
