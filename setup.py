@@ -2,7 +2,7 @@
 
 `cdc._speedups` is the CDC path's per-change loops in C (XLogData framing, the tuple loop,
 row changes, typed rows); `gateway._speedups` writes a change's history entry;
-`walcast._speedups` routes the common INSERT and DELETE. Optional: without a compiler the
+`walcast._speedups` routes the common INSERT, UPDATE and DELETE. Optional: without a compiler the
 build goes on, and walcast uses their Python twins instead (same results; see each .c file).
 """
 

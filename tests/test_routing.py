@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import walcast.routing
@@ -487,13 +487,25 @@ _TABLES = ("plain", "owned", "targeted", "both", "quiet", "member", "session", "
 _CELL = st.one_of(st.none(), st.sampled_from(["o1", "o2", "u1", ""]), st.integers(0, 3))
 
 
+_COLUMNS = ("id", "organizationId", "userId", "createdBy", "role", "token", "expiresAt")
+
+
+_PEOPLE = st.sampled_from([None, "u1", "u2"])
+
+
 @st.composite
 def _row(draw: st.DrawFn) -> dict[str, Any] | None:
-    columns = ("id", "organizationId", "userId", "createdBy", "role", "token", "expiresAt")
     if draw(st.integers(0, 9)) == 0:
         return None
-    present = draw(st.lists(st.sampled_from(columns), unique=True))
-    return {column: draw(_CELL) for column in present}
+    present = draw(st.lists(st.sampled_from(_COLUMNS), unique=True))
+    row = {column: draw(_CELL) for column in present}
+    if draw(st.booleans()):  # a row C can route: text routing columns
+        row |= {
+            "organizationId": draw(st.sampled_from(["o1", "o2"])),
+            "userId": draw(_PEOPLE),
+            "createdBy": draw(_PEOPLE),
+        }
+    return row
 
 
 @st.composite
@@ -513,16 +525,26 @@ def _items(draw: st.DrawFn) -> list[Any]:
         else:
             # An equal kind string that is not the interned one takes the general path.
             kind = draw(
-                st.sampled_from(["INSERT", "DELETE", "UPDATE", "TRUNCATE", "".join("INSERT")])
+                st.sampled_from(["UPDATE", "INSERT", "DELETE", "TRUNCATE", "".join("INSERT")])
             )
-            table = draw(st.sampled_from(_TABLES))
+            table = draw(st.sampled_from(("both", "owned", *_TABLES)))  # owners: more often
             new, old = draw(_row()), draw(_row())
+            if new is not None and draw(st.booleans()):  # an old row that differs in one column
+                column = draw(st.sampled_from(("createdBy", "userId", *_COLUMNS)))
+                old = {**new, column: draw(_PEOPLE if column in ("createdBy", "userId") else _CELL)}
             items.append(RowChange(0x200, position, "public", table, kind, new, old, ("b",)))
     return items
 
 
+_OWNED = {"organizationId": "o1", "userId": "u1", "createdBy": "u1"}
+
+
 @needs_c
 @given(_items())
+@example([_change("UPDATE", "owned", new=_OWNED, old={**_OWNED, "createdBy": "u2"})])
+@example([_change("UPDATE", "both", new=_OWNED, old={**_OWNED, "userId": "u2"})])
+@example([_change("UPDATE", "both", new=_OWNED, old={"id": 1})])
+@example([_change("DELETE", "plain", old=_OWNED), _change("INSERT", "both", new=_OWNED)])
 @settings(max_examples=150, deadline=None)
 def test_the_c_route_gives_what_the_router_gives(items: list[Any]) -> None:
     """Two routers, one routing row changes through `route_change` (C for the common INSERT
@@ -550,7 +572,7 @@ def _outcome(route: Any, item: Any) -> Any:
 
 
 @needs_c
-def test_the_c_route_takes_the_common_insert_and_delete_itself() -> None:
+def test_the_c_route_takes_the_common_insert_update_and_delete_itself() -> None:
     """What C routes without calling back, and what it hands to `Router.route`."""
     router = _router(ROUTED)
     router.epoch = "e1"
@@ -570,8 +592,21 @@ def test_the_c_route_takes_the_common_insert_and_delete_itself() -> None:
         row,
         None,
     )
+    moved_owner = {**row, "createdBy": "u3"}
+    (event,) = fast(_change("UPDATE", "both", new=moved_owner, old=row))
+    assert (event.event_type, event.new, event.old, event.owner_id) == (
+        "UPDATE",
+        moved_owner,
+        row,
+        None,  # the owner sees raw values only if they own both versions
+    )
+    (event,) = fast(_change("UPDATE", "both", new=row, old={"id": 1}))  # the key: new stands in
+    assert (event.organization_id, event.target_user, event.owner_id) == ("o1", "u1", "u2")
     general = [
-        _change("UPDATE", "plain", new=row, old=row),
+        _change("UPDATE", "plain", new=row, old={**row, "organizationId": "o2"}),  # moves
+        _change("UPDATE", "both", new=row, old={**row, "userId": "u9"}),  # moves
+        _change("UPDATE", "quiet", new=row, old=row),  # onUpdate false
+        _change("UPDATE", "plain", new={**row, "organizationId": None}, old=None),
         _change("TRUNCATE", "plain"),
         _change("INSERT", "plain", new={**row, "organizationId": None}),  # counted by Python
         _change("INSERT", "plain", new={**row, "organizationId": 7}),  # str() by Python

@@ -1,4 +1,4 @@
-/* The common row change of `walcast.routing` in C: one call per INSERT or DELETE.
+/* The common row change of `walcast.routing` in C: one call per INSERT, UPDATE or DELETE.
  *
  * Optional. Without it (no compiler) the pipeline calls `Router.route` for every item, which
  * stays the definition: this function routes only the cases whose answer it is sure of and
@@ -8,12 +8,13 @@
  * route_row_change(tables, state, row_change, event, kinds, fallback, item) -> list
  *     `item` is a `row_change` (cdc.changes.RowChange) of a table in `tables` ((schema, table)
  *     -> the router's _TableRoute: table config, on_insert, on_update, on_delete, organization,
- *     user and owner columns) whose kind is `kinds[0]` (INSERT, with on_insert) or `kinds[1]`
- *     (DELETE, with on_delete), whose row's organization is a str and whose user and owner
- *     (when the table names those columns) are a str or None, while `state` ([commit time,
- *     transaction id, epoch], kept by the router) has a commit time: the answer is one `event`
- *     (gateway.events.ChangeEvent) in a list, built as the router builds it. Anything else:
- *     `fallback(item)`.
+ *     user and owner columns) whose kind is `kinds[0]` (INSERT, with on_insert), `kinds[1]`
+ *     (DELETE, with on_delete) or `kinds[2]` (UPDATE, with on_update, that leaves the row's
+ *     organization and user as they were), whose rows' organization is a str and whose user
+ *     and owner (when the table names those columns) are a str or None, while `state`
+ *     ([commit time, transaction id, epoch], kept by the router) has a commit time: the answer
+ *     is one `event` (gateway.events.ChangeEvent) in a list, built as the router builds it.
+ *     Anything else: `fallback(item)`.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -43,6 +44,119 @@ text_column(PyObject *row, PyObject *column)
     return NULL;
 }
 
+/* [event]: the ChangeEvent of `item` for `organization`, as the router builds it. */
+static PyObject *
+one_event(PyObject *item, PyObject *route, PyObject *state, PyTypeObject *event,
+          PyObject *organization, PyObject *new_row, PyObject *old_row, PyObject *user,
+          PyObject *owner)
+{
+    PyObject *cursor_key = PyTuple_Pack(2, PyTuple_GET_ITEM(item, CHANGE_LSN),
+                                        PyTuple_GET_ITEM(item, CHANGE_POSITION));
+    if (cursor_key == NULL) {
+        return NULL;
+    }
+    PyObject *routed = event->tp_alloc(event, EVENT_FIELDS);
+    if (routed == NULL) {
+        Py_DECREF(cursor_key);
+        return NULL;
+    }
+    PyObject *fields[EVENT_FIELDS] = {
+        organization,
+        cursor_key,
+        PyList_GET_ITEM(state, 2), /* epoch */
+        PyList_GET_ITEM(state, 0), /* commit time */
+        PyTuple_GET_ITEM(route, ROUTE_TABLE),
+        PyTuple_GET_ITEM(item, CHANGE_KIND),
+        new_row,
+        old_row,
+        PyTuple_GET_ITEM(item, CHANGE_UNCHANGED),
+        user,
+        owner,
+        PyList_GET_ITEM(state, 1), /* transaction id */
+    };
+    for (int i = 0; i < EVENT_FIELDS; i++) {
+        if (i != 1) {
+            Py_INCREF(fields[i]);
+        }
+        PyTuple_SET_ITEM(routed, i, fields[i]);
+    }
+    PyObject *events = PyList_New(1);
+    if (events == NULL) {
+        Py_DECREF(routed);
+        return NULL;
+    }
+    PyList_SET_ITEM(events, 0, routed);
+    return events;
+}
+
+/* Whether two values `text_column` gave (str or Py_None) are equal: 1, 0, or -1 on error. */
+static int
+same_text(PyObject *a, PyObject *b)
+{
+    if (a == b) {
+        return 1;
+    }
+    if (a == Py_None || b == Py_None) {
+        return 0;
+    }
+    return PyUnicode_Compare(a, b) == 0 ? 1 : (PyErr_Occurred() ? -1 : 0);
+}
+
+/* An UPDATE that keeps its organization and user: one UPDATE event, the owner kept only if
+ * it owns both versions. The old row counts only if it has the organization column (with
+ * REPLICA IDENTITY DEFAULT it is the key, or missing): otherwise the new row stands for it. */
+static PyObject *
+route_update(PyObject *item, PyObject *route, PyObject *state, PyTypeObject *event,
+             PyObject *fallback)
+{
+    PyObject *new_row = PyTuple_GET_ITEM(item, CHANGE_NEW);
+    PyObject *old_row = PyTuple_GET_ITEM(item, CHANGE_OLD);
+    PyObject *org_column = PyTuple_GET_ITEM(route, ROUTE_ORGANIZATION);
+    if (PyTuple_GET_ITEM(route, ROUTE_ON_UPDATE) != Py_True || !PyDict_CheckExact(new_row) ||
+        !(old_row == Py_None || PyDict_CheckExact(old_row))) {
+        goto general;
+    }
+    PyObject *before = new_row;
+    if (old_row != Py_None) {
+        int has = PyDict_Contains(old_row, org_column);
+        if (has < 0) {
+            return NULL;
+        }
+        if (has) {
+            before = old_row;
+        }
+    }
+    PyObject *values[6]; /* organization, user, owner: new, then before */
+    for (int i = 0; i < 3; i++) {
+        PyObject *column = PyTuple_GET_ITEM(route, ROUTE_ORGANIZATION + i);
+        values[i] = text_column(new_row, column);
+        values[3 + i] = text_column(before, column);
+        if (values[i] == NULL || values[3 + i] == NULL) {
+            goto error_or_general;
+        }
+    }
+    if (values[0] == Py_None) {
+        goto general; /* no organization: dropped and counted by the router */
+    }
+    int same_org = same_text(values[0], values[3]), same_user = same_text(values[1], values[4]);
+    int same_owner = same_text(values[2], values[5]);
+    if (same_org < 0 || same_user < 0 || same_owner < 0) {
+        return NULL;
+    }
+    if (!same_org || !same_user) {
+        goto general; /* the row moves: a DELETE for the old audience, an INSERT for the new */
+    }
+    return one_event(item, route, state, event, values[0], new_row, old_row, values[1],
+                     same_owner ? values[2] : Py_None);
+
+error_or_general:
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+general:
+    return PyObject_CallOneArg(fallback, item);
+}
+
 static PyObject *
 route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -56,7 +170,7 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyTypeObject *row_change = (PyTypeObject *)args[2], *event = (PyTypeObject *)args[3];
     PyObject *item = args[6];
     if (!PyDict_CheckExact(tables) || !PyList_CheckExact(state) || PyList_GET_SIZE(state) != 3 ||
-        !PyTuple_CheckExact(kinds) || PyTuple_GET_SIZE(kinds) != 2 || !PyType_Check(args[2]) ||
+        !PyTuple_CheckExact(kinds) || PyTuple_GET_SIZE(kinds) != 3 || !PyType_Check(args[2]) ||
         !PyType_Check(args[3]) || !PyType_IsSubtype(event, &PyTuple_Type) ||
         event->tp_basicsize != PyTuple_Type.tp_basicsize) {
         PyErr_SetString(PyExc_TypeError, "route_row_change: wrong argument types");
@@ -86,6 +200,9 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto general;
     }
     PyObject *kind = PyTuple_GET_ITEM(item, CHANGE_KIND), *row, *new_row, *old_row;
+    if (kind == PyTuple_GET_ITEM(kinds, 2)) {
+        return route_update(item, route, state, event, fallback);
+    }
     if (kind == PyTuple_GET_ITEM(kinds, 0)) {
         if (PyTuple_GET_ITEM(route, ROUTE_ON_INSERT) != Py_True) {
             goto general;
@@ -101,7 +218,7 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         new_row = Py_None;
     }
     else {
-        goto general; /* UPDATE, TRUNCATE, or a kind string that is not the interned one */
+        goto general; /* TRUNCATE, or a kind string that is not the interned one */
     }
     if (!PyDict_CheckExact(row)) {
         goto general;
@@ -119,43 +236,7 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto error_or_general;
     }
 
-    PyObject *cursor_key = PyTuple_Pack(2, PyTuple_GET_ITEM(item, CHANGE_LSN),
-                                        PyTuple_GET_ITEM(item, CHANGE_POSITION));
-    if (cursor_key == NULL) {
-        return NULL;
-    }
-    PyObject *routed = event->tp_alloc(event, EVENT_FIELDS);
-    if (routed == NULL) {
-        Py_DECREF(cursor_key);
-        return NULL;
-    }
-    PyObject *fields[EVENT_FIELDS] = {
-        organization,
-        cursor_key,
-        PyList_GET_ITEM(state, 2), /* epoch */
-        commit_time,
-        PyTuple_GET_ITEM(route, ROUTE_TABLE),
-        kind,
-        new_row,
-        old_row,
-        PyTuple_GET_ITEM(item, CHANGE_UNCHANGED),
-        user,
-        owner,
-        PyList_GET_ITEM(state, 1), /* transaction id */
-    };
-    for (int i = 0; i < EVENT_FIELDS; i++) {
-        if (i != 1) {
-            Py_INCREF(fields[i]);
-        }
-        PyTuple_SET_ITEM(routed, i, fields[i]);
-    }
-    PyObject *events = PyList_New(1);
-    if (events == NULL) {
-        Py_DECREF(routed);
-        return NULL;
-    }
-    PyList_SET_ITEM(events, 0, routed);
-    return events;
+    return one_event(item, route, state, event, organization, new_row, old_row, user, owner);
 
 error_or_general:
     if (PyErr_Occurred()) {
@@ -168,7 +249,7 @@ general:
 static PyMethodDef speedups_methods[] = {
     {"route_row_change", (PyCFunction)(void (*)(void))route_row_change, METH_FASTCALL,
      "route_row_change(tables, state, row_change, event, kinds, fallback, item) -> list: the "
-     "events of one reader item, the common INSERT or DELETE routed here."},
+     "events of one reader item, the common INSERT, UPDATE or DELETE routed here."},
     {NULL, NULL, 0, NULL},
 };
 

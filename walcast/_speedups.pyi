@@ -6,7 +6,7 @@ def route_row_change(
     state: list[Any],
     row_change: type,
     event: type,
-    kinds: tuple[str, str],
+    kinds: tuple[str, str, str],
     fallback: Callable[[Any], list[Any]],
     item: Any,
     /,

@@ -129,7 +129,7 @@ class Router:
         self._forged_unlogged = 0
         self.dropped_null_organization = 0
         self.dropped_bad_broadcast = 0
-        #: `route` for a `RowChange`: the common INSERT and DELETE in one C call
+        #: `route` for a `RowChange`: the common INSERT, UPDATE and DELETE in one C call
         #: (walcast/_speedups.c), anything else (or everything, without it) through `route`.
         self.route_change: Callable[[Item], list[RoutedEvent | AccessRevoked]] = (
             self.route
@@ -140,7 +140,7 @@ class Router:
                 self._transaction,
                 RowChange,
                 ChangeEvent,
-                ("INSERT", "DELETE"),
+                ("INSERT", "DELETE", "UPDATE"),
                 self.route,
             )
         )
