@@ -494,18 +494,28 @@ class HubRegistry:
             hub.detach(conn)
 
     def publish(self, event: RoutedEvent) -> None:
-        """Keep `event` in history and deliver it to the sockets of its organization (of every
-        organization when it has none: a TRUNCATE)."""
-        self.metrics.events.value += 1
-        self.history.append(event)
-        org = event.organization_id
-        if org is None:
-            for hub in list(self.hubs.values()):
-                hub.deliver_live(event)
-            return
-        one = self.hubs.get(org)
-        if one is not None:
-            one.deliver_live(event)
+        """Keep `event` in history and deliver it (see `publish_all`)."""
+        self.publish_all((event,))
+
+    def publish_all(self, events: Iterable[RoutedEvent | AccessRevoked]) -> None:
+        """The events of a reader item: each routed event kept in history and delivered to
+        the sockets of its organization (of every organization when it has none: a
+        TRUNCATE), each access change revoked. One call per item, the event source's."""
+        tally, append, hubs = self.metrics.events, self.history.append, self.hubs
+        for event in events:
+            if isinstance(event, AccessRevoked):
+                self.revoke(event)
+                continue
+            tally.value += 1
+            append(event)
+            org = event.organization_id
+            if org is None:
+                for hub in list(hubs.values()):
+                    hub.deliver_live(event)
+                continue
+            one = hubs.get(org)
+            if one is not None:
+                one.deliver_live(event)
 
     def check_ticket(self, claims: TicketClaims) -> None:
         """Refuse a ticket whose access this node cannot vouch for.

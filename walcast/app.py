@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -51,17 +51,11 @@ PIPELINE = web.AppKey("walcast_pipeline", Pipeline)
 class LocalSink:
     """The in-process bus: events go straight to this node's hubs and history."""
 
-    def __init__(self, registry: HubRegistry, history: MemoryHistory) -> None:
-        self._registry = registry
-        self._history = history
+    publish: Callable[[Sequence[RoutedEvent | AccessRevoked]], None]
 
-    def publish(self, events: Sequence[RoutedEvent | AccessRevoked]) -> None:
-        registry = self._registry
-        for event in events:
-            if isinstance(event, AccessRevoked):
-                registry.revoke(event)
-            else:
-                registry.publish(event)
+    def __init__(self, registry: HubRegistry, history: MemoryHistory) -> None:
+        self._history = history
+        self.publish = registry.publish_all  # the events of one item, without a frame of ours
 
     async def wait_for_room(self) -> None:
         """Never full: delivery is queued per socket, each bounded on its own."""

@@ -275,11 +275,7 @@ class RedisFeed:
             except (ValueError, TypeError, KeyError):
                 log.exception("skipped a malformed stream entry", extra={"stream": stream})
                 continue
-            for event in events:
-                if isinstance(event, AccessRevoked):
-                    registry.revoke(event)
-                else:
-                    registry.publish(event)
+            registry.publish_all(events)
             if stream != control and key > top:
                 top = key
         if position is not None and position > top:
