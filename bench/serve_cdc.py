@@ -1,6 +1,7 @@
 """`walcast serve` catching up on committed inserts vs `pg_recvlogical`, same WAL.
 
     .venv/bin/python -m bench.serve_cdc --rows 300000
+    .venv/bin/python -m bench.serve_cdc --kind update
 
 The headline CDC figure, through the code path users run: a real `walcast serve` process (the
 CLI, configured by environment: DATABASE_URL, ACCESS_TOKEN, WALCAST_CONFIG, WALCAST_PORT,
@@ -10,7 +11,10 @@ Set-up: one table of seven columns (bigserial, two text of which one is the orga
 int, numeric, timestamptz, jsonb), REPLICA IDENTITY FULL, a publication on it, and `2 x runs`
 logical slots, all created before the inserts so every slot reads the same WAL. Then `rows`
 inserts are committed (`synchronous_commit = on`) in transactions of `batch` rows, spread over
-`orgs` organizations, and a transactional logical message marks the end position.
+`orgs` organizations, and a transactional logical message marks the end position. With
+`--kind update` the rows are inserted before the slots exist and the WAL the runs read is
+`rows` UPDATEs of them instead (one column each, in transactions of `batch` rows): with
+REPLICA IDENTITY FULL each carries its whole old row too, so serve types two rows per change.
 
 Runs are interleaved, each on a fresh slot:
 
@@ -523,11 +527,30 @@ def _short(frame: str) -> str:
     return f"{name} ({'/'.join(parts[-2:])})" if where else name
 
 
-def prepare(dsn: str, rows: int, batch: int, runs: int, orgs: int, tag: str) -> tuple[int, int]:
-    """Table, publication and every run's slots (`<side>_<run>_<tag>`), then the WAL; returns
-    (rows, end LSN)."""
+UPDATE_BATCHES = f"""
+DO $$
+BEGIN
+  FOR b IN 0 .. {{batches}} - 1 LOOP
+    UPDATE {TABLE} SET qty = qty + 1 WHERE id BETWEEN b * {{batch}} + 1 AND (b + 1) * {{batch}};
+    COMMIT;
+  END LOOP;
+END $$;
+"""
+
+KINDS = ("insert", "update")
+
+
+def prepare(
+    dsn: str, rows: int, batch: int, runs: int, orgs: int, tag: str, kind: str = "insert"
+) -> tuple[int, int]:
+    """Table, publication and every run's slots (`<side>_<run>_<tag>`), then the WAL of `rows`
+    changes of `kind`; returns (rows, end LSN)."""
+    batches = max(1, rows // batch)
+    inserts = INSERT_BATCHES.format(batches=batches, batch=batch, orgs=orgs).encode()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(SCHEMA.encode())
+        if kind == "update":  # the rows exist before the slots: the runs read only updates
+            conn.execute(inserts)
         for i in range(runs):
             for side in ("walcast", "recv"):
                 conn.execute(
@@ -535,8 +558,10 @@ def prepare(dsn: str, rows: int, batch: int, runs: int, orgs: int, tag: str) -> 
                     (f"{side}_{i}_{tag}",),
                 )
         conn.execute("SET synchronous_commit = on")
-        batches = max(1, rows // batch)
-        conn.execute(INSERT_BATCHES.format(batches=batches, batch=batch, orgs=orgs).encode())
+        if kind == "update":
+            conn.execute(UPDATE_BATCHES.format(batches=batches, batch=batch).encode())
+        else:
+            conn.execute(inserts)
         row = conn.execute(
             "SELECT pg_logical_emit_message(true, %s, 'end')::text", (END_PREFIX,)
         ).fetchone()
@@ -555,6 +580,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch", type=int, default=1000, help="rows per transaction")
     parser.add_argument("--orgs", type=int, default=10, help="organizations the rows spread over")
     parser.add_argument("--runs", type=int, default=3, help="runs of each side (A B A B ...)")
+    parser.add_argument(
+        "--kind", choices=KINDS, default="insert", help="the changes: inserts, or updates"
+    )
     parser.add_argument("--py-spy", type=Path, help="profile the first walcast run into FILE")
     add_gc_threshold_arg(parser)
     add_common_args(parser)
@@ -567,7 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="serve-cdc-") as tmp:
         started = time.perf_counter()
         tag = uuid.uuid4().hex[:8]  # slot names are server-wide
-        rows, end_lsn = prepare(dsn, args.rows, args.batch, args.runs, args.orgs, tag)
+        rows, end_lsn = prepare(dsn, args.rows, args.batch, args.runs, args.orgs, tag, args.kind)
         setup_seconds = time.perf_counter() - started
         for i in range(args.runs):
             spy = args.py_spy if i == 0 else None
@@ -588,6 +616,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     slow = sum(h["over_100ms"] for h in healthz + metrics)
     result: dict[str, Any] = {
         "rows": rows,
+        "kind": args.kind,
         "batch": args.batch,
         "orgs": args.orgs,
         "runs": args.runs,
@@ -619,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "serve_cdc",
         result,
         [
-            f"walcast serve catching up on {rows} inserts ({args.batch}-row transactions, "
+            f"walcast serve catching up on {rows} {args.kind}s ({args.batch}-row transactions, "
             f"{args.orgs} organizations), {args.runs} interleaved runs each:",
             f"  walcast serve: {walcast_rate:,.0f} changes/s (median; runs "
             + ", ".join(f"{run.rate:,.0f} over {run.window}" for run in walcast_runs)

@@ -147,10 +147,13 @@ def test_latency_over_several_organizations(pg_server: PostgresServer) -> None:
     assert 21 <= result["samples"] <= 23, result
 
 
-def test_serve_cdc_times_the_serve_process_and_pg_recvlogical(pg_server: PostgresServer) -> None:
-    args = ["--rows", "3000", "--batch", "500", "--runs", "1", "--orgs", "3"]
+@pytest.mark.parametrize("kind", serve_cdc.KINDS)
+def test_serve_cdc_times_the_serve_process_and_pg_recvlogical(
+    pg_server: PostgresServer, kind: str
+) -> None:
+    args = ["--rows", "3000", "--batch", "500", "--runs", "1", "--orgs", "3", "--kind", kind]
     result = serve_cdc.main([*args, "--dsn", pg_server.dsn, "--json-only"])
-    assert result["rows"] == 3000
+    assert (result["rows"], result["kind"]) == (3000, kind)
     assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
     assert result["walcast_cpu_us_per_change"] > 0
     (healthz,) = result["healthz"]
