@@ -579,7 +579,8 @@ def test_the_c_route_takes_the_common_insert_update_and_delete_itself() -> None:
     route_change = router.route_change
     assert isinstance(route_change, functools.partial)
     handed: list[Any] = []
-    fast = functools.partial(route_change.func, *route_change.args[:-1], handed.append)
+    (bound,) = route_change.args
+    fast = functools.partial(route_change.func, (*bound[:-1], handed.append))
     row = {"id": 1, "organizationId": "o1", "userId": "u1", "createdBy": "u2"}
     (event,) = fast(_change("INSERT", "both", new=row))
     assert event == ChangeEvent("o1", (0x100, 1), "e1", WHEN, ROUTED.tables["public.both"],

@@ -5,7 +5,7 @@
  * hands everything else to that very method (tests/test_routing.py feeds random changes both
  * ways and requires the same events and the same counts).
  *
- * route_row_change(tables, state, row_change, event, kinds, fallback, item) -> list
+ * route_row_change((tables, state, row_change, event, kinds, fallback), item) -> list
  *     `item` is a `row_change` (cdc.changes.RowChange) of a table in `tables` ((schema, table)
  *     -> the router's _TableRoute: table config, on_insert, on_update, on_delete, organization,
  *     user and owner columns) whose kind is `kinds[0]` (INSERT, with on_insert), `kinds[1]`
@@ -160,18 +160,21 @@ general:
 static PyObject *
 route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 6) {
         PyErr_SetString(PyExc_TypeError,
-                        "route_row_change(tables, state, row_change, event, kinds, fallback, "
-                        "item) takes 7 arguments");
+                        "route_row_change((tables, state, row_change, event, kinds, fallback), "
+                        "item) takes 2 arguments");
         return NULL;
     }
-    PyObject *tables = args[0], *state = args[1], *kinds = args[4], *fallback = args[5];
-    PyTypeObject *row_change = (PyTypeObject *)args[2], *event = (PyTypeObject *)args[3];
-    PyObject *item = args[6];
+    /* One tuple of what the router binds, so that its functools.partial passes 2 arguments,
+     * which CPython's partial does without allocating an argument array per call. */
+    PyObject *const *bound = &PyTuple_GET_ITEM(args[0], 0);
+    PyObject *tables = bound[0], *state = bound[1], *kinds = bound[4], *fallback = bound[5];
+    PyTypeObject *row_change = (PyTypeObject *)bound[2], *event = (PyTypeObject *)bound[3];
+    PyObject *item = args[1];
     if (!PyDict_CheckExact(tables) || !PyList_CheckExact(state) || PyList_GET_SIZE(state) != 3 ||
-        !PyTuple_CheckExact(kinds) || PyTuple_GET_SIZE(kinds) != 3 || !PyType_Check(args[2]) ||
-        !PyType_Check(args[3]) || !PyType_IsSubtype(event, &PyTuple_Type) ||
+        !PyTuple_CheckExact(kinds) || PyTuple_GET_SIZE(kinds) != 3 || !PyType_Check(bound[2]) ||
+        !PyType_Check(bound[3]) || !PyType_IsSubtype(event, &PyTuple_Type) ||
         event->tp_basicsize != PyTuple_Type.tp_basicsize) {
         PyErr_SetString(PyExc_TypeError, "route_row_change: wrong argument types");
         return NULL;
@@ -248,7 +251,7 @@ general:
 
 static PyMethodDef speedups_methods[] = {
     {"route_row_change", (PyCFunction)(void (*)(void))route_row_change, METH_FASTCALL,
-     "route_row_change(tables, state, row_change, event, kinds, fallback, item) -> list: the "
+     "route_row_change((tables, state, row_change, event, kinds, fallback), item) -> list: the "
      "events of one reader item, the common INSERT, UPDATE or DELETE routed here."},
     {NULL, NULL, 0, NULL},
 };

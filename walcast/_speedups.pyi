@@ -2,12 +2,14 @@ from collections.abc import Callable
 from typing import Any
 
 def route_row_change(
-    tables: dict[tuple[str, str], Any],
-    state: list[Any],
-    row_change: type,
-    event: type,
-    kinds: tuple[str, str, str],
-    fallback: Callable[[Any], list[Any]],
+    bound: tuple[
+        dict[tuple[str, str], Any],
+        list[Any],
+        type,
+        type,
+        tuple[str, str, str],
+        Callable[[Any], list[Any]],
+    ],
     item: Any,
     /,
 ) -> list[Any]: ...

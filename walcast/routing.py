@@ -136,12 +136,14 @@ class Router:
             if _route_row_change is None
             else partial(
                 _route_row_change,
-                self._tables,
-                self._transaction,
-                RowChange,
-                ChangeEvent,
-                ("INSERT", "DELETE", "UPDATE"),
-                self.route,
+                (
+                    self._tables,
+                    self._transaction,
+                    RowChange,
+                    ChangeEvent,
+                    ("INSERT", "DELETE", "UPDATE"),
+                    self.route,
+                ),
             )
         )
 
