@@ -260,7 +260,7 @@ class Router:
         else:  # TRUNCATE: every organization's
             if not on_delete:
                 return []
-            return [self._event(change, table, "TRUNCATE", None, None, None, None, None)]
+            return self._events(change, table, "TRUNCATE", None, None, None, None, None)
         assert row is not None, "an INSERT has its new row, a DELETE its old one"
         org = row.get(org_column)
         if org is None:
@@ -330,23 +330,11 @@ class Router:
         user: str | None,
         owner: str | None,
     ) -> list[RoutedEvent | AccessRevoked]:
-        """An UPDATE's event for `org`, or none (counted) when the row has no organization."""
-        if org is None:
+        """The change's event for `org` (None: every organization, a TRUNCATE's), or none
+        (counted) for a side of an UPDATE whose row has no organization."""
+        if org is None and event_type != "TRUNCATE":
             self.dropped_null_organization += 1
             return []
-        return [self._event(change, table, event_type, org, new, old, user, owner)]
-
-    def _event(
-        self,
-        change: RowChange,
-        table: TableConfig,
-        event_type: str,
-        org: str | None,
-        new: dict[str, Any] | None,
-        old: dict[str, Any] | None,
-        user: str | None,
-        owner: str | None,
-    ) -> ChangeEvent:
         commit_time, xid, epoch = self._transaction
         assert commit_time is not None, "a RowChange always follows its TransactionStart"
         fields = (
@@ -363,7 +351,7 @@ class Router:
             owner,
             xid,
         )
-        return _new_tuple(ChangeEvent, fields)
+        return [_new_tuple(ChangeEvent, fields)]
 
     # -- the session store -----------------------------------------------------------------
 
