@@ -10,7 +10,8 @@ change (best of `repeat`):
 * `route`: `walcast.routing.Router` over the reader's items;
 * `publish`: the routed events into the node's hubs and in-memory history (`HubRegistry`,
   `MemoryHistory`, with the serve defaults), no sockets;
-* `serve path`: all three in one pass, as `walcast.pipeline` chains them.
+* `serve path`: all three in one pass, as `walcast.pipeline` chains them (its loop over a run
+  of row changes included).
 
 CPU-bound and single-threaded, so far steadier than `bench.serve_cdc` on a shared machine: the
 one to run before and after a change to the serve path. `bench.serve_cdc` remains the headline
@@ -44,6 +45,7 @@ from gateway.history import MemoryHistory
 from gateway.hubs import HubRegistry
 from gateway.metrics import Metrics
 from walcast.app import LocalSink
+from walcast.pipeline import publish_changes
 from walcast.routing import Router
 
 SLOT = "stages"
@@ -139,14 +141,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def new_router() -> Router:
         return Router(config, BroadcastSigner(["x" * 32]), Metrics())
 
-    def new_publisher() -> Callable[[list[list[Any]]], None]:
+    def new_sink() -> LocalSink:
         history = MemoryHistory(
             seconds=config.historySeconds,
             max_events=config.historyMaxEvents,
             max_total_events=config.historyMaxTotalEvents,
             max_total_bytes=config.historyMaxBytes,
         )
-        publish = LocalSink(HubRegistry(Metrics(), history), history).publish
+        return LocalSink(HubRegistry(Metrics(), history), history)
+
+    def new_publisher() -> Callable[[list[list[Any]]], None]:
+        publish = new_sink().publish
 
         def publish_all(routed: list[list[Any]]) -> None:
             for events in routed:
@@ -167,9 +172,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         new_publisher()(routed)
 
     def serve_path() -> None:
-        route, publish, read_slice = route_all(new_router()), new_publisher(), reading(frames)
+        """As `walcast.pipeline` runs it: a run of row changes in one call, each other item
+        routed on its own (its time checks and bookkeeping aside)."""
+        router, publish, read_slice = new_router(), new_sink().publish, reading(frames)
+        route, route_change, counts = router.route, router.route_change, {}
         for start in range(0, len(frames), DECODE_SLICE):
-            publish(route(read_slice(start, start + DECODE_SLICE)))
+            batch = read_slice(start, start + DECODE_SLICE)
+            i = 0
+            while i < len(batch):
+                if type(batch[i]) is RowChange:
+                    i = publish_changes(batch, i, RowChange, counts, route_change, publish)
+                else:
+                    route(batch[i])  # a transaction's start and end: no events
+                    i += 1
 
     stages = dict(zip(STAGES, (lambda: read(frames), routing, publishing, serve_path), strict=True))
     if args.only:

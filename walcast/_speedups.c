@@ -1,9 +1,11 @@
-/* The common row change of `walcast.routing` in C: one call per INSERT, UPDATE or DELETE.
+/* The per-change work of `walcast.routing` and `walcast.pipeline` in C: routing the common
+ * INSERT, UPDATE or DELETE in one call, and the pipeline's loop over a run of row changes.
  *
  * Optional. Without it (no compiler) the pipeline calls `Router.route` for every item, which
- * stays the definition: this function routes only the cases whose answer it is sure of and
- * hands everything else to that very method (tests/test_routing.py feeds random changes both
- * ways and requires the same events and the same counts).
+ * stays the definition: `route_row_change` routes only the cases whose answer it is sure of
+ * and hands everything else to that very method (tests/test_routing.py feeds random changes
+ * both ways and requires the same events and the same counts), and the pipeline loops in
+ * Python (tests/test_pipeline.py checks the two loops against each other).
  *
  * route_row_change((tables, state, row_change, event, kinds, fallback), item) -> list
  *     `item` is a `row_change` (cdc.changes.RowChange) of a table in `tables` ((schema, table)
@@ -15,6 +17,14 @@
  *     ([commit time, transaction id, epoch], kept by the router) has a commit time: the answer
  *     is one `event` (gateway.events.ChangeEvent) in a list, built as the router builds it.
  *     Anything else: `fallback(item)`.
+ *
+ * publish_changes(items, start, row_change, counts, route_change, publish) -> int
+ *     Twin: walcast.pipeline.publish_changes_py. The pipeline's loop over a run of row
+ *     changes: from `items[start]` on, while an item is a `row_change`, count it in `counts`
+ *     under `item[2:5]` (schema, table, kind), route it with `route_change(item)` and hand a
+ *     non-empty answer to `publish`. Returns the index of the first item it did not take. An
+ *     exception from `route_change` or `publish` propagates, the item already counted, as in
+ *     the Python loop.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -249,10 +259,80 @@ general:
     return PyObject_CallOneArg(fallback, item);
 }
 
+static PyObject *
+publish_changes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyList_CheckExact(args[0]) || !PyType_Check(args[2]) ||
+        !PyDict_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "publish_changes(items: list, start, row_change: type, counts: dict, "
+                        "route_change, publish)");
+        return NULL;
+    }
+    PyObject *items = args[0], *counts = args[3], *route_change = args[4], *publish = args[5];
+    PyTypeObject *row_change = (PyTypeObject *)args[2];
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i < 0) {
+        PyErr_SetString(PyExc_ValueError, "publish_changes: start must not be negative");
+        return NULL;
+    }
+    /* The list may change under a callback: its size is read again for every item. */
+    for (; i < PyList_GET_SIZE(items); i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (Py_TYPE(item) != row_change || PyTuple_GET_SIZE(item) < CHANGE_KIND + 1) {
+            break;
+        }
+        Py_INCREF(item);
+        PyObject *relation = PyTuple_GetSlice(item, CHANGE_SCHEMA, CHANGE_KIND + 1);
+        if (relation == NULL) {
+            goto fail;
+        }
+        PyObject *seen = PyDict_GetItemWithError(counts, relation);
+        PyObject *count = NULL;
+        if (seen != NULL) {
+            PyObject *one = PyLong_FromLong(1); /* a cached small int */
+            count = one == NULL ? NULL : PyNumber_Add(seen, one);
+            Py_XDECREF(one);
+        }
+        else if (!PyErr_Occurred()) {
+            count = PyLong_FromLong(1);
+        }
+        int stored = count == NULL ? -1 : PyDict_SetItem(counts, relation, count);
+        Py_DECREF(relation);
+        Py_XDECREF(count);
+        if (stored < 0) {
+            goto fail;
+        }
+        PyObject *events = PyObject_CallOneArg(route_change, item);
+        Py_DECREF(item);
+        if (events == NULL) {
+            return NULL;
+        }
+        int any = PyObject_IsTrue(events);
+        PyObject *published = any > 0 ? PyObject_CallOneArg(publish, events) : NULL;
+        Py_DECREF(events);
+        if (any < 0 || (any > 0 && published == NULL)) {
+            return NULL;
+        }
+        Py_XDECREF(published);
+        continue;
+    fail:
+        Py_DECREF(item);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(i);
+}
+
 static PyMethodDef speedups_methods[] = {
     {"route_row_change", (PyCFunction)(void (*)(void))route_row_change, METH_FASTCALL,
      "route_row_change((tables, state, row_change, event, kinds, fallback), item) -> list: the "
      "events of one reader item, the common INSERT, UPDATE or DELETE routed here."},
+    {"publish_changes", (PyCFunction)(void (*)(void))publish_changes, METH_FASTCALL,
+     "publish_changes(items, start, row_change, counts, route_change, publish) -> int: the "
+     "pipeline's loop over a run of row changes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -13,3 +13,12 @@ def route_row_change(
     item: Any,
     /,
 ) -> list[Any]: ...
+def publish_changes(
+    items: list[Any],
+    start: int,
+    row_change: type,
+    counts: dict[Any, int],
+    route_change: Callable[[Any], Any],
+    publish: Callable[[Any], Any],
+    /,
+) -> int: ...

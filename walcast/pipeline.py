@@ -29,7 +29,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 
@@ -73,6 +73,39 @@ tick: the slot keeps this much more (a tick, and one more for a late one)."""
 
 #: `walcast_changes_total` counts a change under `change[2:5]`: one slice of the tuple.
 assert RowChange._fields[2:5] == ("schema", "table", "kind"), "counted by relation and kind"
+
+
+def publish_changes_py(
+    items: list[Any],
+    start: int,
+    row_change: type[RowChange],
+    counts: dict[tuple[str, str, str], int],
+    route_change: Callable[[Any], Sequence[RoutedEvent | AccessRevoked]],
+    publish: Callable[[Sequence[RoutedEvent | AccessRevoked]], None],
+) -> int:
+    """The pipeline's loop over a run of row changes: from `items[start]` on, while an item
+    is a `row_change`, count it (`walcast_changes_total`), route it and publish its events;
+    returns the index of the first item not taken. `walcast._speedups.publish_changes` is the
+    same loop in C, one call per run instead of a turn of this loop per change."""
+    i = start
+    while i < len(items):
+        item = items[i]
+        if type(item) is not row_change:
+            break
+        relation = item[2:5]  # (schema, table, kind), in one step
+        counts[relation] = counts.get(relation, 0) + 1
+        events = route_change(item)
+        if events:
+            publish(events)
+        i += 1
+    return i
+
+
+publish_changes: Callable[..., int]
+try:
+    from walcast._speedups import publish_changes
+except ImportError:  # built without a C compiler
+    publish_changes = publish_changes_py
 
 SYNC_PREFIX = "walcast-sync"
 """Prefix of the marker message a starting pipeline writes to know when it has caught up."""
@@ -255,35 +288,25 @@ class Pipeline:
 
         try:
             async for batch in reader.batches():
-                for item in batch:
-                    if type(item) is RowChange:
-                        relation = item[2:5]  # (schema, table, kind), in one step
-                        count[relation] = count.get(relation, 0) + 1
-                        events = route_change(item)
-                        if events:
-                            publish(events)
-                    elif type(item) is TransactionEnd:
-                        ended = item.end_lsn
-                        mark_position(ended)
-                    elif type(item) is LogicalMessage:
-                        if item.prefix != SYNC_PREFIX:
-                            events = route(item)
-                            if events:
-                                broadcasts = sum(isinstance(e, BroadcastEvent) for e in events)
-                                metrics.broadcasts.inc(broadcasts)
-                                publish(events)
-                        elif item.content.decode(errors="replace") == marker:
-                            log.info("caught up with the WAL at %X", item.commit_lsn)
-                            # Before ready: a socket attaching before the marker's commit
-                            # arrives must get a `ready` cursor it can resume from.
-                            mark_position(item.commit_lsn)
-                            self._on_ready(start_lsn)
+                i, size = 0, len(batch)
+                while i < size:
+                    item = batch[i]
+                    if type(item) is RowChange:  # a run of them, counted, routed, published
+                        i = publish_changes(batch, i, RowChange, count, route_change, publish)
                     else:
-                        route(item)
+                        i += 1
+                        if type(item) is TransactionEnd:
+                            ended = item.end_lsn
+                            mark_position(ended)
+                        elif type(item) is LogicalMessage:
+                            self._message(item, marker, start_lsn)
+                        else:
+                            route(item)
                     if timer() >= turn_ends:
                         # Neither the reader (data keeps arriving) nor the local sink need
                         # await anything, so without this a catch-up or a large transaction
                         # would hold the event loop: no write pass, no /healthz, no heartbeat.
+                        # A run of row changes is at most a batch's (`DECODE_SLICE` messages).
                         bookkeeping()
                         await asyncio.sleep(0)
                         turn_ends = timer() + YIELD_SECONDS
@@ -291,6 +314,21 @@ class Pipeline:
                 await sink.wait_for_room()
         finally:
             await reader.aclose()
+
+    def _message(self, item: LogicalMessage, marker: str, start_lsn: int) -> None:
+        """A logical message: a broadcast to route, or this pipeline's sync marker (caught up)."""
+        if item.prefix != SYNC_PREFIX:
+            events = self.router.route(item)
+            if events:
+                broadcasts = sum(isinstance(e, BroadcastEvent) for e in events)
+                self._metrics.broadcasts.inc(broadcasts)
+                self._sink.publish(events)
+        elif item.content.decode(errors="replace") == marker:
+            log.info("caught up with the WAL at %X", item.commit_lsn)
+            # Before ready: a socket attaching before the marker's commit arrives must get a
+            # `ready` cursor it can resume from.
+            self._sink.mark_position(item.commit_lsn)
+            self._on_ready(start_lsn)
 
     def tick(self) -> None:
         """Periodic upkeep: let the slot and the ready cursor follow an idle database."""
