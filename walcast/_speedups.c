@@ -54,6 +54,17 @@ text_column(PyObject *row, PyObject *column)
     return NULL;
 }
 
+/* What the router answers for `item`, unless reading it failed (an error is set): the
+ * answer for everything this file is not sure of. */
+static PyObject *
+hand_over(PyObject *fallback, PyObject *item)
+{
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyObject_CallOneArg(fallback, item);
+}
+
 /* [event]: the ChangeEvent of `item` for `organization`, as the router builds it. */
 static PyObject *
 one_event(PyObject *item, PyObject *route, PyObject *state, PyTypeObject *event,
@@ -124,7 +135,7 @@ route_update(PyObject *item, PyObject *route, PyObject *state, PyTypeObject *eve
     PyObject *org_column = PyTuple_GET_ITEM(route, ROUTE_ORGANIZATION);
     if (PyTuple_GET_ITEM(route, ROUTE_ON_UPDATE) != Py_True || !PyDict_CheckExact(new_row) ||
         !(old_row == Py_None || PyDict_CheckExact(old_row))) {
-        goto general;
+        return hand_over(fallback, item);
     }
     PyObject *before = new_row;
     if (old_row != Py_None) {
@@ -140,13 +151,17 @@ route_update(PyObject *item, PyObject *route, PyObject *state, PyTypeObject *eve
     for (int i = 0; i < 3; i++) {
         PyObject *column = PyTuple_GET_ITEM(route, ROUTE_ORGANIZATION + i);
         values[i] = text_column(new_row, column);
+        if (values[i] == NULL) {
+            return hand_over(fallback, item);
+        }
         values[3 + i] = text_column(before, column);
-        if (values[i] == NULL || values[3 + i] == NULL) {
-            goto error_or_general;
+        if (values[3 + i] == NULL) {
+            return hand_over(fallback, item);
         }
     }
     if (values[0] == Py_None) {
-        goto general; /* no organization: dropped and counted by the router */
+        /* no organization: dropped and counted by the router */
+        return hand_over(fallback, item);
     }
     int same_org = same_text(values[0], values[3]), same_user = same_text(values[1], values[4]);
     int same_owner = same_text(values[2], values[5]);
@@ -154,17 +169,11 @@ route_update(PyObject *item, PyObject *route, PyObject *state, PyTypeObject *eve
         return NULL;
     }
     if (!same_org || !same_user) {
-        goto general; /* the row moves: a DELETE for the old audience, an INSERT for the new */
+        /* the row moves: a DELETE for the old audience, an INSERT for the new */
+        return hand_over(fallback, item);
     }
     return one_event(item, route, state, event, values[0], new_row, old_row, values[1],
                      same_owner ? values[2] : Py_None);
-
-error_or_general:
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-general:
-    return PyObject_CallOneArg(fallback, item);
 }
 
 static PyObject *
@@ -190,11 +199,11 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     if (Py_TYPE(item) != row_change || PyTuple_GET_SIZE(item) != CHANGE_FIELDS) {
-        goto general;
+        return hand_over(fallback, item);
     }
     PyObject *commit_time = PyList_GET_ITEM(state, 0);
     if (commit_time == Py_None) {
-        goto general;
+        return hand_over(fallback, item);
     }
     PyObject *key = PyTuple_Pack(2, PyTuple_GET_ITEM(item, CHANGE_SCHEMA),
                                  PyTuple_GET_ITEM(item, CHANGE_TABLE));
@@ -207,10 +216,11 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (PyErr_Occurred()) {
             return NULL;
         }
-        goto general; /* the session store, a withheld or an unconfigured table */
+        /* the session store, a withheld or an unconfigured table */
+        return hand_over(fallback, item);
     }
     if (!PyTuple_Check(route) || PyTuple_GET_SIZE(route) != ROUTE_FIELDS) {
-        goto general;
+        return hand_over(fallback, item);
     }
     PyObject *kind = PyTuple_GET_ITEM(item, CHANGE_KIND), *row, *new_row, *old_row;
     if (kind == PyTuple_GET_ITEM(kinds, 2)) {
@@ -218,45 +228,39 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (kind == PyTuple_GET_ITEM(kinds, 0)) {
         if (PyTuple_GET_ITEM(route, ROUTE_ON_INSERT) != Py_True) {
-            goto general;
+            return hand_over(fallback, item);
         }
         row = new_row = PyTuple_GET_ITEM(item, CHANGE_NEW);
         old_row = Py_None;
     }
     else if (kind == PyTuple_GET_ITEM(kinds, 1)) {
         if (PyTuple_GET_ITEM(route, ROUTE_ON_DELETE) != Py_True) {
-            goto general;
+            return hand_over(fallback, item);
         }
         row = old_row = PyTuple_GET_ITEM(item, CHANGE_OLD);
         new_row = Py_None;
     }
     else {
-        goto general; /* TRUNCATE, or a kind string that is not the interned one */
+        /* TRUNCATE, or a kind string that is not the interned one */
+        return hand_over(fallback, item);
     }
     if (!PyDict_CheckExact(row)) {
-        goto general;
+        return hand_over(fallback, item);
     }
     PyObject *organization = text_column(row, PyTuple_GET_ITEM(route, ROUTE_ORGANIZATION));
     if (organization == NULL || organization == Py_None) {
-        goto error_or_general;
+        return hand_over(fallback, item);
     }
     PyObject *user = text_column(row, PyTuple_GET_ITEM(route, ROUTE_USER));
     if (user == NULL) {
-        goto error_or_general;
+        return hand_over(fallback, item);
     }
     PyObject *owner = text_column(row, PyTuple_GET_ITEM(route, ROUTE_OWNER));
     if (owner == NULL) {
-        goto error_or_general;
+        return hand_over(fallback, item);
     }
 
     return one_event(item, route, state, event, organization, new_row, old_row, user, owner);
-
-error_or_general:
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-general:
-    return PyObject_CallOneArg(fallback, item);
 }
 
 static PyObject *
