@@ -5,7 +5,7 @@
  * stays the definition: `route_row_change` routes only the cases whose answer it is sure of
  * and hands everything else to that very method (tests/test_routing.py feeds random changes
  * both ways and requires the same events and the same counts), and the pipeline loops in
- * Python (tests/test_pipeline.py checks the two loops against each other).
+ * Python (tests/test_pipeline_loop.py checks the two loops against each other).
  *
  * route_row_change((tables, state, row_change, event, kinds, fallback), item) -> list
  *     `item` is a `row_change` (cdc.changes.RowChange) of a table in `tables` ((schema, table)

@@ -9,9 +9,11 @@ the reader hands the marker back, everything committed before start-up has been 
 history, so the node is ready: sockets may attach and resume.
 
 The stream is handled a reader batch at a time (what one read took), each row routed and
-published on its own without an await, and the loop gets a turn at least every
-`YIELD_SECONDS` of that work: a large transaction or a catch-up after downtime takes as long
-as its rows take, while write passes, heartbeats, `/healthz` and socket reads keep going.
+published on its own without an await (a run of row changes in one call, `publish_changes`),
+and the loop gets a turn once `YIELD_SECONDS` of that work have passed, checked after every
+item or run (a run is at most a batch): a large transaction or a catch-up after downtime
+takes as long as its rows take, while write passes, heartbeats, `/healthz` and socket reads
+keep going.
 Events stay in commit order, so an event committed after a large transaction reaches its
 sockets only once that transaction has been handled.
 
