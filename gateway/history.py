@@ -201,12 +201,13 @@ class MemoryHistory:
     """This node's own history, in memory, bounded by time, by count (per org, per node) and
     by bytes (per node).
 
-    Each event is kept as one `bytes` entry: a fixed header (key, time kept, commit time,
-    transaction id, table and epoch) and the rest as JSON, values exactly as the reader typed
-    them. Bytes hold no references, so the cyclic garbage collector neither tracks nor walks
-    them, and they are held in chunks it stops tracking (`_Kept`): a full history costs a
-    full collection about one visit per `CHUNK` events. A replay turns entries back into
-    events, masked per visibility class like live ones.
+    Each event is kept as one `bytes` entry (`gateway.entries`): a fixed header (key, time
+    kept, commit time, transaction id, table and epoch, where the rows' `RawJson` values are)
+    and the rest as JSON, values exactly as the reader typed them. Bytes hold no references,
+    so the cyclic garbage collector neither tracks nor walks them, and they are held in chunks
+    it stops tracking (`_Kept`): a full history costs a full collection about one visit per
+    `CHUNK` events. A replay turns entries back into events, masked per visibility class like
+    live ones.
     """
 
     def __init__(
