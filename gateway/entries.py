@@ -78,7 +78,10 @@ _tagged_dumps = partial(
     orjson.dumps, default=tag_raw_json, option=orjson.OPT_PASSTHROUGH_SUBCLASS
 )  #: OPT_PASSTHROUGH_SUBCLASS: a `RawJson` goes to `tag_raw_json`
 
-CODEC: tuple[type, Callable[[Any], bytes], Callable[[Any], bytes]] = (
+Codec = tuple[type, Callable[[Any], bytes], Callable[[Any], bytes]]
+"""The class masked as raw JSON, and the plain and the tagged JSON writer."""
+
+CODEC: Codec = (
     RawJson,
     orjson.dumps,
     _tagged_dumps,
@@ -124,7 +127,7 @@ def change_entry_py(
     now: float,
     micros: int,
     context: int,
-    codec: tuple[type, Callable[[Any], bytes], Callable[[Any], bytes]],
+    codec: Codec,
 ) -> bytes:
     """The entry of a change kept at `now`, whose commit time is `micros` and context id
     `context`. `gateway._speedups.change_entry` is the same function in C."""
@@ -132,9 +135,8 @@ def change_entry_py(
     key = event.key
     new_mask = raw_json_mask_py(event.new, raw_json)
     old_mask = raw_json_mask_py(event.old, raw_json)
-    if new_mask < 0 or old_mask < 0:
-        header = HEADER.pack(key[0], key[1], now, micros, event.xid, context, TAGGED, 0)
-        return header + tagged_dumps(event[5:11])
+    if new_mask < 0 or old_mask < 0:  # the body marks its RawJson values itself
+        new_mask, old_mask, dumps = TAGGED, 0, tagged_dumps
     header = HEADER.pack(key[0], key[1], now, micros, event.xid, context, new_mask, old_mask)
     return header + dumps(event[5:11])
 
@@ -204,7 +206,7 @@ def micros_of(when: datetime) -> int:
 
 raw_json_mask: Callable[[dict[str, Any] | None, type], int]
 change_entry: Callable[
-    [ChangeEvent, float, int, int, tuple[type, Callable[[Any], bytes], Callable[[Any], bytes]]],
+    [ChangeEvent, float, int, int, Codec],
     bytes,
 ]
 try:
