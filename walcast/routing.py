@@ -245,8 +245,6 @@ class Router:
     ) -> list[RoutedEvent | AccessRevoked]:
         table, on_insert, _, on_delete, org_column, user_column, owner_column = route
         kind, new, old = change.kind, change.new, change.old
-        # An INSERT or DELETE is one event for the row's organization, built directly: no
-        # cursor string (formatted where it is sent), no NamedTuple `__new__`.
         if kind == "INSERT":
             if not on_insert:
                 return []
@@ -261,32 +259,12 @@ class Router:
             if not on_delete:
                 return []
             return self._events(change, table, "TRUNCATE", None, None, None, None, None)
+        # An INSERT or DELETE: one event for the row's organization.
         assert row is not None, "an INSERT has its new row, a DELETE its old one"
-        org = row.get(org_column)
-        if org is None:
-            self.dropped_null_organization += 1
-            return []
-        commit_time, xid, epoch = self._transaction
-        assert commit_time is not None, "a RowChange always follows its TransactionStart"
-        return [
-            _new_tuple(
-                ChangeEvent,
-                (
-                    org if type(org) is str else str(org),
-                    (change.commit_lsn, change.position),
-                    epoch,
-                    commit_time,
-                    table,
-                    kind,
-                    new,
-                    old,
-                    change.unchanged,
-                    _text(row.get(user_column)) if user_column else None,
-                    _text(row.get(owner_column)) if owner_column else None,
-                    xid,
-                ),
-            )
-        ]
+        org = _text(row.get(org_column))
+        user = _text(row.get(user_column)) if user_column else None
+        owner = _text(row.get(owner_column)) if owner_column else None
+        return self._events(change, table, kind, org, new, old, user, owner)
 
     def _update(self, change: RowChange, route: _TableRoute) -> list[RoutedEvent | AccessRevoked]:
         """An UPDATE: one event, or a DELETE for the old audience and an INSERT for the new one
@@ -331,7 +309,7 @@ class Router:
         owner: str | None,
     ) -> list[RoutedEvent | AccessRevoked]:
         """The change's event for `org` (None: every organization, a TRUNCATE's), or none
-        (counted) for a side of an UPDATE whose row has no organization."""
+        (counted) for a row with no organization."""
         if org is None and event_type != "TRUNCATE":
             self.dropped_null_organization += 1
             return []
