@@ -263,6 +263,33 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return one_event(item, route, state, event, organization, new_row, old_row, user, owner);
 }
 
+/* counts[change[2:5]] += 1, from 0: `walcast_changes_total` by (schema, table, kind). */
+static int
+count_change(PyObject *counts, PyObject *change)
+{
+    PyObject *relation = PyTuple_GetSlice(change, CHANGE_SCHEMA, CHANGE_KIND + 1);
+    if (relation == NULL) {
+        return -1;
+    }
+    PyObject *one = PyLong_FromLong(1); /* a cached small int: never fails */
+    PyObject *seen = PyDict_GetItemWithError(counts, relation);
+    PyObject *count;
+    if (seen != NULL) {
+        count = PyNumber_Add(seen, one);
+    }
+    else if (PyErr_Occurred()) {
+        count = NULL;
+    }
+    else {
+        count = Py_NewRef(one);
+    }
+    int stored = count == NULL ? -1 : PyDict_SetItem(counts, relation, count);
+    Py_DECREF(relation);
+    Py_DECREF(one);
+    Py_XDECREF(count);
+    return stored;
+}
+
 static PyObject *
 publish_changes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -289,27 +316,10 @@ publish_changes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (Py_TYPE(item) != row_change || PyTuple_GET_SIZE(item) < CHANGE_KIND + 1) {
             break;
         }
-        Py_INCREF(item);
-        PyObject *relation = PyTuple_GetSlice(item, CHANGE_SCHEMA, CHANGE_KIND + 1);
-        if (relation == NULL) {
-            goto fail;
+        if (count_change(counts, item) < 0) {
+            return NULL;
         }
-        PyObject *seen = PyDict_GetItemWithError(counts, relation);
-        PyObject *count = NULL;
-        if (seen != NULL) {
-            PyObject *one = PyLong_FromLong(1); /* a cached small int */
-            count = one == NULL ? NULL : PyNumber_Add(seen, one);
-            Py_XDECREF(one);
-        }
-        else if (!PyErr_Occurred()) {
-            count = PyLong_FromLong(1);
-        }
-        int stored = count == NULL ? -1 : PyDict_SetItem(counts, relation, count);
-        Py_DECREF(relation);
-        Py_XDECREF(count);
-        if (stored < 0) {
-            goto fail;
-        }
+        Py_INCREF(item); /* the callbacks may change the list */
         PyObject *events = PyObject_CallOneArg(route_change, item);
         Py_DECREF(item);
         if (events == NULL) {
@@ -322,10 +332,6 @@ publish_changes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
         Py_XDECREF(published);
-        continue;
-    fail:
-        Py_DECREF(item);
-        return NULL;
     }
     return PyLong_FromSsize_t(i);
 }
