@@ -22,7 +22,8 @@ Rules a `History` keeps:
 
 `MemoryHistory` keeps each event for `seconds` (give or take the second between two `trim`
 calls), and at most `max_events` per organization, and at most `max_total_events` and
-`max_total_bytes` on the node, oldest first across organizations. It knows per organization up
+`max_total_bytes` on the node, oldest first across organizations (a chunk of up to `CHUNK` of
+one organization's events at a time, see `_evict_node_wide`). It knows per organization up
 to which key it has evicted, so a cursor below that gets a resync instead of a silent gap. Each
 entry is one `bytes` object (see `MemoryHistory`): a few hundred bytes for a 200-byte row.
 Entries are kept in chunks the garbage collector stops tracking (`_Kept`), so a full collection
@@ -125,8 +126,8 @@ class _Kept:
     which the collector stops tracking the first time it looks at it, so a collection visits
     one object per `CHUNK` entries. The entries removed from the front of the oldest chunk
     stay in memory until the rest of it goes (at most `CHUNK - 1`); `popleft` says what memory
-    it released. `MemoryHistory.append` adds entries itself, inline: to `newest`, then
-    `seal()`.
+    it released, and `popleft_chunk` removes the rest of a chunk in one step. `MemoryHistory`
+    adds entries itself, inline: to `newest`, then `seal()`.
     """
 
     __slots__ = (
@@ -181,6 +182,20 @@ class _Kept:
         chunks.popleft()
         self.head = 0
         return entry, sum(map(len, oldest)) + CHUNK * ENTRY_OVERHEAD
+
+    def popleft_chunk(self) -> tuple[bytes, int, int]:
+        """Remove what is left of the oldest chunk, or the oldest entry when no chunk is full
+        yet; returns the newest entry removed, the bytes released (as `popleft`) and how many
+        entries went."""
+        chunks = self.chunks
+        if not chunks:
+            entry, released = self.popleft()
+            return entry, released, 1
+        oldest = chunks.popleft()
+        count = CHUNK - self.head
+        self.head = 0
+        self.length -= count
+        return oldest[-1], sum(map(len, oldest)) + CHUNK * ENTRY_OVERHEAD, count
 
     def after(self, key: CursorKey) -> list[bytes]:
         """The entries above `key`: found by bisection (first the chunk, then the entry), not
@@ -326,17 +341,23 @@ class MemoryHistory:
             self.position = key
 
     def _evict_node_wide(self) -> None:
-        """The oldest events of any organization go first, until both node bounds hold.
+        """The oldest events of any organization go first, until both node bounds hold: what
+        is left of the chunk that holds the oldest event of all (up to `CHUNK` events of its
+        organization), or that event alone when its history has no full chunk yet.
 
-        Bytes are counted as long as they are held, so an eviction may release none (its
-        chunk is still partly held) and more go; once nothing is kept, nothing is held.
+        A chunk at a time, so a full history evicts once per `CHUNK` events it takes rather
+        than once per event, and each eviction releases its chunk's memory. The price: an
+        organization may lose up to `CHUNK - 1` events a little before their turn (a cursor
+        below them gets a resync, never a gap).
         """
         while self._size and (
             self._size > self.max_total_events or self._bytes > self.max_total_bytes
         ):
             oldest = self._oldest_held()
             assert oldest is not None, "a history holds what the node holds"
-            self._evict_oldest(oldest)
+            self._evict(oldest, *oldest.popleft_chunk())
+            if not oldest:  # its item, the top, would name an empty history
+                heapq.heappop(self._oldest)
 
     def _oldest_held(self) -> _Kept | None:
         """The history whose first entry is the oldest of all: the top of the node-wide order,
@@ -390,14 +411,26 @@ class MemoryHistory:
             heapq.heapify(self._oldest)
 
     def _expire(self, kept: _Kept, now: float) -> None:
+        """Evict `kept`'s events older than `seconds` and those over `max_events`, oldest
+        first: a whole chunk at once when every event left in it has to go (its last one has
+        expired, or the bound still holds without it), else one event at a time."""
         oldest = now - self.seconds
-        while kept and (kept_at(kept.first()) < oldest or len(kept) > self.max_events):
-            self._evict_oldest(kept)
+        while kept:
+            chunks = kept.chunks
+            if chunks and (
+                kept_at(chunks[0][-1]) < oldest
+                or len(kept) - (CHUNK - kept.head) >= self.max_events
+            ):
+                self._evict(kept, *kept.popleft_chunk())
+            elif kept_at(kept.first()) < oldest or len(kept) > self.max_events:
+                self._evict(kept, *kept.popleft())
+            else:
+                return
 
-    def _evict_oldest(self, kept: _Kept) -> None:
-        entry, released = kept.popleft()
-        kept.evicted_up_to = entry_key(entry)
-        self._size -= 1
+    def _evict(self, kept: _Kept, last: bytes, released: int, count: int = 1) -> None:
+        """`count` events left `kept`, `last` the newest of them, releasing `released` bytes."""
+        kept.evicted_up_to = entry_key(last)
+        self._size -= count
         self._bytes -= released
 
     def held(self, organization_id: str | None) -> list[RoutedEvent]:

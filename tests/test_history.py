@@ -157,6 +157,74 @@ def test_the_node_wide_bound_counts_what_per_org_and_time_trims_removed() -> Non
     assert len(history) == 6
 
 
+def _no_gap(history: MemoryHistory, appended: list[tuple[CursorKey, str | None]]) -> None:
+    """Every cursor a client of "a" may hold gets all that came after it, or a resync."""
+    for cursor, _ in appended:
+        got = history.events_after("a", cursor)
+        if got is not None:
+            assert [e.key for e in got] == [
+                key for key, org in appended if org in ("a", None) and key > cursor
+            ]
+
+
+def test_a_history_over_its_own_bound_keeps_exactly_the_newest_events() -> None:
+    """Whole chunks go at once when the bound holds without them; the count stays exact."""
+    history, _ = _streaming(max_events=100)
+    appended: list[tuple[CursorKey, str | None]] = []
+    for n in range(1, 1001):
+        history.append(_event(0x100 + n, org="a"))
+        appended.append(((0x100 + n, 1), "a"))
+        assert [e.key for e in history.held("a")] == [key for key, _ in appended[-100:]]
+    assert len(history) == 100
+    _no_gap(history, appended)
+
+
+def test_time_evicts_a_chunk_at_once_only_when_all_of_it_expired() -> None:
+    history, now = _streaming(seconds=10.0)
+    for n in range(1, 51):  # t=0: the first 50 of the first chunk
+        history.append(_event(0x100 + n, org="a"))
+    now[0] = 5.0
+    for n in range(51, 201):  # t=5: the chunk's last 14, and more
+        history.append(_event(0x100 + n, org="a"))
+    now[0] = 12.0
+    history.trim()
+    assert [e.key for e in history.held("a")] == [(0x100 + n, 1) for n in range(51, 201)]
+    assert history.events_after("a", (0x100 + 49, 1)) is None
+    assert len(_after(history, "a", (0x100 + 50, 1)) or []) == 150
+    now[0] = 16.0
+    history.trim()
+    assert len(history) == 0
+
+
+def test_the_node_wide_bound_evicts_a_chunk_at_a_time_without_a_gap() -> None:
+    """A full node evicts what is left of the chunk holding the oldest event of all: up to
+    `CHUNK` events of one organization per eviction, and a cursor among them must resync."""
+    history, _ = _streaming(max_total_events=300)
+    appended: list[tuple[CursorKey, str | None]] = []
+    for n in range(1, 3001):
+        org = ("a", "b", "c")[n % 3] if n % 500 else None
+        history.append(_event(0x100 + n, org=org))
+        appended.append(((0x100 + n, 1), org))
+        assert min(n, 300 - CHUNK + 1) <= len(history) <= 300
+    for org in ("a", "b", "c", None):  # whatever went, went from the oldest end of its history
+        own = [key for key, o in appended if o == org]
+        held = [e.key for e in history.held(org)]
+        assert held == own[len(own) - len(held) :]
+    assert history.order_length <= 2 * 4
+    _no_gap(history, appended)
+
+
+def test_a_history_the_node_wide_bound_empties_leaves_no_item_in_the_order() -> None:
+    history, _ = _streaming(max_total_events=2 * CHUNK)
+    lsn = 0x100
+    for _ in range(20):  # "q" fills a chunk, then "a" pushes all of it out
+        for org, count in (("q", CHUNK), ("a", CHUNK + 1)):
+            for _ in range(count):
+                lsn += 1
+                history.append(_event(lsn, org=org))
+                assert history.order_length <= 2  # one item per history holding events
+
+
 async def test_since_is_events_after_without_a_pause() -> None:
     history, _ = _streaming()
     history.append(_event(0x20))
@@ -370,40 +438,59 @@ def test_a_history_answers_from_any_point_of_a_partly_removed_chunk() -> None:
 
 
 class _Model:
-    """MemoryHistory's rules in plain lists: what it must keep and when a cursor must resync."""
+    """MemoryHistory's rules in plain lists: what it must keep and when a cursor must resync.
+
+    Each event remembers the chunk of its history it went into (histories fill chunks of
+    `CHUNK` in the order they take events; an event removed before its chunk is full leaves
+    room for another), because the node-wide bound evicts what is left of the chunk holding
+    the oldest event of all, or that event alone when its chunk is not full yet.
+    """
 
     def __init__(self, seconds: float, max_events: int, max_total_events: int) -> None:
         self.seconds, self.max_events, self.max_total = seconds, max_events, max_total_events
-        self.kept: list[tuple[CursorKey, str | None, float]] = []  #: (key, org, kept at)
+        #: (key, org, kept at, chunk number in its org's history)
+        self.kept: list[tuple[CursorKey, str | None, float, int]] = []
         self.evicted: dict[str | None, CursorKey] = {}  #: per history, the last key evicted
+        self.filling: dict[str | None, tuple[int, int]] = {}  #: per history, (chunk, events)
 
     def _evict(self, at: int) -> None:
-        key, org, _ = self.kept.pop(at)
+        key, org, _, chunk = self.kept.pop(at)
         self.evicted[org] = key
+        filling, held = self.filling[org]
+        if chunk == filling:  # not full yet: room for another event
+            self.filling[org] = (filling, held - 1)
 
     def _expire(self, org: str | None, now: float) -> None:
         while True:
-            own = [i for i, (_, o, _) in enumerate(self.kept) if o == org]
+            own = [i for i, (_, o, _, _) in enumerate(self.kept) if o == org]
             if own and (self.kept[own[0]][2] < now - self.seconds or len(own) > self.max_events):
                 self._evict(own[0])
             else:
                 return
 
     def append(self, key: CursorKey, org: str | None, now: float) -> None:
-        self.kept.append((key, org, now))
-        if sum(o == org for _, o, _ in self.kept) > self.max_events:  # time: `trim` only
+        filling, held = self.filling.get(org, (0, 0))
+        self.kept.append((key, org, now, filling))
+        self.filling[org] = (filling + 1, 0) if held + 1 == CHUNK else (filling, held + 1)
+        if sum(o == org for _, o, _, _ in self.kept) > self.max_events:  # time: `trim` only
             self._expire(org, now)
         while len(self.kept) > self.max_total:
-            self._evict(0)
+            _, oldest_org, _, chunk = self.kept[0]
+            if chunk == self.filling[oldest_org][0]:
+                self._evict(0)
+                continue
+            while (same := [i for i, (_, o, _, c) in enumerate(self.kept)
+                            if o == oldest_org and c == chunk]):  # fmt: skip
+                self._evict(same[0])
 
     def trim(self, now: float) -> None:
-        for org in {o for _, o, _ in self.kept}:
+        for org in {o for _, o, _, _ in self.kept}:
             self._expire(org, now)
 
     def after(self, org: str, key: CursorKey) -> list[CursorKey] | None:
         if any(key < self.evicted[h] for h in (org, None) if h in self.evicted):
             return None
-        return [k for k, o, _ in self.kept if o in (org, None) and k > key]
+        return [k for k, o, _, _ in self.kept if o in (org, None) and k > key]
 
 
 _STEPS = st.lists(
@@ -453,7 +540,7 @@ def test_what_is_kept_and_what_resyncs_follow_the_rules_across_chunks(
             model.trim(now[0])
         assert len(history) == len(model.kept)
     for org in (None, "a", "b", "c"):
-        assert [e.key for e in history.held(org)] == [k for k, o, _ in model.kept if o == org]
+        assert [e.key for e in history.held(org)] == [k for k, o, _, _ in model.kept if o == org]
     for org in ("a", "b"):
         for probe in probes:
             key = (0x10 + round(probe * (lsn - 0x10)), 1)  # anywhere in what was appended
