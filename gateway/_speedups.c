@@ -15,6 +15,14 @@
  *     transaction id, `context`, then the masks of the new and the old row, or TAGGED and 0
  *     when either mask is -1), little-endian as struct "<QQdqQIQQ", followed by
  *     `dumps(event[5:11])`, or `tagged_dumps(event[5:11])` with TAGGED.
+ *
+ * append_change(state, event) -> None
+ *     Twin: gateway.history.MemoryHistory._append, bound by the history as its `append` with
+ *     `state` = (history, ChangeEvent, codec, CHUNK, ENTRY_OVERHEAD). A ChangeEvent's entry is
+ *     written and kept here, with the history's own attributes; what happens once per
+ *     transaction, history, chunk or bound (`_change_context`, `_new_kept`, `_join_order`,
+ *     `seal`, `_expire`, `_evict_node_wide`) is the history's Python, called from here. Any
+ *     other event goes to `_append` whole.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,7 +30,8 @@
 #include <string.h>
 
 /* The fields of gateway.events.ChangeEvent used here. */
-enum { EVENT_KEY = 1, EVENT_TYPE = 5, EVENT_NEW = 6, EVENT_OLD = 7, EVENT_BODY_END = 11,
+enum { EVENT_ORG = 0, EVENT_KEY = 1, EVENT_EPOCH = 2, EVENT_COMMIT_TIME = 3, EVENT_TABLE = 4,
+       EVENT_TYPE = 5, EVENT_NEW = 6, EVENT_OLD = 7, EVENT_BODY_END = 11,
        EVENT_XID = 11, EVENT_FIELDS = 12 };
 #define HEADER_SIZE 60
 #define TAGGED UINT64_MAX
@@ -85,34 +94,10 @@ u64_of(PyObject *value, uint64_t *out)
     return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* The entry of `event` (a ChangeEvent: checked by the callers) with `codec` (checked too). */
 static PyObject *
-change_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+make_entry(PyObject *event, double now, int64_t micros, unsigned long context, PyObject *codec)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "change_entry(event, now, micros, context, codec) takes 5 arguments");
-        return NULL;
-    }
-    PyObject *event = args[0], *codec = args[4];
-    if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != EVENT_FIELDS ||
-        !PyTuple_CheckExact(codec) || PyTuple_GET_SIZE(codec) != 3 ||
-        !PyType_Check(PyTuple_GET_ITEM(codec, 0))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "change_entry: a ChangeEvent and (raw_json, dumps, tagged_dumps)");
-        return NULL;
-    }
-    double now = PyFloat_AsDouble(args[1]);
-    if (now == -1.0 && PyErr_Occurred()) {
-        return NULL;
-    }
-    int64_t micros = PyLong_AsLongLong(args[2]);
-    if (micros == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    unsigned long context = PyLong_AsUnsignedLong(args[3]);
-    if (context == (unsigned long)-1 && PyErr_Occurred()) {
-        return NULL;
-    }
     if (context > UINT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "change_entry: context out of range");
         return NULL;
@@ -170,12 +155,290 @@ change_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return entry;
 }
 
+static PyObject *
+change_entry(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "change_entry(event, now, micros, context, codec) takes 5 arguments");
+        return NULL;
+    }
+    PyObject *event = args[0], *codec = args[4];
+    if (!PyTuple_Check(event) || PyTuple_GET_SIZE(event) != EVENT_FIELDS ||
+        !PyTuple_CheckExact(codec) || PyTuple_GET_SIZE(codec) != 3 ||
+        !PyType_Check(PyTuple_GET_ITEM(codec, 0))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "change_entry: a ChangeEvent and (raw_json, dumps, tagged_dumps)");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[1]);
+    if (now == -1.0 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int64_t micros = PyLong_AsLongLong(args[2]);
+    if (micros == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    unsigned long context = PyLong_AsUnsignedLong(args[3]);
+    if (context == (unsigned long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return make_entry(event, now, micros, context, codec);
+}
+
+/* The attribute and method names append_change uses, interned when the module loads. */
+static PyObject *s_append, *s_shared, *s_orgs, *s_new_kept, *s_clock, *s_last_change,
+    *s_change_context, *s_length, *s_join_order, *s_newest, *s_seal, *s_size, *s_bytes,
+    *s_max_events, *s_expire, *s_max_total_events, *s_max_total_bytes, *s_evict_node_wide,
+    *s_position;
+
+/* The history's attribute `name`, from its `__dict__` (`fields`): a borrowed reference. */
+static PyObject *
+field(PyObject *fields, PyObject *name)
+{
+    PyObject *value = PyDict_GetItemWithError(fields, name);
+    if (value == NULL && !PyErr_Occurred()) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+    }
+    return value;
+}
+
+/* `obj.name` (an attribute, or with `fields` an entry of a `__dict__`) as a C integer. */
+static int
+long_attr(PyObject *obj, PyObject *name, long long *out)
+{
+    PyObject *value = PyDict_CheckExact(obj) ? Py_XNewRef(field(obj, name))
+                                             : PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        return -1;
+    }
+    *out = PyLong_AsLongLong(value);
+    Py_DECREF(value);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* `obj.name = value` for a C integer (`obj` an object or a `__dict__`). */
+static int
+set_long_attr(PyObject *obj, PyObject *name, long long value)
+{
+    PyObject *number = PyLong_FromLongLong(value);
+    if (number == NULL) {
+        return -1;
+    }
+    int result = PyDict_CheckExact(obj) ? PyDict_SetItem(obj, name, number)
+                                        : PyObject_SetAttr(obj, name, number);
+    Py_DECREF(number);
+    return result;
+}
+
+/* The history of the event's organization (its `_shared` one for None), made if new. */
+static PyObject *
+kept_of(PyObject *history, PyObject *fields, PyObject *org)
+{
+    if (org == Py_None) {
+        return Py_XNewRef(field(fields, s_shared));
+    }
+    PyObject *orgs = field(fields, s_orgs);
+    if (orgs == NULL) {
+        return NULL;
+    }
+    PyObject *kept = PyDict_CheckExact(orgs) ? PyDict_GetItemWithError(orgs, org) : NULL;
+    Py_XINCREF(kept);
+    if (kept == NULL && !PyErr_Occurred()) {
+        kept = PyObject_CallMethodOneArg(history, s_new_kept, org);
+    }
+    return kept;
+}
+
+/* The entry of `event`, kept at `now`: the commit time in µs and the context id from the
+ * last change kept when the event shares its transaction, table and epoch. */
+static PyObject *
+entry_of(PyObject *history, PyObject *fields, PyObject *event, double now, PyObject *codec)
+{
+    PyObject *commit_time = PyTuple_GET_ITEM(event, EVENT_COMMIT_TIME);
+    PyObject *table = PyTuple_GET_ITEM(event, EVENT_TABLE);
+    PyObject *epoch = PyTuple_GET_ITEM(event, EVENT_EPOCH);
+    PyObject *last = Py_XNewRef(field(fields, s_last_change));
+    if (last == NULL) {
+        return NULL;
+    }
+    int same = PyTuple_CheckExact(last) && PyTuple_GET_SIZE(last) == 5 &&
+               PyTuple_GET_ITEM(last, 0) == commit_time && PyTuple_GET_ITEM(last, 1) == table;
+    if (same && PyTuple_GET_ITEM(last, 2) != epoch) {
+        same = PyObject_RichCompareBool(PyTuple_GET_ITEM(last, 2), epoch, Py_EQ);
+    }
+    PyObject *found = last;  /* (…, micros, context) or (micros, context) */
+    Py_ssize_t at = 3;
+    if (same == 0) {
+        Py_DECREF(last);
+        found = PyObject_CallMethodObjArgs(history, s_change_context, commit_time, table, epoch,
+                                           NULL);
+        at = 0;
+        if (found != NULL && (!PyTuple_CheckExact(found) || PyTuple_GET_SIZE(found) != 2)) {
+            Py_DECREF(found);
+            PyErr_SetString(PyExc_TypeError, "append_change: _change_context is not a pair");
+            return NULL;
+        }
+    }
+    else if (same < 0) {
+        Py_DECREF(last);
+        return NULL;
+    }
+    if (found == NULL) {
+        return NULL;
+    }
+    PyObject *entry = NULL;
+    int64_t micros = PyLong_AsLongLong(PyTuple_GET_ITEM(found, at));
+    unsigned long context = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(found, at + 1));
+    if (!PyErr_Occurred()) {
+        entry = make_entry(event, now, micros, context, codec);
+    }
+    Py_DECREF(found);
+    return entry;
+}
+
+/* `entry` (of the event at `key`, kept at `now`) into `kept`, with the history's counts,
+ * bounds and position, as the end of MemoryHistory._append does it. */
+static int
+keep(PyObject *history, PyObject *fields, PyObject *kept, PyObject *key, PyObject *entry, PyObject *now,
+     Py_ssize_t chunk, Py_ssize_t overhead)
+{
+    long long length, size, nbytes, max_events, max_total_events, max_total_bytes;
+    if (long_attr(kept, s_length, &length) < 0) {
+        return -1;
+    }
+    if (length == 0) {
+        PyObject *done = PyObject_CallMethodObjArgs(history, s_join_order, key, kept, NULL);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    PyObject *newest = PyObject_GetAttr(kept, s_newest);
+    if (newest == NULL) {
+        return -1;
+    }
+    if (!PyList_CheckExact(newest)) {
+        Py_DECREF(newest);
+        PyErr_SetString(PyExc_TypeError, "append_change: a history's newest is not a list");
+        return -1;
+    }
+    int appended = PyList_Append(newest, entry);
+    Py_ssize_t held = PyList_GET_SIZE(newest);
+    Py_DECREF(newest);
+    if (appended < 0) {
+        return -1;
+    }
+    if (held == chunk) {
+        PyObject *done = PyObject_CallMethodNoArgs(kept, s_seal);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    if (set_long_attr(kept, s_length, length + 1) < 0 || long_attr(fields, s_size, &size) < 0 ||
+        set_long_attr(fields, s_size, size + 1) < 0 ||
+        long_attr(fields, s_bytes, &nbytes) < 0 ||
+        set_long_attr(fields, s_bytes, nbytes + PyBytes_GET_SIZE(entry) + overhead) < 0 ||
+        long_attr(fields, s_max_events, &max_events) < 0) {
+        return -1;
+    }
+    if (length + 1 > max_events) {
+        PyObject *done = PyObject_CallMethodObjArgs(history, s_expire, kept, now, NULL);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    if (long_attr(fields, s_max_total_events, &max_total_events) < 0 ||
+        long_attr(fields, s_max_total_bytes, &max_total_bytes) < 0) {
+        return -1;
+    }
+    if (size + 1 > max_total_events || nbytes + PyBytes_GET_SIZE(entry) + overhead > max_total_bytes) {
+        PyObject *done = PyObject_CallMethodNoArgs(history, s_evict_node_wide);
+        if (done == NULL) {
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    PyObject *position = field(fields, s_position);
+    if (position == NULL) {
+        return -1;
+    }
+    int later = PyObject_RichCompareBool(key, position, Py_GT);
+    if (later > 0) {
+        return PyDict_SetItem(fields, s_position, key);
+    }
+    return later;
+}
+
+static PyObject *
+append_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 5 ||
+        !PyType_Check(PyTuple_GET_ITEM(args[0], 1)) ||
+        !PyTuple_CheckExact(PyTuple_GET_ITEM(args[0], 2)) ||
+        PyTuple_GET_SIZE(PyTuple_GET_ITEM(args[0], 2)) != 3 ||
+        !PyType_Check(PyTuple_GET_ITEM(PyTuple_GET_ITEM(args[0], 2), 0))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "append_change((history, ChangeEvent, codec, chunk, overhead), event)");
+        return NULL;
+    }
+    PyObject *state = args[0], *event = args[1];
+    PyObject *history = PyTuple_GET_ITEM(state, 0), *codec = PyTuple_GET_ITEM(state, 2);
+    if ((PyObject *)Py_TYPE(event) != PyTuple_GET_ITEM(state, 1) ||
+        PyTuple_GET_SIZE(event) != EVENT_FIELDS) {
+        return PyObject_CallMethodOneArg(history, s_append, event);
+    }
+    Py_ssize_t chunk = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, 3));
+    Py_ssize_t overhead = PyLong_AsSsize_t(PyTuple_GET_ITEM(state, 4));
+    if ((chunk == -1 || overhead == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    /* The history's own attributes are read and written in its __dict__: no type lookup. */
+    PyObject *fields = PyObject_GenericGetDict(history, NULL);
+    if (fields == NULL) {
+        return NULL;
+    }
+    PyObject *kept = NULL, *now = NULL, *entry = NULL, *result = NULL;
+    if (!PyDict_CheckExact(fields)) {
+        PyErr_SetString(PyExc_TypeError, "append_change: the history's __dict__ is not a dict");
+        goto done;
+    }
+    kept = kept_of(history, fields, PyTuple_GET_ITEM(event, EVENT_ORG));
+    if (kept == NULL) {
+        goto done;
+    }
+    PyObject *clock = field(fields, s_clock);
+    if (clock == NULL || (now = PyObject_CallNoArgs(clock)) == NULL) {
+        goto done;
+    }
+    double seconds = PyFloat_AsDouble(now);
+    if (seconds == -1.0 && PyErr_Occurred()) {
+        goto done;
+    }
+    entry = entry_of(history, fields, event, seconds, codec);
+    if (entry == NULL ||
+        keep(history, fields, kept, PyTuple_GET_ITEM(event, EVENT_KEY), entry, now, chunk, overhead) < 0) {
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_DECREF(fields);
+    Py_XDECREF(kept);
+    Py_XDECREF(now);
+    Py_XDECREF(entry);
+    return result;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"raw_json_mask", (PyCFunction)(void (*)(void))raw_json_mask, METH_FASTCALL,
      "raw_json_mask(row, raw_json) -> int: which values are RawJson, as bits; -1: not only "
      "plain values."},
     {"change_entry", (PyCFunction)(void (*)(void))change_entry, METH_FASTCALL,
      "change_entry(event, now, micros, context, codec) -> bytes: a change's history entry."},
+    {"append_change", (PyCFunction)(void (*)(void))append_change, METH_FASTCALL,
+     "append_change(state, event): MemoryHistory.append, bound by the history."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -190,5 +453,24 @@ static struct PyModuleDef speedups_module = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    struct {
+        PyObject **name;
+        const char *text;
+    } names[] = {
+        {&s_append, "_append"}, {&s_shared, "_shared"}, {&s_orgs, "_orgs"},
+        {&s_new_kept, "_new_kept"}, {&s_clock, "_clock"}, {&s_last_change, "_last_change"},
+        {&s_change_context, "_change_context"}, {&s_length, "length"},
+        {&s_join_order, "_join_order"}, {&s_newest, "newest"}, {&s_seal, "seal"},
+        {&s_size, "_size"}, {&s_bytes, "_bytes"}, {&s_max_events, "max_events"},
+        {&s_expire, "_expire"}, {&s_max_total_events, "max_total_events"},
+        {&s_max_total_bytes, "max_total_bytes"}, {&s_evict_node_wide, "_evict_node_wide"},
+        {&s_position, "position"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (*names[i].name == NULL &&
+            (*names[i].name = PyUnicode_InternFromString(names[i].text)) == NULL) {
+            return NULL;
+        }
+    }
     return PyModuleDef_Init(&speedups_module);
 }

@@ -39,6 +39,8 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from functools import partial
 from typing import Protocol, overload
 
 from cdc.cursors import NO_EPOCH, CursorKey
@@ -110,6 +112,12 @@ CHUNK = 64
 
 ENTRY_OVERHEAD = sys.getsizeof(b"") + 8
 """Bytes an entry costs besides its length: the bytes object's header and its slot in a chunk."""
+
+append_change: Callable[..., None] | None
+try:
+    from gateway._speedups import append_change
+except ImportError:  # built without a C compiler: `MemoryHistory._append` alone
+    append_change = None
 
 
 def _last_key(chunk: tuple[bytes, ...]) -> CursorKey:
@@ -261,6 +269,13 @@ class MemoryHistory:
         self.position: CursorKey = (0, 0)
         #: Set by the pipeline once it has identified the database.
         self.epoch = NO_EPOCH
+        #: Keep an event the node is delivering, in cursor order: `_append`, or its C twin
+        #: bound to this history (one call per change, with no Python frame).
+        self.append: Callable[[RoutedEvent], None] = (
+            self._append
+            if append_change is None
+            else partial(append_change, (self, ChangeEvent, CODEC, CHUNK, ENTRY_OVERHEAD))
+        )
 
     def __len__(self) -> int:
         return self._size
@@ -305,7 +320,9 @@ class MemoryHistory:
     def _decode(self, entry: bytes, organization_id: str | None) -> RoutedEvent:
         return event_of(entry, organization_id, self._contexts)
 
-    def append(self, event: RoutedEvent) -> None:
+    def _append(self, event: RoutedEvent) -> None:
+        """`append`, the definition: `gateway._speedups.append_change` is its C twin, which
+        calls the same helpers for what happens once per transaction, history or chunk."""
         key = event.key
         org = event.organization_id
         kept = self._shared if org is None else self._orgs.get(org)
@@ -318,14 +335,13 @@ class MemoryHistory:
             if last[0] is commit_time and last[1] is table and last[2] == epoch:
                 micros, context = last[3], last[4]
             else:
-                micros, context = micros_of(commit_time), self._context(table, epoch)
-                self._last_change = (commit_time, table, epoch, micros, context)
+                micros, context = self._change_context(commit_time, table, epoch)
             entry = change_entry(event, now, micros, context, CODEC)
         else:
             assert isinstance(event, BroadcastEvent)
             entry = broadcast_entry(event, now, self._context(None, event.epoch))
-        if not kept.length:  # it joins the node-wide order
-            heapq.heappush(self._oldest, (key, kept.index))
+        if not kept.length:
+            self._join_order(key, kept)
         newest = kept.newest  # `_Kept`'s append, inline
         newest.append(entry)
         if len(newest) == CHUNK:
@@ -339,6 +355,19 @@ class MemoryHistory:
             self._evict_node_wide()
         if key > self.position:
             self.position = key
+
+    def _change_context(
+        self, commit_time: datetime, table: TableConfig, epoch: str
+    ) -> tuple[int, int]:
+        """The commit time in µs and the context id of a change unlike the last one kept (a
+        new transaction or table), remembered for the changes that follow it."""
+        micros, context = micros_of(commit_time), self._context(table, epoch)
+        self._last_change = (commit_time, table, epoch, micros, context)
+        return micros, context
+
+    def _join_order(self, key: CursorKey, kept: _Kept) -> None:
+        """`kept` was empty and takes an entry at `key`: it joins the node-wide order."""
+        heapq.heappush(self._oldest, (key, kept.index))
 
     def _evict_node_wide(self) -> None:
         """The oldest events of any organization go first, until both node bounds hold: what
