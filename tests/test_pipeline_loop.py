@@ -44,16 +44,19 @@ def _route(item: RowChange) -> Any:
     return [("event", item.position)] * answer
 
 
+_ROW_CHANGES = st.builds(
+    lambda position, table, kind: RowChange(
+        0x10, position, "public", table, kind, {"id": position}, None, ()
+    ),
+    st.integers(1, 50),
+    st.sampled_from(["a", "b", "refused"]),
+    st.sampled_from(["INSERT", "UPDATE", "DELETE"]),
+)
 _ITEMS = st.lists(
-    st.one_of(
-        st.builds(
-            lambda position, table, kind: RowChange(
-                0x10, position, "public", table, kind, {"id": position}, None, ()
-            ),
-            st.integers(1, 50),
-            st.sampled_from(["a", "b", "refused"]),
-            st.sampled_from(["INSERT", "UPDATE", "DELETE"]),
-        ),
+    st.one_of(  # mostly row changes: runs of them, of mixed tables and kinds
+        _ROW_CHANGES,
+        _ROW_CHANGES,
+        _ROW_CHANGES,
         st.just(TransactionEnd(0x10, 0x20, WHEN)),
         st.just("not an item"),
         st.just(("row", "shaped", "public", "a", "INSERT", {}, None, ())),  # not a RowChange
@@ -93,14 +96,26 @@ def test_the_c_loop_does_what_the_python_loop_does(
 
 
 def test_a_run_is_counted_routed_and_published() -> None:
-    changes = [RowChange(0x10, n, "public", "a", "INSERT", {"id": n}, None, ()) for n in (2, 3, 5)]
+    changes = [
+        RowChange(0x10, n, "public", table, kind, {"id": n}, None, ())
+        for n, table, kind in (
+            (2, "a", "INSERT"), (3, "a", "INSERT"), (5, "a", "INSERT"), (6, "a", "DELETE"),
+            (7, "b", "DELETE"), (10, "a", "INSERT"),
+        )
+    ]  # fmt: skip
     items: list[Any] = [*changes, TransactionEnd(0x10, 0x20, WHEN), changes[0]]
     loops = [publish_changes_py] + ([publish_changes_c] if publish_changes_c else [])
     for loop in loops:
         stop, counts, published = _run(loop, items, 0, refuse=-1)
-        assert stop == 3
-        assert counts == {("public", "a", "INSERT"): 10}  # 7 before, and 3
-        assert published == [[("event", 2)] * 2, [("event", 3)] * 3]  # 5 routes to nothing
+        assert stop == 6
+        assert counts == {  # 7 before
+            ("public", "a", "INSERT"): 11,
+            ("public", "a", "DELETE"): 1,
+            ("public", "b", "DELETE"): 1,
+        }
+        assert published == [  # 5 and 10 route to nothing, 6 to an empty tuple
+            [("event", 2)] * 2, [("event", 3)] * 3, [("event", 7)] * 2
+        ]  # fmt: skip
 
 
 @needs_c

@@ -24,7 +24,9 @@
  *     under `item[2:5]` (schema, table, kind), route it with `route_change(item)` and hand a
  *     non-empty answer to `publish`. Returns the index of the first item it did not take. An
  *     exception from `route_change` or `publish` propagates, the item already counted, as in
- *     the Python loop.
+ *     the Python loop. The counts of a run's changes of one relation are added to `counts`
+ *     once, when the relation changes and when the call returns: nothing can read them in
+ *     between.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -263,31 +265,68 @@ route_row_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return one_event(item, route, state, event, organization, new_row, old_row, user, owner);
 }
 
-/* counts[change[2:5]] += 1, from 0: `walcast_changes_total` by (schema, table, kind). */
+/* The changes of a run counted so far and not yet in `counts`: `pending` changes of the
+ * relation of `first` (schema, table, kind), a run's changes mostly sharing one. */
+typedef struct {
+    PyObject *first;
+    Py_ssize_t pending;
+} Tally;
+
+/* counts[first[2:5]] += pending, from 0: `walcast_changes_total` by (schema, table, kind).
+ * Keeps an exception already set (a callback's) in place of its own. */
 static int
-count_change(PyObject *counts, PyObject *change)
+flush_tally(PyObject *counts, Tally *tally)
 {
-    PyObject *relation = PyTuple_GetSlice(change, CHANGE_SCHEMA, CHANGE_KIND + 1);
-    if (relation == NULL) {
+    if (tally->first == NULL) {
+        return 0;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *relation = PyTuple_GetSlice(tally->first, CHANGE_SCHEMA, CHANGE_KIND + 1);
+    Py_CLEAR(tally->first);
+    int stored = -1;
+    if (relation != NULL) {
+        PyObject *seen = PyDict_GetItemWithError(counts, relation);
+        PyObject *count = NULL;
+        if (seen != NULL) {
+            PyObject *more = PyLong_FromSsize_t(tally->pending);
+            count = more == NULL ? NULL : PyNumber_Add(seen, more);
+            Py_XDECREF(more);
+        }
+        else if (!PyErr_Occurred()) {
+            count = PyLong_FromSsize_t(tally->pending);
+        }
+        stored = count == NULL ? -1 : PyDict_SetItem(counts, relation, count);
+        Py_DECREF(relation);
+        Py_XDECREF(count);
+    }
+    if (type != NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, value, traceback);
         return -1;
     }
-    PyObject *one = PyLong_FromLong(1); /* a cached small int: never fails */
-    PyObject *seen = PyDict_GetItemWithError(counts, relation);
-    PyObject *count;
-    if (seen != NULL) {
-        count = PyNumber_Add(seen, one);
-    }
-    else if (PyErr_Occurred()) {
-        count = NULL;
-    }
-    else {
-        count = Py_NewRef(one);
-    }
-    int stored = count == NULL ? -1 : PyDict_SetItem(counts, relation, count);
-    Py_DECREF(relation);
-    Py_DECREF(one);
-    Py_XDECREF(count);
     return stored;
+}
+
+/* Count `change`: one more of the pending relation when it is the same objects, else the
+ * pending count goes to `counts` and `change` starts another. */
+static int
+count_change(PyObject *counts, Tally *tally, PyObject *change)
+{
+    PyObject *first = tally->first;
+    if (first != NULL &&
+        PyTuple_GET_ITEM(first, CHANGE_SCHEMA) == PyTuple_GET_ITEM(change, CHANGE_SCHEMA) &&
+        PyTuple_GET_ITEM(first, CHANGE_TABLE) == PyTuple_GET_ITEM(change, CHANGE_TABLE) &&
+        PyTuple_GET_ITEM(first, CHANGE_KIND) == PyTuple_GET_ITEM(change, CHANGE_KIND)) {
+        tally->pending++;
+        return 0;
+    }
+    if (flush_tally(counts, tally) < 0) {
+        return -1;
+    }
+    tally->first = Py_NewRef(change);
+    tally->pending = 1;
+    return 0;
 }
 
 static PyObject *
@@ -310,30 +349,37 @@ publish_changes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "publish_changes: start must not be negative");
         return NULL;
     }
+    Tally tally = {NULL, 0};
     /* The list may change under a callback: its size is read again for every item. */
     for (; i < PyList_GET_SIZE(items); i++) {
         PyObject *item = PyList_GET_ITEM(items, i);
         if (Py_TYPE(item) != row_change || PyTuple_GET_SIZE(item) < CHANGE_KIND + 1) {
             break;
         }
-        if (count_change(counts, item) < 0) {
-            return NULL;
+        if (count_change(counts, &tally, item) < 0) {
+            goto failed;
         }
         Py_INCREF(item); /* the callbacks may change the list */
         PyObject *events = PyObject_CallOneArg(route_change, item);
         Py_DECREF(item);
         if (events == NULL) {
-            return NULL;
+            goto failed;
         }
         int any = PyObject_IsTrue(events);
         PyObject *published = any > 0 ? PyObject_CallOneArg(publish, events) : NULL;
         Py_DECREF(events);
         if (any < 0 || (any > 0 && published == NULL)) {
-            return NULL;
+            goto failed;
         }
         Py_XDECREF(published);
     }
+    if (flush_tally(counts, &tally) < 0) {
+        return NULL;
+    }
     return PyLong_FromSsize_t(i);
+failed:
+    flush_tally(counts, &tally); /* what was counted stays counted, as in the Python loop */
+    return NULL;
 }
 
 static PyMethodDef speedups_methods[] = {
