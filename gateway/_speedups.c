@@ -1,7 +1,9 @@
-/* A history entry of a row change in C: one call per change kept (gateway/entries.py).
+/* The gateway's per-event work in C: a change's history entry (gateway/entries.py), keeping
+ * it (gateway/history.py) and handing a reader item's events to the hubs (gateway/hubs.py).
  *
- * Optional. Without it (no compiler) `gateway.entries.change_entry_py` makes the same bytes;
- * tests/test_entries.py fuzzes the two against each other.
+ * Optional. Without it (no compiler) each function's Python twin, named below, runs instead
+ * and stays the definition: tests/test_entries.py, tests/test_history_append.py and
+ * tests/test_hubs_publish.py run random inputs through both and require the same result.
  *
  * raw_json_mask(row: dict | None, raw_json: type) -> int
  *     Twin: gateway.entries.raw_json_mask_py. Which of a typed row's values are `raw_json`,
@@ -23,6 +25,13 @@
  *     transaction, history, chunk or bound (`_change_context`, `_new_kept`, `_join_order`,
  *     `seal`, `_expire`, `_evict_node_wide`) is the history's Python, called from here. Any
  *     other event goes to `_append` whole.
+ *
+ * publish_events(state, events) -> None
+ *     Twin: gateway.hubs.HubRegistry._publish_all, bound by the registry as its `publish_all`
+ *     with `state` = (registry, tally, append, hubs, ChangeEvent, AccessRevoked): each
+ *     AccessRevoked goes to `registry.revoke`; every other event is counted (`tally.value`,
+ *     once per call), kept (`append`, the history's) and delivered by the hub of its
+ *     organization (`hubs[org].deliver_live`), or by every hub when it has none (TRUNCATE).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -431,6 +440,124 @@ done:
     return result;
 }
 
+/* The names publish_events uses, interned when the module loads. */
+static PyObject *s_value, *s_revoke, *s_deliver_live, *s_organization_id;
+
+/* tally.value += counted, keeping an exception already set (a callback's) in place of any
+ * of its own. */
+static int
+add_to_tally(PyObject *tally, Py_ssize_t counted)
+{
+    if (counted == 0) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    int done = -1;
+    PyObject *before = PyObject_GetAttr(tally, s_value);
+    if (before != NULL) {
+        PyObject *more = PyLong_FromSsize_t(counted);
+        PyObject *after = more == NULL ? NULL : PyNumber_Add(before, more);
+        done = after == NULL ? -1 : PyObject_SetAttr(tally, s_value, after);
+        Py_XDECREF(more);
+        Py_XDECREF(after);
+        Py_DECREF(before);
+    }
+    if (type != NULL) {
+        PyErr_Clear();
+        PyErr_Restore(type, value, traceback);
+        return -1;
+    }
+    return done;
+}
+
+/* `hub.deliver_live(event)` for the hub of `org` (a borrowed reference), if this node has
+ * one, or for every hub when `org` is None. */
+static int
+deliver(PyObject *hubs, PyObject *org, PyObject *event)
+{
+    if (org != Py_None) {
+        PyObject *hub = PyDict_GetItemWithError(hubs, org);
+        if (hub == NULL) {
+            return PyErr_Occurred() ? -1 : 0;
+        }
+        Py_INCREF(hub);
+        PyObject *done = PyObject_CallMethodOneArg(hub, s_deliver_live, event);
+        Py_DECREF(hub);
+        Py_XDECREF(done);
+        return done == NULL ? -1 : 0;
+    }
+    PyObject *every = PyDict_Values(hubs); /* a copy: a delivery may change the dict */
+    if (every == NULL) {
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(every); i++) {
+        PyObject *done = PyObject_CallMethodOneArg(PyList_GET_ITEM(every, i), s_deliver_live,
+                                                   event);
+        if (done == NULL) {
+            Py_DECREF(every);
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(every);
+    return 0;
+}
+
+static PyObject *
+publish_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *state = nargs == 2 ? args[0] : NULL;
+    if (state == NULL || !PyTuple_CheckExact(state) || PyTuple_GET_SIZE(state) != 6 ||
+        !PyDict_CheckExact(PyTuple_GET_ITEM(state, 3)) ||
+        !PyType_Check(PyTuple_GET_ITEM(state, 4)) || !PyType_Check(PyTuple_GET_ITEM(state, 5))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "publish_events((registry, tally, append, hubs, ChangeEvent, "
+                        "AccessRevoked), events)");
+        return NULL;
+    }
+    PyObject *registry = PyTuple_GET_ITEM(state, 0), *tally = PyTuple_GET_ITEM(state, 1);
+    PyObject *append = PyTuple_GET_ITEM(state, 2), *hubs = PyTuple_GET_ITEM(state, 3);
+    PyTypeObject *change_event = (PyTypeObject *)PyTuple_GET_ITEM(state, 4);
+    PyTypeObject *access_revoked = (PyTypeObject *)PyTuple_GET_ITEM(state, 5);
+    PyObject *events = PySequence_Fast(args[1], "publish_events: events must be iterable");
+    if (events == NULL) {
+        return NULL;
+    }
+    Py_ssize_t counted = 0;
+    int failed = 0;
+    /* A list may change under a callback: its size is read again, each event held. */
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(events) && !failed; i++) {
+        PyObject *event = Py_NewRef(PySequence_Fast_GET_ITEM(events, i));
+        PyObject *done;
+        if (PyObject_TypeCheck(event, access_revoked)) {
+            done = PyObject_CallMethodOneArg(registry, s_revoke, event);
+        }
+        else {
+            counted++;
+            done = PyObject_CallOneArg(append, event);
+        }
+        failed = done == NULL;
+        Py_XDECREF(done);
+        if (!failed && !PyObject_TypeCheck(event, access_revoked)) {
+            if (Py_TYPE(event) == change_event && PyTuple_GET_SIZE(event) > 0) {
+                failed = deliver(hubs, PyTuple_GET_ITEM(event, 0), event) < 0;
+            }
+            else {
+                PyObject *org = PyObject_GetAttr(event, s_organization_id);
+                failed = org == NULL || deliver(hubs, org, event) < 0;
+                Py_XDECREF(org);
+            }
+        }
+        Py_DECREF(event);
+    }
+    Py_DECREF(events);
+    if (add_to_tally(tally, counted) < 0 || failed) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"raw_json_mask", (PyCFunction)(void (*)(void))raw_json_mask, METH_FASTCALL,
      "raw_json_mask(row, raw_json) -> int: which values are RawJson, as bits; -1: not only "
@@ -439,13 +566,15 @@ static PyMethodDef speedups_methods[] = {
      "change_entry(event, now, micros, context, codec) -> bytes: a change's history entry."},
     {"append_change", (PyCFunction)(void (*)(void))append_change, METH_FASTCALL,
      "append_change(state, event): MemoryHistory.append, bound by the history."},
+    {"publish_events", (PyCFunction)(void (*)(void))publish_events, METH_FASTCALL,
+     "publish_events(state, events): HubRegistry.publish_all, bound by the registry."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "gateway._speedups",
-    .m_doc = "A history entry of a row change in C (optional; see gateway/_speedups.c).",
+    .m_doc = "The gateway's per-event work in C (optional; see gateway/_speedups.c).",
     .m_size = 0,
     .m_methods = speedups_methods,
 };
@@ -464,7 +593,8 @@ PyInit__speedups(void)
         {&s_size, "_size"}, {&s_bytes, "_bytes"}, {&s_max_events, "max_events"},
         {&s_expire, "_expire"}, {&s_max_total_events, "max_total_events"},
         {&s_max_total_bytes, "max_total_bytes"}, {&s_evict_node_wide, "_evict_node_wide"},
-        {&s_position, "position"},
+        {&s_position, "position"}, {&s_value, "value"}, {&s_revoke, "revoke"},
+        {&s_deliver_live, "deliver_live"}, {&s_organization_id, "organization_id"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         if (*names[i].name == NULL &&

@@ -51,6 +51,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 
 from cdc.cursors import CursorKey, format_cursor, parse_cursor
 from gateway.events import AccessRevoked, BroadcastEvent, ChangeEvent, RoutedEvent
@@ -68,6 +69,12 @@ from gateway.protocol import (
 )
 from gateway.subscriptions import ALL, Subscription
 from gateway.tickets import StaleTicketError, TicketClaims, TicketError
+
+publish_events: Callable[..., None] | None
+try:
+    from gateway._speedups import publish_events
+except ImportError:  # built without a C compiler: `HubRegistry._publish_all` alone
+    publish_events = None
 
 __all__ = ["Hub", "HubRegistry"]
 
@@ -393,6 +400,17 @@ class HubRegistry:
         #: Recent access changes, by what they apply to (organization, user, session; None:
         #: any): the latest one's commit time and reason.
         self._revoked: dict[_Scope, tuple[float, str]] = {}
+        #: The events of a reader item (one call per item): each routed event kept in history
+        #: and delivered to its organization's sockets (every organization's for a TRUNCATE),
+        #: each access change revoked. `_publish_all`, or its C twin bound to this registry.
+        self.publish_all: Callable[[Iterable[RoutedEvent | AccessRevoked]], None] = (
+            self._publish_all
+            if publish_events is None
+            else partial(
+                publish_events,
+                (self, metrics.events, history.append, self.hubs, ChangeEvent, AccessRevoked),
+            )
+        )
 
     def hub(self, organization_id: str) -> Hub:
         hub = self.hubs.get(organization_id)
@@ -497,10 +515,8 @@ class HubRegistry:
         """Keep `event` in history and deliver it (see `publish_all`)."""
         self.publish_all((event,))
 
-    def publish_all(self, events: Iterable[RoutedEvent | AccessRevoked]) -> None:
-        """The events of a reader item: each routed event kept in history and delivered to
-        the sockets of its organization (of every organization when it has none: a
-        TRUNCATE), each access change revoked. One call per item, the event source's."""
+    def _publish_all(self, events: Iterable[RoutedEvent | AccessRevoked]) -> None:
+        """`publish_all`, the definition: `gateway._speedups.publish_events` is its C twin."""
         tally, append, hubs = self.metrics.events, self.history.append, self.hubs
         for event in events:
             if isinstance(event, AccessRevoked):
