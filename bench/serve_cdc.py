@@ -59,6 +59,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,8 @@ CONFIG = f"""
 historySeconds = 120
 [tables."public.{TABLE}"]
 """
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 # Installed as `sitecustomize` on the serve process's PYTHONPATH: Python imports it at start-up.
 # Each collection's wall time goes to the file named by WALCAST_BENCH_GC_LOG, one line each:
@@ -244,9 +247,19 @@ class ServeProcess:
 
 
 def launch_serve(
-    dsn: str, config: str, *, slot: str, publication: str, workdir: Path, **env: str
+    dsn: str,
+    config: str,
+    *,
+    slot: str,
+    publication: str,
+    workdir: Path,
+    cpus: set[int] | None = None,
+    code: Path = REPOSITORY,
+    wrapper: Sequence[str] = (),
+    **env: str,
 ) -> ServeProcess:
-    """Start `walcast serve` with `config` (TOML text), its GC pauses logged by `GC_HOOK`."""
+    """Start `walcast serve` of the tree `code` with `config` (TOML text), its GC pauses
+    logged by `GC_HOOK`; on `cpus` only when given, under `wrapper` (a command prefix)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.toml").write_text(config)
     hook = workdir / "hook"
@@ -263,25 +276,35 @@ def launch_serve(
         WALCAST_SLOT=slot,
         WALCAST_PUBLICATION=publication,
         WALCAST_BENCH_GC_LOG=str(gc_log),
-        PYTHONPATH=os.pathsep.join([str(hook), str(Path(__file__).resolve().parent.parent)]),
+        PYTHONPATH=os.pathsep.join([str(hook), str(code)]),
         **env,
     )
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
-            [*walcast_command(), "serve"],
+            [*wrapper, *walcast_command(), "serve"],
             env=environment,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            preexec_fn=None if cpus is None else partial(os.sched_setaffinity, 0, cpus),
         )
     return ServeProcess(process, f"http://127.0.0.1:{port}", gc_log, log)
 
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    dsn: str, config: str, *, slot: str, publication: str, workdir: Path, **env: str
+    dsn: str,
+    config: str,
+    *,
+    slot: str,
+    publication: str,
+    workdir: Path,
+    cpus: set[int] | None = None,
+    **env: str,
 ) -> AsyncIterator[ServeProcess]:
     """`launch_serve`, wait until /healthz answers; SIGTERM (then SIGKILL) on the way out."""
-    running = launch_serve(dsn, config, slot=slot, publication=publication, workdir=workdir, **env)
+    running = launch_serve(
+        dsn, config, slot=slot, publication=publication, workdir=workdir, cpus=cpus, **env
+    )
     process, log = running.process, running.log
     try:
         async with aiohttp.ClientSession() as http:
@@ -416,11 +439,17 @@ class WalcastRun:
 
 
 async def run_walcast(
-    dsn: str, slot: str, rows: int, workdir: Path, py_spy: Path | None, gc_threshold: str
+    dsn: str,
+    slot: str,
+    rows: int,
+    workdir: Path,
+    py_spy: Path | None,
+    gc_threshold: str,
+    cpus: set[int] | None = None,
 ) -> WalcastRun:
     env = gc_threshold_env(gc_threshold)
     async with serve_process(
-        dsn, CONFIG, slot=slot, publication=PUBLICATION, workdir=workdir, **env
+        dsn, CONFIG, slot=slot, publication=PUBLICATION, workdir=workdir, cpus=cpus, **env
     ) as serve:
         pid = serve.pid
         spy = None
@@ -584,27 +613,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--kind", choices=KINDS, default="insert", help="the changes: inserts, or updates"
     )
     parser.add_argument("--py-spy", type=Path, help="profile the first walcast run into FILE")
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the measured process (serve, pg_recvlogical) on the last CPU and everything "
+        "else (PostgreSQL, this harness) on the others: steadier CPU figures",
+    )
     add_gc_threshold_arg(parser)
     add_common_args(parser)
     args = parser.parse_args(argv)
     binary = find_pg_recvlogical()
-
-    walcast_runs: list[WalcastRun] = []
-    recv_rates: list[float] = []
-    recv_cpu: list[float] = []
-    with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="serve-cdc-") as tmp:
-        started = time.perf_counter()
-        tag = uuid.uuid4().hex[:8]  # slot names are server-wide
-        rows, end_lsn = prepare(dsn, args.rows, args.batch, args.runs, args.orgs, tag, args.kind)
-        setup_seconds = time.perf_counter() - started
-        for i in range(args.runs):
-            spy = args.py_spy if i == 0 else None
-            workdir = Path(tmp) / f"run{i}"
-            job = run_walcast(dsn, f"walcast_{i}_{tag}", rows, workdir, spy, args.gc_threshold)
-            walcast_runs.append(asyncio.run(job))
-            seconds, cpu = run_recvlogical(binary, dsn, f"recv_{i}_{tag}", end_lsn)
-            recv_rates.append(rows / seconds)
-            recv_cpu.append(cpu / rows * 1e6)
+    everywhere = os.sched_getaffinity(0)
+    measured = None
+    if args.pin:
+        cpus = sorted(everywhere)
+        if len(cpus) < 2:
+            raise SystemExit("--pin needs at least two CPUs")
+        measured = {cpus[-1]}
+        os.sched_setaffinity(0, set(cpus[:-1]))  # the cluster started below inherits it
+    try:
+        walcast_runs: list[WalcastRun] = []
+        recv_rates: list[float] = []
+        recv_cpu: list[float] = []
+        with database(args.dsn) as dsn, tempfile.TemporaryDirectory(prefix="serve-cdc-") as tmp:
+            started = time.perf_counter()
+            tag = uuid.uuid4().hex[:8]  # slot names are server-wide
+            rows, end_lsn = prepare(
+                dsn, args.rows, args.batch, args.runs, args.orgs, tag, args.kind
+            )
+            setup_seconds = time.perf_counter() - started
+            for i in range(args.runs):
+                spy = args.py_spy if i == 0 else None
+                workdir = Path(tmp) / f"run{i}"
+                job = run_walcast(
+                    dsn, f"walcast_{i}_{tag}", rows, workdir, spy, args.gc_threshold, measured
+                )
+                walcast_runs.append(asyncio.run(job))
+                seconds, cpu = run_recvlogical(binary, dsn, f"recv_{i}_{tag}", end_lsn, measured)
+                recv_rates.append(rows / seconds)
+                recv_cpu.append(cpu / rows * 1e6)
+    finally:
+        os.sched_setaffinity(0, everywhere)  # back as it was: the tests call main() in-process
 
     rates = [run.rate for run in walcast_runs]
     walcast_rate, recv_rate = median(rates), median(recv_rates)
@@ -621,6 +670,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "orgs": args.orgs,
         "runs": args.runs,
         "gc_threshold": args.gc_threshold or "default",
+        "pinned": args.pin,
         "setup_seconds": round(setup_seconds, 1),
         "walcast_changes_per_s": round(walcast_rate),
         "pg_recvlogical_changes_per_s": round(recv_rate),
@@ -669,14 +719,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def run_recvlogical(binary: str, dsn: str, slot: str, end_lsn: int) -> tuple[float, float]:
-    """Run pg_recvlogical to the end LSN; returns (seconds, its CPU seconds)."""
+def run_recvlogical(
+    binary: str, dsn: str, slot: str, end_lsn: int, cpus: set[int] | None = None
+) -> tuple[float, float]:
+    """Run pg_recvlogical to the end LSN (on `cpus` only when given); returns (seconds, its
+    CPU seconds)."""
     command = [binary, "-d", dsn, "--slot", slot, "--start", "--no-loop", "-o", "proto_version=1"]
     command += ["-o", f"publication_names={PUBLICATION}", "-o", "messages=true"]
     command += ["-f", "/dev/null", "-E", format_lsn(end_lsn)]
     cpu_started = _children_cpu()
     started = time.perf_counter()
-    subprocess.run(command, check=True, timeout=600, capture_output=True)
+    subprocess.run(
+        command,
+        check=True,
+        timeout=600,
+        capture_output=True,
+        preexec_fn=None if cpus is None else partial(os.sched_setaffinity, 0, cpus),
+    )
     return time.perf_counter() - started, _children_cpu() - cpu_started
 
 

@@ -3,6 +3,8 @@ the numbers are not checked, only that the harness works and reports what it sho
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ from bench import (
     redis_reader,
     send_cost,
     serve_cdc,
+    serve_instructions,
     serve_stages,
     sustained,
 )
@@ -147,13 +150,28 @@ def test_latency_over_several_organizations(pg_server: PostgresServer) -> None:
     assert 21 <= result["samples"] <= 23, result
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_serve_instructions_counts_the_serve_process_and_pg_recvlogical(
+    pg_server: PostgresServer,
+) -> None:
+    result = serve_instructions.main(["--rows", "2000", "--dsn", pg_server.dsn, "--json-only"])
+    assert result["trees"] == [str(Path(serve_instructions.__file__).resolve().parent.parent)]
+    (per_change,) = result["serve_instructions_per_change"]
+    # Start-up alone is billions; a change costs thousands, more than pg_recvlogical's.
+    assert result["start_up_instructions"] > 10_000 * per_change > 0
+    assert per_change > result["pg_recvlogical_instructions_per_change"] > 0
+
+
 @pytest.mark.parametrize("kind", serve_cdc.KINDS)
 def test_serve_cdc_times_the_serve_process_and_pg_recvlogical(
     pg_server: PostgresServer, kind: str
 ) -> None:
     args = ["--rows", "3000", "--batch", "500", "--runs", "1", "--orgs", "3", "--kind", kind]
-    result = serve_cdc.main([*args, "--dsn", pg_server.dsn, "--json-only"])
-    assert (result["rows"], result["kind"]) == (3000, kind)
+    cpus = os.sched_getaffinity(0)
+    pin = kind == "update" and len(cpus) > 1  # one of the two runs pinned, where it can be
+    result = serve_cdc.main([*args, *(["--pin"] * pin), "--dsn", pg_server.dsn, "--json-only"])
+    assert os.sched_getaffinity(0) == cpus  # this process runs where it did before
+    assert (result["rows"], result["kind"], result["pinned"]) == (3000, kind, pin)
     assert result["walcast_changes_per_s"] > 0 and result["pg_recvlogical_changes_per_s"] > 0
     assert result["walcast_cpu_us_per_change"] > 0
     (healthz,) = result["healthz"]
