@@ -27,7 +27,13 @@ from cdc.changes import (
     TransactionStart,
 )
 from cdc.errors import ReplicationError
-from cdc.reader import DECODE_SLICE, ReplicationReader
+from cdc.reader import (
+    COALESCE_BYTES,
+    COALESCE_SECONDS,
+    DECODE_SLICE,
+    ReplicationReader,
+    coalesce_delay,
+)
 from tests.pg import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -403,6 +409,45 @@ async def test_a_catch_up_hands_rows_out_in_slices_without_young_collections(
     # Decoded a read at a time, the same backlog makes dozens (a 1 MiB read holds ~15,000
     # tracked objects); whatever the event loop allocates meanwhile makes a few.
     assert collections <= 5, collections
+
+
+def test_only_a_read_that_found_a_busy_stream_makes_the_next_one_wait() -> None:
+    budget = 64 * 1024
+    assert coalesce_delay(COALESCE_BYTES, budget) == COALESCE_SECONDS  # much, socket emptied
+    assert coalesce_delay(budget - 1, budget) == COALESCE_SECONDS
+    assert coalesce_delay(COALESCE_BYTES - 1, budget) == 0.0  # a trickle: read at once
+    assert coalesce_delay(200, budget) == 0.0  # one change: its latency is untouched
+    assert coalesce_delay(budget, budget) == 0.0  # stopped by the budget: more is waiting
+    assert coalesce_delay(budget + 300, budget) == 0.0  # the last message crossed it
+    assert coalesce_delay(0, 0) == 0.0
+
+
+async def test_a_lone_change_after_a_busy_stream_still_arrives(database_url: str) -> None:
+    """The reads of a backlog wait for more to arrive; the change after it must not wait
+    for company that never comes."""
+    execute(database_url, "CREATE TABLE burst (id int PRIMARY KEY, note text)")
+    await prepare(database_url, ["public.burst"])
+    execute(
+        database_url,
+        "INSERT INTO burst SELECT g, repeat('x', 200) FROM generate_series(1, 20000) g",
+    )
+    reader = make_reader(database_url, ["public.burst"])
+    batches = reader.batches()
+    try:
+        seen = 0
+        while seen < 20_000:
+            batch = await asyncio.wait_for(anext(batches), STEP)
+            seen += sum(type(item) is RowChange for item in batch)
+        for row in (20_001, 20_002):  # one at a time, each alone on the stream
+            execute(database_url, f"INSERT INTO burst VALUES ({row}, 'alone')")
+            while True:
+                batch = await asyncio.wait_for(anext(batches), STEP)
+                found = [item for item in batch if type(item) is RowChange]
+                if found:
+                    assert [item.new["id"] for item in found] == [row]  # type: ignore[index]
+                    break
+    finally:
+        await reader.aclose()
 
 
 # -- reconnects and exactly once -----------------------------------------------------------------
