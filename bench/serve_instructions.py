@@ -13,8 +13,8 @@ organizations, one slot per run, all made before the inserts). Each code tree, t
 and then each `--tree` (a checkout of another release, its C extensions built, e.g. with
 `git worktree add`), runs as `walcast serve` under `valgrind --tool=callgrind` on its own
 slot, its code on PYTHONPATH, until `walcast_changes_total` reaches `rows` and it has logged
-that it caught up; then SIGTERM. A run of this tree on a slot made after the inserts (start-up
-and shutdown alone) is subtracted from each, so the figures are per change.
+that it caught up; then SIGTERM. A run of the same tree on a slot made after the inserts
+(start-up and shutdown alone) is subtracted from each, so the figures are per change.
 
 The reference in the same run: `pg_recvlogical` under callgrind on its own slot of the same
 WAL, to /dev/null (its whole run, start-up included, per change). Neither side counts the
@@ -129,21 +129,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tag = uuid.uuid4().hex[:8]
         rows, end_lsn = prepare(dsn, args.rows, 1000, len(trees), 10, tag)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (tag,))
-        start_up = asyncio.run(serve_instructions(dsn, HERE, tag, 0, Path(tmp) / "start-up"))
-        totals = [
-            asyncio.run(
-                serve_instructions(dsn, tree, f"walcast_{i}_{tag}", rows, Path(tmp) / f"tree{i}")
+            for i in range(len(trees)):
+                conn.execute(
+                    "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')",
+                    (f"idle_{i}_{tag}",),
+                )
+        start_ups, totals = [], []
+        for i, tree in enumerate(trees):
+            work = Path(tmp) / f"tree{i}"
+            start_ups.append(
+                asyncio.run(serve_instructions(dsn, tree, f"idle_{i}_{tag}", 0, work / "idle"))
             )
-            for i, tree in enumerate(trees)
-        ]
+            totals.append(
+                asyncio.run(serve_instructions(dsn, tree, f"walcast_{i}_{tag}", rows, work))
+            )
         recv = recvlogical_instructions(dsn, f"recv_0_{tag}", end_lsn, Path(tmp))
 
-    per_change = [round((total - start_up) / rows) for total in totals]
+    per_change = [
+        round((total - start_up) / rows) for total, start_up in zip(totals, start_ups, strict=True)
+    ]
     result: dict[str, Any] = {
         "rows": rows,
         "trees": [str(tree) for tree in trees],
-        "start_up_instructions": start_up,
+        "start_up_instructions": start_ups,
         "serve_instructions": totals,
         "serve_instructions_per_change": per_change,
         "pg_recvlogical_instructions_per_change": round(recv / rows),
