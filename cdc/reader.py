@@ -16,12 +16,14 @@ database must provide is `cdc.setup`'s.
   of any size passes through in slices of about that many bytes, and the socket's back-pressure
   holds the rest in the server. A read is decoded and handed out `DECODE_SLICE` messages at a
   time, so few rows are in flight at once (no young garbage collection for them).
-* **Coalesced reads when busy.** A read that found a lot (`COALESCE_BYTES` or more) and
-  emptied the socket means the server sends faster than a trickle but no faster than walcast
-  reads: left alone, the reader would wake for every few kilobytes, and each small read costs a
-  system call and a TCP acknowledgement. So the next read, once its first message is there,
-  waits `COALESCE_SECONDS` for more to arrive (`coalesce_delay`). A quiet stream (a few changes
-  at a time) is read at once, so its latency is untouched; a busy one waits at most that long.
+* **Coalesced reads when busy.** A read that emptied the socket after taking a lot that
+  arrived fast (`COALESCE_BYTES` or more, at `COALESCE_RATE` or faster since the read before)
+  means the server streams quickly but no faster than walcast reads: left alone, the reader
+  would wake for every few kilobytes, and each small read costs a system call and a TCP
+  acknowledgement. So the next read, once its first message is there, waits
+  `COALESCE_SECONDS` for more to arrive (`coalesce_delay`). A live stream (thousands of
+  changes a second, even the backlog of a brief stall) is read at once, so its latency is
+  untouched; a catch-up's reads wait at most that long.
 * **Status updates**: at once for a keepalive that asks for a reply (`Progress.reply`), and
   every `status_interval` seconds while streaming (a timeout on the read, no timer task).
 * **Reconnects** on connection loss, server restart or "slot is active" (another process holds
@@ -72,20 +74,31 @@ objects, and a whole read's worth of them (two or three per row) would set off a
 collection nearly every read, walking them all and promoting them towards costly full ones.
 A slice stays well under Python's threshold (700)."""
 
-COALESCE_BYTES = 16 * 1024
-"""A read that took at least this much, and emptied the socket, makes the next one wait."""
+COALESCE_BYTES = 8 * 1024
+COALESCE_RATE = 16 * 1024 * 1024
+"""A read that took at least `COALESCE_BYTES`, at this many bytes a second or more since the
+read before (some 70,000 changes a second), and emptied the socket makes the next one wait."""
 
 COALESCE_SECONDS = 0.001
 """How long that next read waits for more to arrive: at a catch-up's pace a millisecond brings
-tens of kilobytes, and the wait adds at most this much to the latency of a busy stream."""
+tens of kilobytes, and the wait adds at most this much to the latency of so fast a stream."""
 
 
-def coalesce_delay(taken: int, budget: int, *, enough: int = COALESCE_BYTES) -> float:
-    """How long the next read waits for more once its first message is there: a read that
-    took `taken` bytes of a `budget` (the read-ahead room it had) found a busy stream when it
-    took at least `enough` and stopped short of the budget, the socket empty (one stopped by
-    the budget left more waiting, so the next read has no reason to wait)."""
-    return COALESCE_SECONDS if enough <= taken < budget else 0.0
+def coalesce_delay(
+    taken: int,
+    budget: int,
+    seconds: float,
+    *,
+    enough: int = COALESCE_BYTES,
+    rate: float = COALESCE_RATE,
+) -> float:
+    """How long the next read waits for more once its first message is there. A read that
+    took `taken` bytes of a `budget` (the read-ahead room it had), `seconds` after the read
+    before, found a busy stream when it took at least `enough`, at `rate` or faster, and
+    stopped short of the budget, the socket empty (one stopped by the budget left more
+    waiting, so the next read has no reason to wait)."""
+    busy = enough <= taken < budget and taken >= rate * seconds
+    return COALESCE_SECONDS if busy else 0.0
 
 
 _BOOKKEEPING = frozenset({Begin, UnknownMessage})
@@ -178,6 +191,7 @@ class ReplicationReader:
         # What may be acknowledged, what to skip, and how much may be read ahead.
         self._progress = Progress(read_ahead_bytes)
         self._coalesce = 0.0  #: how long the next read waits for more (`coalesce_delay`)
+        self._read_at = 0.0  #: when the last read ended (time.monotonic)
         self._unknown_kinds: set[int] = set()
         self._gen: AsyncGenerator[Any, None] | None = None
         self._closing = False
@@ -385,7 +399,9 @@ class ReplicationReader:
             ahead = conn.read_copies_nowait(progress.room)
             progress.read(sum(map(len, ahead)))
             messages += ahead
-        self._coalesce = coalesce_delay(budget - progress.room, budget)
+        now = time.monotonic()
+        self._coalesce = coalesce_delay(budget - progress.room, budget, now - self._read_at)
+        self._read_at = now
         return messages
 
     async def _items_of(self, messages: list[bytes]) -> list[Item]:

@@ -29,6 +29,7 @@ from cdc.changes import (
 from cdc.errors import ReplicationError
 from cdc.reader import (
     COALESCE_BYTES,
+    COALESCE_RATE,
     COALESCE_SECONDS,
     DECODE_SLICE,
     ReplicationReader,
@@ -412,14 +413,17 @@ async def test_a_catch_up_hands_rows_out_in_slices_without_young_collections(
 
 
 def test_only_a_read_that_found_a_busy_stream_makes_the_next_one_wait() -> None:
-    budget = 64 * 1024
-    assert coalesce_delay(COALESCE_BYTES, budget) == COALESCE_SECONDS  # much, socket emptied
-    assert coalesce_delay(budget - 1, budget) == COALESCE_SECONDS
-    assert coalesce_delay(COALESCE_BYTES - 1, budget) == 0.0  # a trickle: read at once
-    assert coalesce_delay(200, budget) == 0.0  # one change: its latency is untouched
-    assert coalesce_delay(budget, budget) == 0.0  # stopped by the budget: more is waiting
-    assert coalesce_delay(budget + 300, budget) == 0.0  # the last message crossed it
-    assert coalesce_delay(0, 0) == 0.0
+    budget, fast = 64 * 1024, 0.0002  # 0.2 ms after the read before: a catch-up's pace
+    assert coalesce_delay(COALESCE_BYTES, budget, fast) == COALESCE_SECONDS
+    assert coalesce_delay(budget - 1, budget, 0.003) == COALESCE_SECONDS  # 21 MB/s
+    assert coalesce_delay(COALESCE_BYTES - 1, budget, fast) == 0.0  # a little: read at once
+    assert coalesce_delay(200, budget, 0.0) == 0.0  # one change: its latency is untouched
+    # A live stream's backlog after a 10 ms stall (2,000 transactions a second): at once.
+    assert coalesce_delay(20 * 1024, budget, 0.010) == 0.0
+    assert COALESCE_RATE * 0.010 > 20 * 1024
+    assert coalesce_delay(budget, budget, fast) == 0.0  # stopped by the budget: more waits
+    assert coalesce_delay(budget + 300, budget, fast) == 0.0  # the last message crossed it
+    assert coalesce_delay(0, 0, 0.0) == 0.0
 
 
 async def test_a_lone_change_after_a_busy_stream_still_arrives(database_url: str) -> None:
