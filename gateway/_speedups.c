@@ -201,6 +201,17 @@ static PyObject *s_append, *s_shared, *s_orgs, *s_new_kept, *s_clock, *s_last_ch
     *s_max_events, *s_expire, *s_max_total_events, *s_max_total_bytes, *s_evict_node_wide,
     *s_position;
 
+/* The outcome of a call whose result is not used: -1 when it raised, else 0. */
+static int
+discard(PyObject *result)
+{
+    if (result == NULL) {
+        return -1;
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
 /* The history's attribute `name`, from its `__dict__` (`fields`): a borrowed reference. */
 static PyObject *
 field(PyObject *fields, PyObject *name)
@@ -309,19 +320,16 @@ entry_of(PyObject *history, PyObject *fields, PyObject *event, double now, PyObj
 /* `entry` (of the event at `key`, kept at `now`) into `kept`, with the history's counts,
  * bounds and position, as the end of MemoryHistory._append does it. */
 static int
-keep(PyObject *history, PyObject *fields, PyObject *kept, PyObject *key, PyObject *entry, PyObject *now,
-     Py_ssize_t chunk, Py_ssize_t overhead)
+keep(PyObject *history, PyObject *fields, PyObject *kept, PyObject *key, PyObject *entry,
+     PyObject *now, Py_ssize_t chunk, Py_ssize_t overhead)
 {
     long long length, size, nbytes, max_events, max_total_events, max_total_bytes;
     if (long_attr(kept, s_length, &length) < 0) {
         return -1;
     }
-    if (length == 0) {
-        PyObject *done = PyObject_CallMethodObjArgs(history, s_join_order, key, kept, NULL);
-        if (done == NULL) {
-            return -1;
-        }
-        Py_DECREF(done);
+    if (length == 0 &&
+        discard(PyObject_CallMethodObjArgs(history, s_join_order, key, kept, NULL)) < 0) {
+        return -1;
     }
     PyObject *newest = PyObject_GetAttr(kept, s_newest);
     if (newest == NULL) {
@@ -338,12 +346,8 @@ keep(PyObject *history, PyObject *fields, PyObject *kept, PyObject *key, PyObjec
     if (appended < 0) {
         return -1;
     }
-    if (held == chunk) {
-        PyObject *done = PyObject_CallMethodNoArgs(kept, s_seal);
-        if (done == NULL) {
-            return -1;
-        }
-        Py_DECREF(done);
+    if (held == chunk && discard(PyObject_CallMethodNoArgs(kept, s_seal)) < 0) {
+        return -1;
     }
     if (set_long_attr(kept, s_length, length + 1) < 0 || long_attr(fields, s_size, &size) < 0 ||
         set_long_attr(fields, s_size, size + 1) < 0 ||
@@ -352,23 +356,18 @@ keep(PyObject *history, PyObject *fields, PyObject *kept, PyObject *key, PyObjec
         long_attr(fields, s_max_events, &max_events) < 0) {
         return -1;
     }
-    if (length + 1 > max_events) {
-        PyObject *done = PyObject_CallMethodObjArgs(history, s_expire, kept, now, NULL);
-        if (done == NULL) {
-            return -1;
-        }
-        Py_DECREF(done);
+    if (length + 1 > max_events &&
+        discard(PyObject_CallMethodObjArgs(history, s_expire, kept, now, NULL)) < 0) {
+        return -1;
     }
     if (long_attr(fields, s_max_total_events, &max_total_events) < 0 ||
         long_attr(fields, s_max_total_bytes, &max_total_bytes) < 0) {
         return -1;
     }
-    if (size + 1 > max_total_events || nbytes + PyBytes_GET_SIZE(entry) + overhead > max_total_bytes) {
-        PyObject *done = PyObject_CallMethodNoArgs(history, s_evict_node_wide);
-        if (done == NULL) {
-            return -1;
-        }
-        Py_DECREF(done);
+    int over = size + 1 > max_total_events ||
+               nbytes + PyBytes_GET_SIZE(entry) + overhead > max_total_bytes;
+    if (over && discard(PyObject_CallMethodNoArgs(history, s_evict_node_wide)) < 0) {
+        return -1;
     }
     PyObject *position = field(fields, s_position);
     if (position == NULL) {
@@ -427,8 +426,8 @@ append_change(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     entry = entry_of(history, fields, event, seconds, codec);
-    if (entry == NULL ||
-        keep(history, fields, kept, PyTuple_GET_ITEM(event, EVENT_KEY), entry, now, chunk, overhead) < 0) {
+    PyObject *key = PyTuple_GET_ITEM(event, EVENT_KEY);
+    if (entry == NULL || keep(history, fields, kept, key, entry, now, chunk, overhead) < 0) {
         goto done;
     }
     result = Py_NewRef(Py_None);
@@ -482,26 +481,20 @@ deliver(PyObject *hubs, PyObject *org, PyObject *event)
             return PyErr_Occurred() ? -1 : 0;
         }
         Py_INCREF(hub);
-        PyObject *done = PyObject_CallMethodOneArg(hub, s_deliver_live, event);
+        int done = discard(PyObject_CallMethodOneArg(hub, s_deliver_live, event));
         Py_DECREF(hub);
-        Py_XDECREF(done);
-        return done == NULL ? -1 : 0;
+        return done;
     }
     PyObject *every = PyDict_Values(hubs); /* a copy: a delivery may change the dict */
     if (every == NULL) {
         return -1;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(every); i++) {
-        PyObject *done = PyObject_CallMethodOneArg(PyList_GET_ITEM(every, i), s_deliver_live,
-                                                   event);
-        if (done == NULL) {
-            Py_DECREF(every);
-            return -1;
-        }
-        Py_DECREF(done);
+    int done = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(every) && done == 0; i++) {
+        done = discard(PyObject_CallMethodOneArg(PyList_GET_ITEM(every, i), s_deliver_live, event));
     }
     Py_DECREF(every);
-    return 0;
+    return done;
 }
 
 static PyObject *
