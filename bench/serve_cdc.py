@@ -291,20 +291,10 @@ def launch_serve(
 
 
 @contextlib.asynccontextmanager
-async def serve_process(
-    dsn: str,
-    config: str,
-    *,
-    slot: str,
-    publication: str,
-    workdir: Path,
-    cpus: set[int] | None = None,
-    **env: str,
-) -> AsyncIterator[ServeProcess]:
-    """`launch_serve`, wait until /healthz answers; SIGTERM (then SIGKILL) on the way out."""
-    running = launch_serve(
-        dsn, config, slot=slot, publication=publication, workdir=workdir, cpus=cpus, **env
-    )
+async def serve_process(dsn: str, config: str, **launch: Any) -> AsyncIterator[ServeProcess]:
+    """`launch_serve(dsn, config, **launch)`, wait until /healthz answers; SIGTERM (then
+    SIGKILL) on the way out."""
+    running = launch_serve(dsn, config, **launch)
     process, log = running.process, running.log
     try:
         async with aiohttp.ClientSession() as http:
