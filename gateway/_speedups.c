@@ -364,6 +364,8 @@ keep(PyObject *history, PyObject *fields, PyObject *kept, PyObject *key, PyObjec
         long_attr(fields, s_max_total_bytes, &max_total_bytes) < 0) {
         return -1;
     }
+    /* The counts as this entry left them, before `_expire` took any out: at worst the
+     * eviction is called with nothing to do, as it checks both bounds again itself. */
     int over = size + 1 > max_total_events ||
                nbytes + PyBytes_GET_SIZE(entry) + overhead > max_total_bytes;
     if (over && discard(PyObject_CallMethodNoArgs(history, s_evict_node_wide)) < 0) {
@@ -522,8 +524,9 @@ publish_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* A list may change under a callback: its size is read again, each event held. */
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(events) && !failed; i++) {
         PyObject *event = Py_NewRef(PySequence_Fast_GET_ITEM(events, i));
+        int revoked = PyObject_TypeCheck(event, access_revoked);
         PyObject *done;
-        if (PyObject_TypeCheck(event, access_revoked)) {
+        if (revoked) {
             done = PyObject_CallMethodOneArg(registry, s_revoke, event);
         }
         else {
@@ -532,7 +535,7 @@ publish_events(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         failed = done == NULL;
         Py_XDECREF(done);
-        if (!failed && !PyObject_TypeCheck(event, access_revoked)) {
+        if (!failed && !revoked) {
             if (Py_TYPE(event) == change_event && PyTuple_GET_SIZE(event) > 0) {
                 failed = deliver(hubs, PyTuple_GET_ITEM(event, 0), event) < 0;
             }
