@@ -84,20 +84,13 @@ COALESCE_SECONDS = 0.001
 tens of kilobytes, and the wait adds at most this much to the latency of so fast a stream."""
 
 
-def coalesce_delay(
-    taken: int,
-    budget: int,
-    seconds: float,
-    *,
-    enough: int = COALESCE_BYTES,
-    rate: float = COALESCE_RATE,
-) -> float:
+def coalesce_delay(taken: int, budget: int, seconds: float) -> float:
     """How long the next read waits for more once its first message is there. A read that
     took `taken` bytes of a `budget` (the read-ahead room it had), `seconds` after the read
-    before, found a busy stream when it took at least `enough`, at `rate` or faster, and
-    stopped short of the budget, the socket empty (one stopped by the budget left more
-    waiting, so the next read has no reason to wait)."""
-    busy = enough <= taken < budget and taken >= rate * seconds
+    before, found a busy stream when it took at least `COALESCE_BYTES`, at `COALESCE_RATE` or
+    faster, and stopped short of the budget, the socket empty (one stopped by the budget left
+    more waiting, so the next read has no reason to wait)."""
+    busy = COALESCE_BYTES <= taken < budget and taken >= COALESCE_RATE * seconds
     return COALESCE_SECONDS if busy else 0.0
 
 
